@@ -1,0 +1,97 @@
+"""The run directory: everything a run needs to describe itself and be picked up again.
+
+Layout of `output_dir` (a.k.a. `adapter_path`):
+  adapter_config.json, adapter_model.safetensors   the final adapter, PEFT's format
+  config.yaml        resolved config (sectioned), read back by eval/chat/merge/serve/resume
+  template.json      the prompt template training used (chat, eval, serve use exactly this)
+  versions.json      package versions and the machine
+  data.json          data fingerprint and the data report's numbers
+  metrics.jsonl      one JSON object per logged step / validation
+  previews.jsonl     preview generations during training
+  checkpoints/step-000100/ ...   resumable checkpoints (see checkpoint.py)
+  tb/                TensorBoard event files
+  loss.png, eval.json, eval.md   after training / evaluation
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from lorafit.config import Config, config_from_dict, validate
+from lorafit.errors import UserError
+
+CONFIG_FILE = "config.yaml"
+TEMPLATE_FILE = "template.json"
+VERSIONS_FILE = "versions.json"
+DATA_FILE = "data.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "safetensors",
+             "gguf", "triton", "liger-kernel", "lorafit")
+
+
+def package_versions() -> dict[str, Any]:
+    from importlib import metadata
+
+    out: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_config(run_dir: Path, cfg: Config) -> None:
+    import yaml
+
+    write_text_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def load_run_config(adapter_path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """The config a run was trained with, with `overrides` (eval/chat flags) applied on top."""
+    import yaml
+
+    run = Path(adapter_path)
+    if not run.exists():
+        raise UserError(f"adapter path '{run}' does not exist",
+                        fix="train first (`lorafit train --output_dir DIR`) or pass the run directory it wrote")
+    cfg_file = run / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise UserError(f"'{run}' holds no {CONFIG_FILE}: it is not a lorafit run directory",
+                        fix="pass the output_dir of a `lorafit train` run")
+    try:
+        cfg = config_from_dict(yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {})
+    except yaml.YAMLError as e:
+        raise UserError(f"'{cfg_file}' is not valid YAML: {e}") from None
+    for key, value in (overrides or {}).items():
+        cfg.set(key, value)
+    validate(cfg)
+    return cfg
+
+
+def has_adapter(run_dir: Path) -> bool:
+    return (run_dir / ADAPTER_CONFIG).is_file() and (run_dir / ADAPTER_WEIGHTS).is_file()
+
+
+def require_adapter(run_dir: Path) -> None:
+    if not has_adapter(run_dir):
+        raise UserError(f"'{run_dir}' holds no trained adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})",
+                        fix="let `lorafit train` finish, or resume it with --resume")
