@@ -1,0 +1,202 @@
+"""Read raw records: the built-in demo set, local JSON/JSONL/CSV/Parquet files or folders, hub datasets.
+
+Every record comes back as a `Record`: the dict itself plus where it came from (`file:line`,
+`file record N`, `hub-id row N`), so an error later on can point at the exact record.
+Local files are parsed here rather than through `datasets` because its errors name neither
+the file nor the line; hub ids (and `datasets` folders) go through `datasets.load_dataset`.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorafit.errors import DataError
+
+SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class Record:
+    data: dict[str, Any]
+    where: str
+    """Human-readable location: 'train.jsonl:12', 'data.csv row 7', 'yahma/alpaca-cleaned row 3'."""
+
+
+def load_records(source: str, split: str = "train", demo_size: int = 1200) -> list[Record]:
+    """All records of `source`: 'demo', a local file or folder, or a hub dataset id."""
+    if source == "demo":
+        from lorafit.data.demo import demo_records
+
+        return [Record(r, f"demo record {i}") for i, r in enumerate(demo_records(demo_size))]
+    path = Path(source).expanduser()
+    if path.is_file():
+        return read_file(path)
+    if path.is_dir():
+        return read_folder(path, split)
+    if _HUB_ID.match(source) and not source.startswith((".", "~", "/")) and Path(source).suffix not in SUFFIXES:
+        return load_hub(source, split)
+    raise DataError(f"dataset '{source}' does not exist",
+                    fix="pass an existing file or folder (json, jsonl, csv, parquet), a hub id (org/name), or `demo`")
+
+
+def read_file(path: Path) -> list[Record]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    if suffix not in (".json", ".jsonl", ".csv"):
+        raise DataError(f"'{path}' has an unsupported extension '{suffix}'",
+                        fix="use a .json, .jsonl, .csv or .parquet file")
+    text = _read_utf8(path)
+    if suffix == ".csv":
+        return _read_csv(path, text)
+    if suffix == ".jsonl":
+        return _read_jsonl(path, text)
+    return _read_json(path, text)
+
+
+def read_folder(path: Path, split: str = "train") -> list[Record]:
+    """A `save_to_disk` folder, or every data file under `path` (only the split's files when names tell)."""
+    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        return _load_from_disk(path, split)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+    if not files:
+        raise DataError(f"folder '{path}' holds no .json, .jsonl, .csv or .parquet files",
+                        fix="point `dataset` at a data file, or a folder of them")
+    in_split = [p for p in files if split in p.relative_to(path).as_posix()]
+    records: list[Record] = []
+    for f in in_split or files:
+        records.extend(read_file(f))
+    return records
+
+
+def load_hub(name: str, split: str = "train", revision: str | None = None) -> list[Record]:
+    """A dataset through `datasets.load_dataset`: a hub id, or a local folder standing in for one."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split, revision=revision)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
+        raise DataError(f"could not load dataset '{name}' (split '{split}'): {_first_line(e)}",
+                        fix="check the hub id, the split name and the network, or pass a local file") from None
+    except Exception as e:  # datasets raises many of its own types (DatasetNotFoundError, ...)
+        raise DataError(f"could not load dataset '{name}' (split '{split}'): {type(e).__name__}: {_first_line(e)}",
+                        fix="check the hub id and the split name, or pass a local file") from None
+    return [Record(dict(row), f"{name} row {i}") for i, row in enumerate(ds)]
+
+
+def _load_from_disk(path: Path, split: str) -> list[Record]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise DataError(f"could not read the saved dataset in '{path}': {_first_line(e)}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"saved dataset '{path}' has no split '{split}' (it has {', '.join(ds)})",
+                            fix="set dataset_split to one of those")
+        ds = ds[split]
+    return [Record(dict(row), f"{path} row {i}") for i, row in enumerate(ds)]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _read_utf8(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"'{path}:{line}' is not UTF-8 text (byte {e.start} is {raw[e.start]:#04x})",
+                        fix=f"re-encode the file, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}`") from None
+    return text.removeprefix("\ufeff")  # a byte-order mark some editors write
+
+
+def _as_dict(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise DataError(f"record at {where} is a {type(value).__name__}, not an object with named fields",
+                        fix='each record must look like {"instruction": ..., "output": ...} or {"messages": [...]}')
+    return value
+
+
+def _read_jsonl(path: Path, text: str) -> list[Record]:
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"malformed JSON at {where}: {e.msg} (column {e.colno})",
+                            fix="fix or remove that line; each line must be one JSON object") from None
+        records.append(Record(_as_dict(value, where), where))
+    return records
+
+
+def _read_json(path: Path, text: str) -> list[Record]:
+    """A JSON list of objects (or an object holding one list); JSON lines saved as .json also pass."""
+    if not text.strip():
+        return []
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several top-level values: JSON lines in a .json file
+            return _read_jsonl(path, text)
+        raise DataError(f"malformed JSON at {path}:{e.lineno}: {e.msg} (column {e.colno})",
+                        fix="fix the file (a JSON list of objects), or save it as JSON lines (.jsonl)") from None
+    if isinstance(value, dict):
+        lists = [v for v in value.values() if isinstance(v, list)]
+        if len(lists) == 1 and all(isinstance(x, dict) for x in lists[0]):
+            value = lists[0]  # {"data": [...]} / {"train": [...]}
+        else:
+            value = [value]
+    if not isinstance(value, list):
+        raise DataError(f"'{path}' holds a JSON {type(value).__name__}, not a list of records",
+                        fix="write a JSON list of objects, or JSON lines (.jsonl)")
+    return [Record(_as_dict(v, f"{path} record {i}"), f"{path} record {i}") for i, v in enumerate(value)]
+
+
+def _read_csv(path: Path, text: str) -> list[Record]:
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = list(reader)
+    except csv.Error as e:
+        raise DataError(f"malformed CSV in '{path}': {e}") from None
+    columns = [c for c in (reader.fieldnames or []) if c is not None]
+    if not columns:
+        return []
+    records = []
+    for i, row in enumerate(rows):
+        if None in row:  # more cells than header columns
+            raise DataError(f"'{path}' row {i + 2} has more cells than the header's {len(columns)} columns",
+                            fix="quote cells that hold commas")
+        # A missing trailing cell is None; treat it as empty text like the other cells.
+        records.append(Record({k: ("" if v is None else v) for k, v in row.items()}, f"{path} row {i + 2}"))
+    return records
+
+
+def _read_parquet(path: Path) -> list[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:
+        raise DataError(f"could not read Parquet file '{path}': {_first_line(e)}") from None
+    return [Record(r, f"{path} row {i}") for i, r in enumerate(rows)]
+
+
+def csv_columns(records: list[Record]) -> list[str] | None:
+    """The header of a CSV source (all its records share one), else None."""
+    if records and " row " in records[0].where and records[0].where.split(" row ")[0].lower().endswith(".csv"):
+        return list(records[0].data)
+    return None
