@@ -82,7 +82,13 @@ def cmd_train(argv: list[str]) -> int:
     args, rest = p.parse_known_args(argv)
     from lorafit.config import build_config
 
-    cfg = build_config(args.config, parse_overrides(rest))
+    overrides = parse_overrides(rest)
+    cfg = build_config(args.config, overrides)
+    if cfg.train.resume and (Path(cfg.train.output_dir) / "config.yaml").is_file():
+        # A run describes itself: --resume starts from its saved config, with this command's settings on top.
+        from lorafit.config import load_yaml
+
+        cfg = _run_config(cfg.train.output_dir, {**(load_yaml(args.config) if args.config else {}), **overrides})
     from lorafit.train import train
 
     train(cfg)

@@ -8,7 +8,8 @@ template sees it appended to the content (see `templates.merged_content`).
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from lorafit.data.sources import Record, csv_columns
 from lorafit.errors import DataError

@@ -84,7 +84,7 @@ def load_hub(name: str, split: str = "train", revision: str | None = None) -> li
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
         raise DataError(f"could not load dataset '{name}' (split '{split}'): {_first_line(e)}",
                         fix="check the hub id, the split name and the network, or pass a local file") from None
-    except Exception as e:  # datasets raises many of its own types (DatasetNotFoundError, ...)
+    except Exception as e:  # noqa: BLE001  datasets raises many types of its own (DatasetNotFoundError, ...)
         raise DataError(f"could not load dataset '{name}' (split '{split}'): {type(e).__name__}: {_first_line(e)}",
                         fix="check the hub id and the split name, or pass a local file") from None
     return [Record(dict(row), f"{name} row {i}") for i, row in enumerate(ds)]
@@ -95,7 +95,7 @@ def _load_from_disk(path: Path, split: str) -> list[Record]:
 
     try:
         ds = datasets.load_from_disk(str(path))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  a broken folder fails in arrow, json or fsspec code
         raise DataError(f"could not read the saved dataset in '{path}': {_first_line(e)}") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
@@ -190,7 +190,7 @@ def _read_parquet(path: Path) -> list[Record]:
 
     try:
         rows = pq.read_table(path).to_pylist()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  pyarrow raises ArrowInvalid, OSError, ... on a damaged file
         raise DataError(f"could not read Parquet file '{path}': {_first_line(e)}") from None
     return [Record(r, f"{path} row {i}") for i, r in enumerate(rows)]
 

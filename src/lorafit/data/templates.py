@@ -152,7 +152,7 @@ class Template:
         try:
             text = tokenizer.apply_chat_template(msgs, chat_template=self.chat_template or CHATML, tokenize=False,
                                                  add_generation_prompt=add_generation_prompt)
-        except Exception as e:  # jinja's raise_exception, a template that rejects a role order, ...
+        except Exception as e:  # noqa: BLE001  jinja's raise_exception, a template rejecting a role order, ...
             raise DataError(f"the {self.name} chat template cannot render this conversation: {e}",
                             fix="use another template (e.g. --template chatml) or fix the roles' order") from None
         return text

@@ -1,0 +1,200 @@
+"""QLoRA training throughput and peak memory of one stack, one process (Unsloth patches
+transformers process-wide, so every stack runs in its own process; bench/run.sh runs them all).
+
+usage: python bench/bench.py STACK MODEL_DIR [--shapes 8x512,4x2048] [--real]
+STACK: hf (transformers + PEFT + bitsandbytes, the seeds' stack, as ../shared/bench/peer_bench.py),
+       unsloth, or lorafit[:offload|:gpu|:nockpt] (fast path; activation checkpointing with inputs
+       parked in pinned CPU memory / kept on the GPU / no recomputation at all).
+Shapes: the same random token batch every step, all tokens labelled, median of 8 steps after 4
+warm-up steps. --real: one pass over the alpaca_en_demo record lengths (bench/alpaca_lengths.txt),
+random token ids, prompts masked from the loss; hf/unsloth take batches of 8 records padded to
+the longest, lorafit packs records into rows of 2048 (4 rows a step) attending within each record.
+Prints one JSON line per measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def load(stack: str, path: str):
+    import torch
+    if stack == "unsloth":
+        os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+        os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", "/tmp/unsloth_cache")
+        from unsloth import FastLanguageModel
+        model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=2048, load_in_4bit=True,
+                                                     dtype=torch.bfloat16, local_files_only=True)
+        return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, target_modules=TARGETS,
+                                                bias="none", use_gradient_checkpointing="unsloth", random_state=0)
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0},
+                                                 attn_implementation="sdpa", quantization_config=q)
+    if stack == "hf":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    torch.manual_seed(0)
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
+                                            bias="none", task_type="CAUSAL_LM"))
+
+
+def make_step(stack: str, model):
+    """batch -> (loss value tensor, labelled tokens) after one optimizer step."""
+    import torch
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    if stack.startswith("lorafit"):
+        from lorafit.fast import enable_fast_path
+        mode = stack.partition(":")[2] or "offload"
+        fl = enable_fast_path(model, gradient_checkpointing=mode != "nockpt", offload_activations=mode == "offload")
+        assert fl.fast, "fast path not taken"
+
+        def step(batch):
+            loss_sum, n = fl(batch)
+            loss = loss_sum / n
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+        return step
+
+    def step(batch):
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def timed(step, batches, warmup):
+    import torch
+    for b in batches[:warmup]:
+        step(b)
+    times, losses = [], []
+    for b in batches[warmup:]:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        losses.append(step(b))
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return times, [x.item() for x in losses]
+
+
+def shape_batches(bs, seq):
+    import torch
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randint(0, 32000, (bs, seq), device="cuda", generator=g)
+    b = {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x),
+         "position_ids": torch.arange(seq, device="cuda").expand(bs, seq)}
+    return [b] * 12
+
+
+def real_records():
+    lens = [int(x) for x in (HERE / "alpaca_lengths.txt").read_text().split()]
+    prompts = [int(x) for x in (HERE / "alpaca_prompt_lengths.txt").read_text().split()]
+    return list(zip(lens, prompts))
+
+
+def padded_batches(records, bs=8, pad_id=32000):
+    import torch
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(0, len(records), bs):
+        chunk = records[i:i + bs]
+        t = max(n for n, _ in chunk)
+        ids = torch.full((len(chunk), t), pad_id)
+        labels = torch.full((len(chunk), t), -100)
+        mask = torch.zeros((len(chunk), t), dtype=torch.long)
+        for r, (n, p) in enumerate(chunk):
+            ids[r, :n] = torch.randint(2, 32000, (n,), generator=g)
+            labels[r, p:n] = ids[r, p:n]
+            mask[r, :n] = 1
+        out.append({"input_ids": ids.cuda(), "labels": labels.cuda(), "attention_mask": mask.cuda(),
+                    "real": int(mask.sum())})
+    return out
+
+
+def packed_batches(records, rows=4, row_len=2048, pad_id=32000):
+    """First-fit in order into rows of row_len; each record keeps its own positions and doc id."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    packed, cur = [], []
+    for rec in records:
+        if sum(n for n, _ in cur) + rec[0] > row_len:
+            packed.append(cur)
+            cur = []
+        cur.append(rec)
+    packed.append(cur)
+    out = []
+    for i in range(0, len(packed), rows):
+        group = packed[i:i + rows]
+        ids = torch.full((len(group), row_len), pad_id)
+        labels = torch.full_like(ids, -100)
+        doc = torch.zeros_like(ids)
+        pos = torch.zeros_like(ids)
+        for r, row in enumerate(group):
+            o = 0
+            for d, (n, p) in enumerate(row, start=1):
+                ids[r, o:o + n] = torch.randint(2, 32000, (n,), generator=g)
+                labels[r, o + p:o + n] = ids[r, o + p:o + n]
+                doc[r, o:o + n] = d
+                pos[r, o:o + n] = torch.arange(n)
+                o += n
+        out.append({"input_ids": ids.cuda(), "labels": labels.cuda(), "attention_mask": (doc > 0).long().cuda(),
+                    "doc_ids": doc.cuda(), "position_ids": pos.cuda(), "real": int((doc > 0).sum())})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("stack")
+    ap.add_argument("model")
+    ap.add_argument("--shapes", default="8x512,4x2048")
+    ap.add_argument("--real", action="store_true")
+    args = ap.parse_args()
+    import torch
+    model = load(args.stack, args.model)
+    model.train()
+    step = make_step(args.stack, model)
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",") if s]
+    for bs, seq in shapes:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            times, losses = timed(step, shape_batches(bs, seq), warmup=4)
+            st = sorted(times)[len(times) // 2]
+            rec = dict(stack=args.stack, shape=f"{bs}x{seq}", step_s=round(st, 4), tok_s=round(bs * seq / st),
+                       peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                       first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4))
+        except Exception as e:  # noqa: BLE001 -- one failed shape must not hide the others
+            import traceback
+            traceback.print_exc()
+            rec = dict(stack=args.stack, shape=f"{bs}x{seq}", error=repr(e)[:300])
+        print(json.dumps(rec), flush=True)
+    if args.real:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        recs = real_records()
+        batches = packed_batches(recs) if args.stack.startswith("lorafit") else padded_batches(recs)
+        warm = 3
+        times, _ = timed(step, batches[:warm] + batches, warmup=warm)
+        real = sum(b["real"] for b in batches)
+        slots = sum(b["input_ids"].numel() for b in batches)
+        print(json.dumps(dict(stack=args.stack, shape="real", steps=len(batches), real_tokens=real,
+                              slot_tokens=slots, seconds=round(sum(times), 3),
+                              tok_s=round(real / sum(times)),
+                              peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))), flush=True)
+
+
+if __name__ == "__main__":
+    main()

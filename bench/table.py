@@ -1,0 +1,40 @@
+"""Reads bench.py's JSON lines and prints one markdown table of tokens/s, peak memory and ratios.
+
+Real-data rows count real (non-padding) tokens only. Ratios are against the hf baseline and
+Unsloth measured in the same run; the target column checks >= 1.25x Unsloth's tokens/s at
+<= 1.1x its peak memory (shapes) and >= 3x the baseline's padded throughput (real data).
+usage: python bench/table.py results.jsonl
+"""
+import json
+import sys
+
+
+def main(path: str) -> None:
+    rows = [json.loads(x) for x in open(path) if x.startswith("{")]
+    res = {(r["stack"], r["shape"]): r for r in rows if "tok_s" in r}
+    print("| stack | shape | tokens/s | peak GiB | x baseline | x Unsloth (tok/s) | x Unsloth (mem) | target |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (stack, shape), r in sorted(res.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        base, uns = res.get(("hf", shape)), res.get(("unsloth", shape))
+        xb = r["tok_s"] / base["tok_s"] if base else None
+        xu = r["tok_s"] / uns["tok_s"] if uns else None
+        xm = r["peak_gib"] / uns["peak_gib"] if uns else None
+        target = ""
+        if stack.startswith("lorafit"):
+            if shape == "real" and xb is not None:
+                target = "met" if xb >= 3 else "not met"
+            elif xu is not None:
+                target = "met" if xu >= 1.25 and xm <= 1.1 else "not met"
+        f = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+        print(f"| {stack} | {shape} | {r['tok_s']:,} | {r['peak_gib']} | {f(xb)} | {f(xu)} | {f(xm)} | {target} |")
+    for r in rows:
+        if "error" in r:
+            print(f"\nerror: {r['stack']} {r['shape']}: {r['error']}")
+        if r.get("check") == "loss_50_steps":
+            print(f"\nloss check ({r['data']}, {r['steps']} steps): mean relative difference "
+                  f"{r['mean_rel_diff']:.4%}, max {r['max_rel_diff']:.4%} (hf {r['hf_first']} -> {r['hf_last']}, "
+                  f"fast {r['fast_first']} -> {r['fast_last']})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

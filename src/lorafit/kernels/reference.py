@@ -1,0 +1,115 @@
+"""Plain-PyTorch twins of the fast-path kernels: the definition each kernel must match.
+
+They also run the fast path's math on CPU (the test suite) and on any device without Triton.
+Dtype conventions follow transformers' Llama code, so the twins equal the HF modules:
+RMSNorm rounds the normalised input to the input dtype before the weight; SwiGLU rounds
+silu(gate) before multiplying by up; RoPE uses the rotate-half layout with cos/sin of shape
+(N, R), R <= head_dim, the last head_dim - R dims passing through unrotated.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = weight * (x / rms(x)), rms taken in float32; x (N, C)."""
+    xf = x.float()
+    xhat = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (weight.float() * xhat.float()).to(x.dtype)
+
+
+def add_rmsnorm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMSNorm: returns (h = x + r, rmsnorm(h))."""
+    h = x + r
+    return h, rmsnorm(h, weight, eps)
+
+
+def swiglu(gu: torch.Tensor) -> torch.Tensor:
+    """gu (N, 2I) = [gate | up] -> silu(gate) * up, (N, I)."""
+    g, u = gu.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """x (N, n_heads * D) (any row stride); cos, sin (N, R) in HF's [f | f] layout -> rotated (N, n_heads * D)."""
+    n = x.shape[0]
+    xh = x.reshape(n, n_heads, -1)
+    r = cos.shape[-1]
+    c, s = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    xr, xp = xh[..., :r], xh[..., r:]
+    x1, x2 = xr[..., : r // 2], xr[..., r // 2:]
+    rot = torch.cat((-x2, x1), dim=-1)
+    out = torch.cat(((xr * c) + (rot * s), xp), dim=-1)
+    return out.reshape(n, -1)
+
+
+def cross_entropy_sum(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """sum_i CE(x_i @ weight^T, targets_i), logits in the weight's dtype then upcast (as HF does); float32 scalar."""
+    logits = (x @ weight.t()).float()
+    return F.cross_entropy(logits, targets, reduction="sum", ignore_index=-100)
+
+
+def lora_group(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+               loras: list[tuple[torch.Tensor, torch.Tensor, float] | None],
+               dropout_masks: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Several LoRA linears over one input, outputs concatenated on the last dim.
+
+    head i: x @ W_i^T + b_i + scaling_i * (drop_i(x) @ A_i^T) @ B_i^T, with A_i (r, in), B_i (out, r)
+    as PEFT stores lora_A.weight / lora_B.weight; drop_i(x) = x * mask_i (mask already holding 1/(1-p)).
+    """
+    outs = []
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        y = F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+        if loras[i] is not None:
+            a, bb, s = loras[i]
+            xd = x if dropout_masks is None or dropout_masks[i] is None else x * dropout_masks[i]
+            y = y + s * F.linear(F.linear(xd, a.to(x.dtype)), bb.to(x.dtype))
+        outs.append(y)
+    return torch.cat(outs, dim=-1)
+
+
+def segments(doc_ids: torch.Tensor) -> torch.Tensor:
+    """doc_ids (B, T) -> cu_seqlens (S + 1,) int32 over the flattened B*T tokens.
+
+    A segment is a run of equal doc id inside one row; padding (id 0) forms its own segments,
+    whose outputs are never labelled."""
+    b, t = doc_ids.shape
+    start = torch.ones_like(doc_ids, dtype=torch.bool)
+    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    idx = start.flatten().nonzero().flatten()
+    end = torch.tensor([b * t], device=doc_ids.device, dtype=idx.dtype)
+    return torch.cat((idx, end)).to(torch.int32)
+
+
+def doc_causal_mask(doc_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """(B, 1, T, T) bool: query i sees key j iff j <= i, same segment (and i - j < window)."""
+    b, t = doc_ids.shape
+    cu = segments(doc_ids).long()
+    seg = torch.zeros(b * t, dtype=torch.long, device=doc_ids.device)
+    seg[cu[1:-1]] = 1
+    seg = seg.cumsum(0).view(b, t)
+    pos = torch.arange(t, device=doc_ids.device)
+    m = (seg[:, :, None] == seg[:, None, :]) & (pos[None, :, None] >= pos[None, None, :])
+    if window is not None:
+        m &= (pos[None, :, None] - pos[None, None, :]) < window
+    return m[:, None]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, n_heads: int, n_kv: int,
+              head_dim: int, scale: float, doc_ids: torch.Tensor | None, window: int | None = None) -> torch.Tensor:
+    """Causal attention within each document; q (N, H*D), k/v (N, Hkv*D) -> (N, H*D), N = batch * T."""
+    n = q.shape[0]
+    t = n // batch
+    qh = q.reshape(batch, t, n_heads, head_dim).transpose(1, 2)
+    kh = k.reshape(batch, t, n_kv, head_dim).transpose(1, 2)
+    vh = v.reshape(batch, t, n_kv, head_dim).transpose(1, 2)
+    if n_kv != n_heads:
+        kh = kh.repeat_interleave(n_heads // n_kv, dim=1)
+        vh = vh.repeat_interleave(n_heads // n_kv, dim=1)
+    if doc_ids is None and (window is None or t <= window):
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+    else:
+        ids = doc_ids if doc_ids is not None else torch.ones(batch, t, dtype=torch.long, device=q.device)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=doc_causal_mask(ids, window), scale=scale)
+    return o.transpose(1, 2).reshape(n, n_heads * head_dim)

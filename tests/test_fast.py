@@ -1,0 +1,134 @@
+"""The fast path's loss and LoRA gradients equal the model's own forward (CPU, tiny models).
+
+On CPU the fast path runs the plain-PyTorch twins, so this checks the wiring (projections,
+splits, RoPE, document masks, checkpointing, label shift) against transformers itself."""
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from lorafit.fast import enable_fast_path, fast_forward_supported  # noqa: E402
+
+TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
+
+
+def tiny(model_type: str, targets=None, dropout=0.0):
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(
+        model_type, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=97, max_position_embeddings=128, pad_token_id=0, tie_word_embeddings=False)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
+    lc = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets or TARGETS[model_type])
+    pm = peft.get_peft_model(model, lc)
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)   # non-zero so the B path and dA are exercised
+    return pm
+
+
+def batch(b=2, t=24, packed=False):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 97, (b, t), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    out = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
+           "position_ids": torch.arange(t).expand(b, t).clone()}
+    if packed:
+        doc = torch.zeros(b, t, dtype=torch.long)
+        doc[:, :10], doc[:, 10:20] = 1, 2                 # two documents then 4 padding tokens
+        pos = torch.cat([torch.arange(10), torch.arange(10), torch.arange(4)]).expand(b, t).clone()
+        labels[:, 20:] = -100
+        labels[:, 10] = -100
+        out.update(doc_ids=doc, position_ids=pos, labels=labels)
+    return out
+
+
+def hf_loss(pm, bt):
+    logits = pm(input_ids=bt["input_ids"], attention_mask=bt["attention_mask"],
+                position_ids=bt["position_ids"]).logits
+    tgt = F.pad(bt["labels"][:, 1:], (0, 1), value=-100)
+    return F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), reduction="sum", ignore_index=-100)
+
+
+def lora_grads(pm):
+    return {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "phi3"])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_fast_equals_model(model_type, ckpt):
+    pm = tiny(model_type)
+    assert fast_forward_supported(pm) == (True, "ok")
+    bt = batch()
+    ref = hf_loss(pm, bt)
+    ref.backward()
+    g_ref = lora_grads(pm)
+    pm.zero_grad()
+    loss, n = enable_fast_path(pm, gradient_checkpointing=ckpt)(bt)
+    loss.backward()
+    assert n.item() == (F.pad(bt["labels"][:, 1:], (0, 1), value=-100) != -100).sum().item()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
+    for name, g in lora_grads(pm).items():
+        torch.testing.assert_close(g, g_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3"])
+def test_packed_rows_equal_separate_documents(model_type):
+    pm = tiny(model_type)
+    bt = batch(packed=True)
+    loss, n = enable_fast_path(pm, gradient_checkpointing=True)(bt)
+    total, count = 0.0, 0
+    for b in range(2):
+        for s, e in ((0, 10), (10, 20)):
+            one = {k: v[b:b + 1, s:e] for k, v in bt.items() if k != "doc_ids"}
+            one["position_ids"] = torch.arange(e - s)[None]
+            total = total + hf_loss(pm, one)
+            count += (one["labels"][:, 1:] != -100).sum().item()
+    assert n.item() == count
+    torch.testing.assert_close(loss, total, rtol=1e-5, atol=1e-4)
+
+
+def test_dropout_is_reproduced_in_recompute():
+    pm = tiny("llama", dropout=0.3)
+    pm.train()
+    bt = batch()
+    fl = enable_fast_path(pm, gradient_checkpointing=True)
+    torch.manual_seed(5)
+    loss, _ = fl(bt)
+    loss.backward()
+    g_ckpt = lora_grads(pm)
+    pm.zero_grad()
+    fl_plain = enable_fast_path(pm, gradient_checkpointing=False)
+    torch.manual_seed(5)
+    loss2, _ = fl_plain(bt)
+    loss2.backward()
+    torch.testing.assert_close(loss, loss2)
+    for name, g in lora_grads(pm).items():
+        torch.testing.assert_close(g, g_ckpt[name], rtol=1e-4, atol=1e-6, msg=name)
+    pm.eval()
+    with torch.no_grad():
+        assert fl(bt)[0].item() == pytest.approx(hf_loss(pm, bt).item(), rel=1e-5)
+
+
+def test_unsupported_architecture_falls_back_with_one_log_line(caplog):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=97, n_positions=64)
+    pm = peft.get_peft_model(transformers.GPT2LMHeadModel(cfg), peft.LoraConfig(r=2, target_modules=["c_attn"]))
+    pm.eval()
+    ok, reason = fast_forward_supported(pm)
+    assert not ok and "gpt2" in reason
+    with caplog.at_level(logging.WARNING, logger="lorafit.fast"):
+        fl = enable_fast_path(pm, gradient_checkpointing=False)
+    assert len([r for r in caplog.records if "fast path off" in r.message]) == 1
+    bt = batch(t=16)
+    loss, n = fl(bt)
+    torch.testing.assert_close(loss, hf_loss(pm, bt))

@@ -1,0 +1,267 @@
+"""Kernels against their plain-PyTorch twins, and the twins against transformers' modules.
+
+Triton kernels run on the GPU when there is one; on a CPU machine with Triton installed they
+run in Triton's interpreter (TRITON_INTERPRET=1, set before the kernel modules are imported),
+otherwise those tests skip. Inputs are fresh random values at odd shapes; outputs compare by
+||out - ref|| / ||ref||: float32 under 1e-5, bfloat16 under 1e-2 (a few bf16 roundings).
+"""
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorafit.kernels import reference
+from lorafit.kernels.lora import Head, WeightBuffer, lora_group
+
+CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DEV = "cuda" if CUDA else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel(name):
+    """Import a Triton op module: compiled on CUDA; on CPU only inside the interpreter subprocess below
+    (the interpreter must be switched on before anything imports triton, and transformers does)."""
+    if not HAS_TRITON:
+        pytest.skip("triton not installed")
+    if not CUDA and not INTERPRETED:
+        pytest.skip("on CPU, Triton kernels run in test_triton_kernels_in_interpreter's subprocess")
+    return importlib.import_module(f"lorafit.kernels.{name}")
+
+
+@pytest.mark.skipif(CUDA or INTERPRETED or not HAS_TRITON, reason="CPU machine with triton installed only")
+def test_triton_kernels_in_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "_kernel"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def leaf(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, device=DEV) * scale).to(dtype).requires_grad_(True)
+
+
+# ------------------------------------------------------------------ twins vs transformers (CPU)
+
+def test_reference_rmsnorm_and_rope_equal_llama_modules():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+    x = torch.randn(2, 7, 40, dtype=torch.bfloat16)
+    m = LlamaRMSNorm(40, eps=1e-6).to(torch.bfloat16)
+    torch.nn.init.normal_(m.weight)
+    torch.testing.assert_close(reference.rmsnorm(x.view(14, 40), m.weight, 1e-6), m(x).view(14, 40))
+    q = torch.randn(2, 3, 7, 16)            # (B, H, T, D)
+    k = torch.randn(2, 1, 7, 16)
+    ang = torch.randn(2, 7, 8)
+    cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
+    qe, ke = apply_rotary_pos_emb(q, k, cos, sin)
+    flat = lambda t: t.transpose(1, 2).reshape(14, -1)  # noqa: E731
+    torch.testing.assert_close(reference.rope(flat(q), cos.view(14, 16), sin.view(14, 16), 3), flat(qe))
+    torch.testing.assert_close(reference.rope(flat(k), cos.view(14, 16), sin.view(14, 16), 1), flat(ke))
+
+
+def test_reference_document_attention_equals_separate_documents():
+    b, t, h, d = 1, 9, 2, 8
+    q, k, v = (torch.randn(b * t, h * d) for _ in range(3))
+    doc = torch.tensor([[1, 1, 1, 1, 2, 2, 2, 0, 0]])
+    out = reference.attention(q, k, v, b, h, h, d, d ** -0.5, doc)
+    for s, e in ((0, 4), (4, 7)):
+        one = reference.attention(q[s:e], k[s:e], v[s:e], 1, h, h, d, d ** -0.5, None)
+        torch.testing.assert_close(out[s:e], one)
+    assert reference.segments(doc).tolist() == [0, 4, 7, 9]
+
+
+# ------------------------------------------------------------------ fused LoRA group (plain torch)
+
+def _heads(d_in, outs, r, dtype, lora_mask=(True, True, True), bias=False, dropout=0.0):
+    heads = []
+    for o, has in zip(outs, lora_mask):
+        w = torch.randn(o, d_in, device=DEV, dtype=dtype) / d_in ** 0.5
+        hd = Head(out_features=o, dequant=lambda out, w=w: w if out is None else out.copy_(w),
+                  bias=torch.randn(o, device=DEV, dtype=dtype) if bias else None)
+        if has:
+            hd.lora_A = torch.randn(r, d_in, device=DEV, requires_grad=True)
+            hd.lora_B = torch.randn(o, r, device=DEV, requires_grad=True)
+            hd.scaling, hd.dropout = 2.0, dropout
+        heads.append(hd)
+    return heads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["qkv", "single", "bias_partial"])
+def test_lora_group_matches_reference(dtype, case):
+    torch.manual_seed(0)
+    n, d_in, r = 37, 72, 5
+    if case == "qkv":
+        heads = _heads(d_in, (72, 24, 24), r, dtype)
+    elif case == "single":
+        heads = _heads(d_in, (104,), r, dtype)
+    else:
+        heads = _heads(d_in, (40, 24), r, dtype, lora_mask=(True, False), bias=True)
+    x = leaf(n, d_in, dtype=dtype)
+    dy = torch.randn(n, sum(h.out_features for h in heads), device=DEV, dtype=dtype)
+    params = [p for h in heads if h.lora_A is not None for p in (h.lora_A, h.lora_B)]
+
+    y = lora_group(x, heads, WeightBuffer() if dtype == torch.bfloat16 else None)
+    grads = torch.autograd.grad(y, [x, *params], dy)
+    xr = x.detach().double().requires_grad_(True)
+    pr = [p.detach().double().requires_grad_(True) for p in params]
+    loras, it = [], iter(pr)
+    for h in heads:
+        loras.append((next(it), next(it), h.scaling) if h.lora_A is not None else None)
+    yr = reference.lora_group(xr, [h.dequant(None).double() for h in heads],
+                              [None if h.bias is None else h.bias.double() for h in heads], loras)
+    grads_r = torch.autograd.grad(yr, [xr, *pr], dy.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel(y, yr) < tol
+    for g, gr in zip(grads, grads_r):
+        assert rel(g, gr) < tol
+
+
+def test_lora_group_dropout_uses_one_mask_per_head_and_matches_reference():
+    torch.manual_seed(0)
+    heads = _heads(32, (16, 8), 4, torch.float32, dropout=0.5)
+    x = leaf(11, 32, dtype=torch.float32)
+    torch.manual_seed(3)
+    y = lora_group(x, heads, training=True)
+    (y * y).sum().backward()
+    base = torch.cat([x.detach() @ h.dequant(None).t() for h in heads], 1)
+    assert not torch.allclose(y, base)
+    y_eval = lora_group(x, heads, training=False)
+    loras = [(h.lora_A, h.lora_B, h.scaling) for h in heads]
+    torch.testing.assert_close(y_eval, reference.lora_group(x, [h.dequant(None) for h in heads], [None, None], loras))
+
+
+# ------------------------------------------------------------------ Triton kernels vs twins
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual", [False, True])
+def test_rmsnorm_kernel(dtype, residual):
+    mod = kernel("rmsnorm")
+    n, c = 13, 200
+    x, r = leaf(n, c, dtype=dtype), leaf(n, c, dtype=dtype)
+    w = torch.randn(c, device=DEV).to(dtype)
+    if residual:
+        h, y = mod.add_rmsnorm(x, r, w, 1e-5)
+        hr, yr = reference.add_rmsnorm(x, r, w, 1e-5)
+        dh, dy = torch.randn_like(h), torch.randn_like(y)
+        g = torch.autograd.grad((h, y), (x, r), (dh, dy))
+        gr = torch.autograd.grad((hr, yr), (x, r), (dh, dy))
+        assert rel(h, hr) < TOL[dtype]
+    else:
+        y, yr = mod.rmsnorm(x, w, 1e-5), reference.rmsnorm(x, w, 1e-5)
+        dy = torch.randn_like(y)
+        g, gr = torch.autograd.grad(y, x, dy), torch.autograd.grad(yr, x, dy)
+    assert rel(y, yr) < TOL[dtype]
+    for a, b in zip(g, gr):
+        assert rel(a, b) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_kernel(dtype):
+    mod = kernel("swiglu")
+    gu = leaf(9, 2 * 1100, dtype=dtype, scale=2.0)
+    y, yr = mod.swiglu(gu), reference.swiglu(gu)
+    dy = torch.randn_like(y)
+    assert rel(y, yr) < TOL[dtype]
+    assert rel(torch.autograd.grad(y, gu, dy)[0], torch.autograd.grad(yr, gu, dy)[0]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rot", [12, 8])     # full and partial rotary (phi-style)
+def test_rope_kernel_on_strided_slice(dtype, rot):
+    mod = kernel("rope")
+    n, h, hkv, d = 11, 3, 1, 12
+    qkv = leaf(n, (h + 2 * hkv) * d, dtype=dtype)
+    ang = torch.randn(n, rot // 2, device=DEV)
+    cos, sin = torch.cat((ang, ang), -1).cos().to(dtype), torch.cat((ang, ang), -1).sin().to(dtype)
+    for sl, heads in ((slice(0, h * d), h), (slice(h * d, (h + hkv) * d), hkv)):
+        x = qkv[:, sl]
+        y, yr = mod.rope(x, cos, sin, heads), reference.rope(x, cos, sin, heads)
+        dy = torch.randn_like(y)
+        assert rel(y, yr) < TOL[dtype]
+        assert rel(torch.autograd.grad(y, qkv, dy)[0], torch.autograd.grad(yr, qkv, dy)[0]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_kernel(dtype):
+    mod = kernel("cross_entropy")
+    n, c, v = 21, 40, 5000   # vocab not a multiple of the 4096 block
+    x = leaf(n, c, dtype=dtype)
+    w = torch.randn(v, c, device=DEV).to(dtype)
+    tgt = torch.randint(0, v, (n,), device=DEV)
+    loss = mod.linear_cross_entropy_sum(x, w, tgt, chunk=8)
+    ref = reference.cross_entropy_sum(x, w, tgt)
+    assert rel(loss, ref) < TOL[dtype]
+    assert rel(torch.autograd.grad(2 * loss, x)[0], torch.autograd.grad(2 * ref, x)[0]) < TOL[dtype]
+
+
+# ------------------------------------------------------------------ GPU only
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_packed_attention_matches_reference_and_offload_checkpoint():
+    from lorafit.kernels.attention import attention, packed_plan
+    from lorafit.kernels.offload import ActivationStore, checkpoint
+    torch.manual_seed(0)
+    b, t, h, d = 2, 333, 4, 64
+    doc = torch.zeros(b, t, dtype=torch.long, device="cuda")
+    doc[0, :100], doc[0, 100:300], doc[1, :333] = 1, 2, 1
+    q, k, v = (leaf(b * t, h * d, dtype=torch.bfloat16) for _ in range(3))
+    o = attention(q, k, v, b, h, h, d, d ** -0.5, plan=packed_plan(doc), doc_ids=doc)
+    orf = reference.attention(q.float(), k.float(), v.float(), b, h, h, d, d ** -0.5, doc)
+    dy = torch.randn_like(o)
+    assert rel(o, orf) < 1e-2
+    g = torch.autograd.grad(o, (q, k, v), dy)
+    gr = torch.autograd.grad(orf, (q, k, v), dy.float())
+    for a, bb in zip(g, gr):
+        assert rel(a, bb) < 2e-2
+    # offloaded checkpoint gives the same gradient as plain autograd
+    w = torch.randn(64, 64, device="cuda", requires_grad=True)
+    xs = torch.randn(50, 64, device="cuda", requires_grad=True)
+    fn = lambda z: torch.tanh(z @ w)  # noqa: E731
+    store = ActivationStore(offload=True)
+    z = xs
+    for i in range(3):
+        z = checkpoint(fn, z, store, i, preserve_rng=False)
+    gx, gw = torch.autograd.grad(z.sum(), (xs, w))
+    z2 = fn(fn(fn(xs)))
+    gx2, gw2 = torch.autograd.grad(z2.sum(), (xs, w))
+    assert rel(gx, gx2) < 1e-5 and rel(gw, gw2) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_nf4_group_dequantizes_into_buffer_like_bitsandbytes():
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from lorafit.fast import _Dequant
+    torch.manual_seed(0)
+    layers = []
+    for o in (96, 32):
+        w = torch.randn(o, 160, device="cuda", dtype=torch.bfloat16)
+        q, st = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+        layers.append((q, st))
+
+    class L:  # a stand-in with Linear4bit's weight/quant_state attributes
+        def __init__(self, q, st):
+            self.weight = q
+            self.weight.quant_state = st
+    heads = [Head(out_features=st.shape[0], dequant=_Dequant(L(q, st), torch.bfloat16)) for q, st in layers]
+    for hd in heads:
+        type(hd.dequant.layer).__name__  # noqa: B018
+    x = torch.randn(45, 160, device="cuda", dtype=torch.bfloat16)
+    ref = torch.cat([x @ bnbf.dequantize_4bit(q, st).t() for q, st in layers], 1)
+    assert rel(lora_group(x, heads, WeightBuffer()), ref) < 1e-2
