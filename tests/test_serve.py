@@ -228,7 +228,8 @@ BAD_REQUESTS = [
      "temperature", "invalid_type"),
     ("temperature-range", "/v1/chat/completions", {"messages": USER, "temperature": 5}, 400,
      "temperature", "invalid_value"),
-    ("max-tokens-zero", "/v1/chat/completions", {"messages": USER, "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+    ("max-tokens-zero", "/v1/chat/completions", {"messages": USER, "max_tokens": 0}, 400,
+     "max_tokens", "invalid_value"),
     ("max-tokens-float", "/v1/chat/completions", {"messages": USER, "max_tokens": 1.5}, 400, "max_tokens",
      "invalid_type"),
     ("seed-bool", "/v1/chat/completions", {"messages": USER, "seed": True}, 400, "seed", "invalid_type"),
@@ -409,7 +410,8 @@ def test_chat_page_streams_answers_in_chromium(server, client, tmp_path):
             want = chat(client, "tiny-run", history, max_tokens=12).choices[0].message.content
             assert answer == want
             history.append({"role": "assistant", "content": answer})
-        requests = [e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"]
+        requests = [e["params"]["request"]["url"] for e in browser.events
+                    if e.get("method") == "Network.requestWillBeSent"]
         assert requests and all(u.startswith(server.url + "/") for u in requests), requests
         errors = [e for e in browser.events if e.get("method") == "Runtime.exceptionThrown"
                   or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
@@ -422,8 +424,17 @@ def test_chat_page_streams_answers_in_chromium(server, client, tmp_path):
 # -- stopping ---------------------------------------------------------------------------------------------------
 
 def test_ctrl_c_stops_cleanly(server):
-    """Runs last: SIGINT (Ctrl-C) ends the server with exit code 0 and a 'stopped' line, no traceback."""
+    """Runs last: SIGINT (Ctrl-C) mid-stream ends that stream at its next token, then the server, with exit code 0."""
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({"messages": USER, "stream": True, "max_tokens": 480}))
+    resp = conn.getresponse()
+    assert resp.read1(64).startswith(b"data: ")
     server.proc.send_signal(signal.SIGINT)
+    try:
+        rest = resp.read()
+    except http.client.IncompleteRead as e:  # the process may exit before the stream's closing chunk
+        rest = e.partial
     assert server.proc.wait(timeout=30) == 0
+    assert b"[DONE]" not in rest  # cut short, not run to its end
     log = server.log.read_text()
-    assert "stopped" in log and "Traceback" not in log
+    assert "stopped" in log and "Traceback" not in log and "terminate called" not in log, log

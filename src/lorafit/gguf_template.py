@@ -1,8 +1,9 @@
 """The training prompt template, carried into the GGUF file (Jinja, for llama.cpp) and into an Ollama
 Modelfile (Go template syntax, for `ollama create`).
 
-The Go template is not translated from Jinja source; it is read off rendered conversations: render the Jinja
-with placeholder messages, cut out each role's prefix and suffix, rebuild the conversation from those pieces
+lorafit's plain templates (alpaca, instruction, guanaco, raw; rendered in Python by data/templates.py) get a
+Jinja and a Go twin built from the same pieces. For Jinja templates (chatml, the model's own) the Go template
+is not translated from source; it is read off rendered conversations: render the Jinja with placeholder messages, cut out each role's prefix and suffix, rebuild the conversation from those pieces
 and check it renders the same. A template that does not decompose this way (e.g. Llama 2's system prompt
 inside the first [INST]) gets a plain `{{ .Prompt }}` template and a warning instead of a wrong one.
 """
@@ -11,50 +12,100 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# Jinja twins of the lorafit templates that are not Jinja themselves (data/templates.py renders them in
-# Python). Keep the strings in step with it: the exported model only answers well in its training format.
-ALPACA_HEADER = ("Below is an instruction that describes a task. "
-                 "Write a response that appropriately completes the request.")
-NAMED_TEMPLATES = {
-    "alpaca": (
-        "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}"
-        "{% else %}{{ '" + ALPACA_HEADER + "\\n\\n' }}{% endif %}"
-        "{% for m in messages %}{% if m['role'] == 'user' %}"
-        "{{ '### Instruction:\\n' + m['content'] + '\\n\\n### Response:\\n' }}"
-        "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token + '\\n\\n' }}{% endif %}{% endfor %}"
-    ),
-    "instruction": (
-        "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\\n\\n' }}"
-        "{% elif m['role'] == 'user' %}{{ '### Instruction:\\n' + m['content'] + '\\n\\n### Response:\\n' }}"
-        "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token + '\\n\\n' }}{% endif %}{% endfor %}"
-    ),
-    "guanaco": (
-        "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\\n' }}"
-        "{% elif m['role'] == 'user' %}{{ '### Human: ' + m['content'] + ' ### Assistant:' }}"
-        "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
-    ),
-    "raw": "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
-           "{% endfor %}",
-}
+
+@dataclass
+class ChatFormat:
+    """The training format in the two template languages, and where replies end."""
+
+    jinja: str | None
+    go: str | None
+    system: str | None
+    stops: list[str]
+    warning: str | None = None
 
 
-def training_chat_template(template: dict[str, Any] | None, tokenizer: Any) -> str | None:
-    """Jinja chat template of the training format: template.json's, a named one's twin, else the tokenizer's."""
-    template = template or {}
-    jinja = template.get("chat_template") or NAMED_TEMPLATES.get(template.get("name") or "")
-    jinja = jinja or getattr(tokenizer, "chat_template", None)
-    if not jinja or not isinstance(jinja, str):
-        return None
+def chat_format(template: dict[str, Any] | None, tokenizer: Any) -> ChatFormat:
+    """From a run's template.json (None: the tokenizer's own chat template)."""
+    template = dict(template or {})
+    eos = template.get("eos_token") or getattr(tokenizer, "eos_token", None) or ""
     system = template.get("system_prompt")
-    if system:  # training put this system message first; make it the default here too
-        baked = ("{% if messages and messages[0]['role'] != 'system' %}{% set messages = "
-                 f"[{{'role': 'system', 'content': {system!r}}}] + messages %}}{{% endif %}}" + jinja)
-        try:
-            render(baked, [{"role": "user", "content": "hi"}], True)
-            jinja = baked
-        except Exception:  # the template refuses a system role; keep it as it is
-            pass
-    return jinja
+    stops = [template.get("end_of_turn") or "", eos]
+    name = template.get("name")
+    from lorafit.data.templates import _PLAIN_PARTS, _STOPS
+
+    if name in _PLAIN_PARTS:
+        parts = _PLAIN_PARTS[name]
+        stops = [s.strip() for s in _STOPS[name]] + stops
+        return ChatFormat(_with_default_system(plain_jinja(name, parts), system), plain_go(name, parts, eos),
+                          system, _unique(stops))
+    jinja = template.get("chat_template") or _tokenizer_template(tokenizer)
+    if not jinja:
+        return ChatFormat(None, None, system, _unique(stops))
+    turns = split_turns(jinja, eos)
+    if turns is None:
+        return ChatFormat(_with_default_system(jinja, system), None, system, _unique(stops),
+                          "the chat template does not split into per-role turns; the Modelfile uses a plain "
+                          "template: edit its TEMPLATE to match the training format")
+    stops = [turns.parts["assistant"][1].strip(), turns.parts["user"][0].strip()] + stops
+    return ChatFormat(_with_default_system(jinja, system), go_template(turns), system or turns.default_system,
+                      _unique(stops))
+
+
+def _tokenizer_template(tokenizer: Any) -> str | None:
+    source = getattr(tokenizer, "chat_template", None)
+    if isinstance(source, dict):  # some tokenizers hold several named templates
+        source = source.get("default") or next(iter(source.values()), None)
+    return source or None
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(s for s in items if s))
+
+
+def _lit(text: str) -> str:
+    """A Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def plain_jinja(name: str, parts: tuple) -> str:
+    """Jinja twin of data.templates' plain renderer: system text, user turns (a separator before every turn
+    after the first reply), reply header, reply prefix, reply and EOS; the header again as generation prompt."""
+    sep, user_fmt, _input_fmt, header, reply_prefix = parts
+    before, after = user_fmt.split("{c}")
+    system_end = "\n" if name == "raw" else "\n\n"
+    return ("{% set ns = namespace(replied=false) %}{% for m in messages %}"
+            f"{{% if m['role'] == 'system' %}}{{{{ m['content'] + {_lit(system_end)} }}}}"
+            f"{{% elif m['role'] == 'user' %}}{{% if ns.replied %}}{{{{ {_lit(sep)} }}}}{{% endif %}}"
+            f"{{{{ {_lit(before)} + m['content'] + {_lit(after)} }}}}"
+            f"{{% else %}}{{{{ {_lit(header + reply_prefix)} + m['content'] + eos_token }}}}"
+            "{% set ns.replied = true %}{% endif %}{% endfor %}"
+            f"{{% if add_generation_prompt %}}{{{{ {_lit(header)} }}}}{{% endif %}}")
+
+
+def plain_go(name: str, parts: tuple, eos: str) -> str:
+    """The same for Ollama: Go templates keep a variable across `range` iterations when assigned with `=`."""
+    sep, user_fmt, _input_fmt, header, reply_prefix = parts
+    before, after = user_fmt.split("{c}")
+    system_end = "\n" if name == "raw" else "\n\n"
+    return ("{{ $replied := false }}{{ range .Messages }}"
+            f'{{{{ if eq .Role "system" }}}}{{{{ .Content }}}}{_go_text(system_end)}'
+            f'{{{{ else if eq .Role "user" }}}}{{{{ if $replied }}}}{_go_text(sep)}{{{{ end }}}}'
+            f"{_go_text(before)}{{{{ .Content }}}}{_go_text(after)}"
+            f'{{{{ else if eq .Role "assistant" }}}}{_go_text(header + reply_prefix)}{{{{ .Content }}}}{_go_text(eos)}'
+            "{{ $replied = true }}{{ end }}{{ end }}" + _go_text(header))
+
+
+def _with_default_system(jinja: str, system: str | None) -> str:
+    """Training put `system` first when a conversation had no system message; make it the default here too."""
+    if not system:
+        return jinja
+    baked = ("{% if messages and messages[0]['role'] != 'system' %}{% set messages = "
+             f"[{{'role': 'system', 'content': {_lit(system)}}}] + messages %}}{{% endif %}}" + jinja)
+    try:
+        render(baked, [{"role": "user", "content": "hi"}], True)
+        return baked
+    except Exception:  # the template refuses a system role; keep it as it is
+        return jinja
 
 
 def render(jinja: str, messages: list[dict[str, str]], add_generation_prompt: bool,
@@ -75,7 +126,6 @@ def render(jinja: str, messages: list[dict[str, str]], add_generation_prompt: bo
 class Turns:
     """Text around each role's content, read off rendered conversations."""
 
-    head: str = ""
     parts: dict[str, tuple[str, str]] = field(default_factory=dict)
     generation: str = ""
     default_system: str | None = None
@@ -104,7 +154,7 @@ def split_turns(jinja: str, eos: str) -> Turns | None:
         system_prefix = with_sys[:with_sys.index(_S)]
     except Exception:  # a template that raises on these conversations or lacks a role
         return None
-    turns = Turns("", {"system": (system_prefix, system_suffix), "user": (user_prefix, user_suffix),
+    turns = Turns({"system": (system_prefix, system_suffix), "user": (user_prefix, user_suffix),
                        "assistant": (assistant_prefix, assistant_suffix)}, generation)
     if head and head.startswith(system_prefix) and head.endswith(system_suffix):  # a default system message
         turns.default_system = head[len(system_prefix):len(head) - len(system_suffix)]
@@ -129,40 +179,16 @@ def go_template(turns: Turns) -> str:
     return "{{ range .Messages }}" + "".join(branches) + "{{ end }}{{ end }}" + _go_text(turns.generation)
 
 
-def modelfile(gguf_name: str, jinja: str | None, eos: str | None, system: str | None,
-              params: dict[str, Any]) -> tuple[str, str | None]:
-    """Text of an Ollama Modelfile for `gguf_name` (beside it), and a warning when the template is approximate."""
-    lines = [f"# Written by `lorafit export`. Use: ollama create NAME -f Modelfile", f"FROM ./{gguf_name}"]
-    turns = split_turns(jinja, eos or "") if jinja else None
-    warning = None
-    if turns is not None:
-        lines.append(f'TEMPLATE """{go_template(turns)}"""')
-        system = system or turns.default_system
-    else:
-        lines.append('TEMPLATE """{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}"""')
-        if jinja:
-            warning = ("the chat template does not split into per-role turns; the Modelfile uses a plain "
-                       "template: edit its TEMPLATE to match the training format")
-    if system:
-        lines.append(f'SYSTEM """{system}"""')
-    for stop in _stops(turns, eos):
-        lines.append(f"PARAMETER stop {_quote(stop)}")
-    for key, value in params.items():
-        lines.append(f"PARAMETER {key} {value}")
-    return "\n".join(lines) + "\n", warning
-
-
-def _stops(turns: Turns | None, eos: str | None) -> list[str]:
-    """Where a reply ends: the assistant's closing text, the next user turn's opening, the EOS token."""
-    stops = []
-    if turns is not None:
-        stops += [turns.parts["assistant"][1].strip(), turns.parts["user"][0].strip()]
-    stops.append(eos or "")
-    out = []
-    for s in stops:
-        if s and s not in out:
-            out.append(s)
-    return out
+def modelfile(gguf_name: str, fmt: ChatFormat, params: dict[str, Any]) -> str:
+    """Text of an Ollama Modelfile for `gguf_name`, which lies beside it."""
+    lines = ["# Written by `lorafit export`. Use: ollama create NAME -f Modelfile", f"FROM ./{gguf_name}"]
+    go = fmt.go or "{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}"
+    lines.append(f'TEMPLATE """{go}"""')
+    if fmt.system:
+        lines.append(f'SYSTEM """{fmt.system}"""')
+    lines += [f"PARAMETER stop {_quote(stop)}" for stop in fmt.stops]
+    lines += [f"PARAMETER {key} {value}" for key, value in params.items()]
+    return "\n".join(lines) + "\n"
 
 
 def _quote(text: str) -> str:

@@ -37,8 +37,9 @@ class VocabInfo:
     warning: str | None = None
 
 
-def add_vocab(writer: Any, folder: Path, tokenizer: Any, vocab_size: int) -> VocabInfo:
+def add_vocab(writer: Any, folder: Path, tokenizer: Any, config: Any) -> VocabInfo:
     """Write the tokenizer keys for `tokenizer` (a transformers fast tokenizer loaded from `folder`)."""
+    vocab_size = config.vocab_size
     spec = _tokenizer_json(folder)
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
@@ -59,7 +60,7 @@ def add_vocab(writer: Any, folder: Path, tokenizer: Any, vocab_size: int) -> Voc
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []])
-    ids = _special_ids(tokenizer)
+    ids = _special_ids(tokenizer, config)
     for key, token_id in ids.items():
         if token_id is not None:
             getattr(writer, f"add_{key}_token_id")(token_id)
@@ -158,8 +159,13 @@ def _adds_space_prefix(spec: dict[str, Any]) -> bool:
     return '"Prepend"' in text or ('"Metaspace"' in text and '"prepend_scheme": "never"' not in text)
 
 
-def _special_ids(tokenizer: Any) -> dict[str, int | None]:
-    return {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
+def _special_ids(tokenizer: Any, config: Any) -> dict[str, int | None]:
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, list) else eos
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(config, "bos_token_id", None)
+    # Tokenizers without BOS (Qwen2, ChatML ones) still get an id: transformers' GGUF tokenizer loader fails
+    # without one, and add_bos_token (written False for them) keeps llama.cpp from inserting it.
+    return {"bos": bos if bos is not None else eos, "eos": eos,
             "unk": tokenizer.unk_token_id, "pad": tokenizer.pad_token_id}
 
 

@@ -5,18 +5,23 @@
 The merged folder is a plain transformers model (safetensors, tokenizer, generation config whose
 EOS is the template's end token, template.json, README.md) that loads with no PEFT and no lorafit.
 
-Precision. A 4-bit (QLoRA) or 8-bit run merges into the base reloaded unquantized in bf16:
-folding a bf16 update into NF4 codes would round it away (the NF4 grid step is ~100x a typical
-B @ A entry), and the base's original weights are what the quantized ones approximate. So the
-merged model equals "adapter on the unquantized base", not "adapter on the NF4 base"; the check
-below compares against the former. An unquantized run merges in its own compute dtype (fp32 on CPU).
+Precision. The merge itself runs in fp32: the base is loaded unquantized in fp32 (an exact upcast of
+bf16/fp16 checkpoints), the adapter applied, W + scaling * B @ A folded in fp32, and the result cast
+once to the saved dtype: bf16 for a 4-bit (QLoRA) or 8-bit run, else the run's compute dtype (fp32
+on CPU). A quantized run is not merged into its NF4 codes: the NF4 grid step is ~100x a typical
+B @ A entry, so the update would round away; the base's original weights are what NF4 approximated.
+The merged model is therefore "adapter on the unquantized base", and that is what it is checked
+against. Peak memory is the fp32 base (~15 GB for a 3.8B model).
 
-Verification. Before anything is kept, the saved folder is loaded back and its logits on a few
-template-rendered conversations are compared with the adapter model's (PeftModel over the same
-unquantized base, same dtype). Tolerance on max |difference|, relative to the largest |logit|:
-  fp32       1e-4  W + BA rounds once in fp32 (eps 1.2e-7); measured ~1e-6 on SmolLM2-135M.
-  bf16/fp16  4e-2  the merged weight is rounded to 8 (bf16) mantissa bits, once per layer, where the
-                   adapter model keeps W and BA apart; measured ~1e-2 on SmolLM2-135M (bf16).
+Verification. Before anything is kept, the saved folder is loaded back (upcast to fp32) and its
+logits on a few template-rendered conversations are compared with the fp32 adapter model's. Running
+both in fp32 leaves only the saved dtype's rounding of W' as a legitimate difference (a bf16 forward
+adds activation noise of its own: max |diff| 1.6 on logits of 40 for SmolLM2-135M, which would hide a
+real merge error). Tolerance on max |difference| / max(1, largest |logit|):
+  float32   1e-4  one fp32 rounding of W + BA; measured 3e-6 on SmolLM2-135M, 2e-6 on tiny models.
+  bfloat16  2e-2  every weight rounded to 8 mantissa bits; measured 8e-3 on SmolLM2-135M (stored
+                  in fp32, so W itself rounds too; bf16 checkpoints round only the update).
+  float16   1e-2  10 mantissa bits, 4x finer than bf16; the danger there is overflow, caught as inf.
 A larger gap, or any NaN/inf, raises MergeCheckError (exit code 3) and leaves no output folder:
 everything is written into a temporary sibling folder and renamed into place only when it checks out.
 """
@@ -35,7 +40,7 @@ from lorafit.errors import UserError
 if TYPE_CHECKING:
     from lorafit.config import Config
 
-TOLERANCE = {"float32": 1e-4, "bfloat16": 4e-2, "float16": 4e-2}
+TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 1e-2}
 CHECK_CONVERSATIONS = [
     [{"role": "user", "content": "What is 17 + 25?"}, {"role": "assistant", "content": "42"}],
     [{"role": "user", "content": "Give three tips for staying healthy."},
@@ -65,7 +70,6 @@ def merge(run_dir: Path, out_dir: Path, cfg: Config) -> Path:
 
 def merge_to_folder(run_dir: Path, out_dir: Path, cfg: Config) -> Path:
     """Merge, save into a temporary folder, verify the saved model's logits, then rename it to out_dir."""
-    import torch
 
     from lorafit.data.templates import Template
     from lorafit.lora import load_adapter
@@ -80,7 +84,7 @@ def merge_to_folder(run_dir: Path, out_dir: Path, cfg: Config) -> Path:
     dtype = merge_dtype(cfg)
     source = resolve_model(mcfg)
     tokenizer = load_tokenizer(mcfg, source)
-    model = load_adapter(load_base_model(mcfg, torch.device("cpu"), source), run_dir)
+    model = load_adapter(load_base_model(mcfg, _cpu(), source), run_dir)
     model.eval()
     inputs = check_inputs(template, tokenizer)
     reference = _logits(model, inputs)
@@ -112,14 +116,10 @@ def merge_dtype(cfg: Config):
 
 
 def merge_config(cfg: Config) -> Config:
-    """The run's config with the base unquantized, in the merge dtype."""
-    import torch
-
-    dtype = merge_dtype(cfg)
+    """The run's config with the base unquantized and in fp32, for the merge and the reference."""
     out = copy.deepcopy(cfg)
     out.model.load_in_4bit = out.model.load_in_8bit = False
-    out.train.bf16 = dtype == torch.bfloat16
-    out.train.fp16 = dtype == torch.float16
+    out.train.bf16 = out.train.fp16 = False  # compute_dtype -> fp32 on CPU
     return out
 
 
@@ -138,7 +138,7 @@ def check_logits(model_dir: Path, inputs: list[list[int]], reference: list, dtyp
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # exact upcast of `dtype`
     model.eval()
     merged = _logits(model, inputs)
     del model
@@ -156,9 +156,15 @@ def check_logits(model_dir: Path, inputs: list[list[int]], reference: list, dtyp
     if worst > tol * scale:
         raise MergeCheckError(
             f"merged logits drift from the adapter model's: max abs diff {worst:.3g} > {tol:g} x {scale:.3g} "
-            f"(largest |logit|) in {name}; no merged model was written",
+            f"(largest |logit|) with {name} weights; no merged model was written",
             fix="report this with the adapter's adapter_config.json; the adapter itself still works with chat/serve")
     return worst
+
+
+def _cpu():
+    import torch
+
+    return torch.device("cpu")
 
 
 def _logits(model, inputs: list[list[int]]) -> list:

@@ -57,6 +57,8 @@ def resolve_model(cfg: Config) -> ModelSource:
             ggufs = sorted(x.name for x in p.glob("*.gguf"))
             if len(ggufs) == 1:
                 return ModelSource(str(p), gguf_file=ggufs[0])
+            if (p / "tokenizer_config.json").is_file():  # tokenizer-only folder: enough for `lorafit data`
+                return ModelSource(str(p))
             raise UserError(f"model folder '{p}' holds no config.json",
                             fix="point --model at a folder saved with save_pretrained, or a .gguf file")
         return ModelSource(str(p))

@@ -45,11 +45,13 @@ def build_optimizer(model: torch.nn.Module, t: TrainArgs) -> torch.optim.Optimiz
     except ImportError:
         raise ConfigError(f"optim '{t.optim}' needs bitsandbytes",
                           fix="pip install bitsandbytes==0.50.2, or use --optim adamw_torch") from None
-    import warnings
+    if t.optim.startswith("paged") and not torch.cuda.is_available():
+        import warnings
 
-    with warnings.catch_warnings():
+        # bitsandbytes warns on every parameter's first step; one line here says the same once
         warnings.filterwarnings("ignore", message=".*Paged optimizers are not supported on CPU.*")
-        return getattr(bnb_optim, _BNB[t.optim])(groups, **kw)
+        log.info("optim %s: paging needs CUDA; on this CPU bitsandbytes runs it unpaged", t.optim)
+    return getattr(bnb_optim, _BNB[t.optim])(groups, **kw)
 
 
 def warmup_steps(t: TrainArgs, total_steps: int) -> int:

@@ -20,9 +20,11 @@ import math
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -100,14 +102,12 @@ def _field(body: dict, key: str, kind: str, param: str | None = None) -> Any:
     return value
 
 
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ApiError(message, param=key, code="invalid_value")
+UNSUPPORTED = "unsupported_parameter"
 
 
-def _unsupported(ok: bool, key: str, message: str) -> None:
+def _require(ok: bool, key: str, message: str, code: str = "invalid_value") -> None:
     if not ok:
-        raise ApiError(message, param=key, code="unsupported_parameter")
+        raise ApiError(message, param=key, code=code)
 
 
 def _sampling(body: dict, defaults: GenerateArgs, max_keys: tuple[str, ...]) -> GenRequest:
@@ -140,11 +140,12 @@ def _sampling(body: dict, defaults: GenerateArgs, max_keys: tuple[str, ...]) -> 
         _require(len(stop) <= 4, "stop", f"'stop' holds {len(stop)} sequences; at most 4 are allowed.")
         _require(all(stop), "stop", "'stop' sequences must not be empty.")
     n = _field(body, "n", "integer")
-    _unsupported(n in (None, 1), "n", "Only n=1 is supported: send one request per answer.")
+    _require(n in (None, 1), "n", "Only n=1 is supported: send one request per answer.", code=UNSUPPORTED)
     for key in ("presence_penalty", "frequency_penalty"):
         value = _field(body, key, "number")
-        _unsupported(not value, key, f"'{key}' is not supported; use 'repetition_penalty' (e.g. 1.1) instead.")
-    _unsupported(not body.get("logprobs"), "logprobs", "'logprobs' is not supported by this server.")
+        _require(not value, key, f"'{key}' is not supported; use 'repetition_penalty' (e.g. 1.1) instead.",
+                 code=UNSUPPORTED)
+    _require(not body.get("logprobs"), "logprobs", "'logprobs' is not supported by this server.", code=UNSUPPORTED)
     stream = bool(_field(body, "stream", "boolean"))
     options = _field(body, "stream_options", "object") or {}
     include_usage = bool(_field(options, "include_usage", "boolean", param="stream_options.include_usage"))
@@ -182,7 +183,8 @@ def parse_chat(body: dict, model_id: str, defaults: GenerateArgs) -> GenRequest:
         raise ApiError("Missing required parameter: 'messages'.", param="messages", code="missing_required_parameter")
     raw = _field(body, "messages", "array")
     _require(bool(raw), "messages", "'messages' must hold at least one message.")
-    _unsupported(not body.get("tools") and not body.get("functions"), "tools", "Tool calling is not supported.")
+    tools = body.get("tools") or body.get("functions")
+    _require(not tools, "tools", "Tool calling is not supported.", code=UNSUPPORTED)
     messages = []
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
@@ -214,8 +216,8 @@ def parse_completion(body: dict, model_id: str, defaults: GenerateArgs) -> GenRe
     if not isinstance(prompt, str):
         raise ApiError(f"Invalid type for 'prompt': expected a string (one prompt per request), but got "
                        f"{_json_type(prompt)} instead.", param="prompt", code="invalid_type")
-    _unsupported(body.get("suffix") is None, "suffix", "'suffix' is not supported.")
-    _unsupported(body.get("best_of") in (None, 1), "best_of", "Only best_of=1 is supported.")
+    _require(body.get("suffix") is None, "suffix", "'suffix' is not supported.", code=UNSUPPORTED)
+    _require(body.get("best_of") in (None, 1), "best_of", "Only best_of=1 is supported.", code=UNSUPPORTED)
     req = _sampling(body, defaults, ("max_tokens",))
     req.prompt = prompt
     req.echo = bool(_field(body, "echo", "boolean"))
@@ -233,8 +235,9 @@ def fit_context(req: GenRequest, prompt_tokens: int, context: int | None, param:
         return
     room = context - prompt_tokens
     if room < 1 or (req.max_tokens_given and req.gen.max_new_tokens > room):
-        asked = f"{prompt_tokens + req.gen.max_new_tokens} tokens ({prompt_tokens} in the prompt, " \
-                f"{req.gen.max_new_tokens} for the completion)" if room >= 1 else f"{prompt_tokens} tokens in the prompt"
+        n = req.gen.max_new_tokens
+        asked = (f"{prompt_tokens + n} tokens ({prompt_tokens} in the prompt, {n} for the completion)" if room >= 1
+                 else f"{prompt_tokens} tokens in the prompt")
         raise ApiError(f"This model's maximum context length is {context} tokens. However, you requested {asked}. "
                        f"Please shorten the prompt or lower max_tokens.", param=param, code="context_length_exceeded")
     req.gen.max_new_tokens = min(req.gen.max_new_tokens, room)
@@ -275,6 +278,24 @@ class App:
         self.model_id = session.name
         self.created = int(time.time())
         self.context = _context_length(session.model, session.tokenizer)
+        self.stopping = threading.Event()
+        self.busy = 0  # POST requests being answered
+        self.idle = threading.Condition()
+
+    @contextmanager
+    def answering(self):
+        with self.idle:
+            self.busy += 1
+        try:
+            yield
+        finally:
+            with self.idle:
+                self.busy -= 1
+                self.idle.notify_all()
+
+    def wait_idle(self) -> None:
+        with self.idle:
+            self.idle.wait_for(lambda: self.busy == 0)
 
     def model_card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "lorafit"}
@@ -313,13 +334,16 @@ class Handler(BaseHTTPRequestHandler):
         self._route("GET")
 
     def do_POST(self) -> None:
-        self._route("POST")
+        with self.server.app.answering():
+            self._route("POST")
 
     def _route(self, method: str) -> None:
         app = self.server.app
         path = urlsplit(self.path).path.rstrip("/") or "/"
         self._consumed = method != "POST"  # an unread body would be parsed as the next request
         try:
+            if method == "POST" and app.stopping.is_set():
+                raise ApiError("The server is shutting down.", status=503, kind="server_error", code="shutting_down")
             if method == "GET" and path in ("/", "/index.html"):
                 self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8", {"Content-Security-Policy": PAGE_CSP})
             elif method == "GET" and path == "/health":
@@ -375,7 +399,7 @@ class Handler(BaseHTTPRequestHandler):
     def _chat(self, req: GenRequest) -> None:
         from lorafit.data.templates import encode_prompt
         from lorafit.errors import DataError
-        from lorafit.generate import generate_text, stream_text
+        from lorafit.generate import stream_text
 
         app, s = self.server.app, self.server.app.session
         try:
@@ -384,40 +408,50 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(e.message, param="messages", code="invalid_value") from None
         fit_context(req, n_prompt, app.context, "messages")
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        args = (s.model, s.tokenizer, s.template, req.messages, req.gen)
+        stream = stream_text(s.model, s.tokenizer, s.template, req.messages, req.gen, seed=req.seed, stop=req.stop)
         if not req.stream:
-            result = generate_text(*args, seed=req.seed, stop=req.stop)
-            self._json(200, chat_body(cid, created, app.model_id, result))
+            self._json(200, chat_body(cid, created, app.model_id, self._finish(stream)))
             return
-        stream = stream_text(*args, seed=req.seed, stop=req.stop)
         self._stream(stream, req,
                      first=chat_chunk(cid, created, app.model_id, {"role": "assistant", "content": ""}),
                      delta=lambda text: chat_chunk(cid, created, app.model_id, {"content": text}),
-                     last=lambda finish: chat_chunk(cid, created, app.model_id, {}, finish),
-                     usage_chunk=lambda: {"id": cid, "object": "chat.completion.chunk", "created": created,
-                                          "model": app.model_id, "choices": []})
+                     last=lambda finish: chat_chunk(cid, created, app.model_id, {}, finish))
 
     def _completion(self, req: GenRequest) -> None:
-        from lorafit.generate import generate_from_prompt, stream_from_prompt
+        from lorafit.generate import stream_from_prompt
 
         app, s = self.server.app, self.server.app.session
         fit_context(req, len(s.tokenizer(req.prompt)["input_ids"]), app.context, "prompt")
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echo = req.prompt if req.echo else ""
+        stream = stream_from_prompt(s.model, s.tokenizer, req.prompt, req.gen, seed=req.seed, stop=req.stop)
         if not req.stream:
-            result = generate_from_prompt(s.model, s.tokenizer, req.prompt, req.gen, seed=req.seed, stop=req.stop)
+            result = self._finish(stream)
             self._json(200, {**completion_body(cid, created, app.model_id, echo + result.text, result.finish_reason),
                              "usage": usage(result)})
             return
-        stream = stream_from_prompt(s.model, s.tokenizer, req.prompt, req.gen, seed=req.seed, stop=req.stop)
         self._stream(stream, req,
                      first=completion_body(cid, created, app.model_id, echo, None) if echo else None,
                      delta=lambda text: completion_body(cid, created, app.model_id, text, None),
-                     last=lambda finish: completion_body(cid, created, app.model_id, "", finish),
-                     usage_chunk=lambda: {"id": cid, "object": "text_completion", "created": created,
-                                          "model": app.model_id, "choices": []})
+                     last=lambda finish: completion_body(cid, created, app.model_id, "", finish))
 
-    def _stream(self, stream, req: GenRequest, first, delta, last, usage_chunk) -> None:
+    def _deltas(self, stream):
+        """The stream's text deltas, cut off at the next token when the server is stopping (Ctrl-C)."""
+        for text in stream:
+            if self.server.app.stopping.is_set():
+                raise ApiError("The server is shutting down.", status=503, kind="server_error", code="shutting_down")
+            yield text
+
+    def _finish(self, stream):
+        """Run a stream to its end (non-streamed answers go through the same token loop)."""
+        try:
+            for _ in self._deltas(stream):
+                pass
+        finally:
+            stream.close()
+        return stream.result
+
+    def _stream(self, stream, req: GenRequest, first, delta, last) -> None:
         """Server-sent events: one `data: {chunk}` per text delta, the finish reason, usage if asked, [DONE]."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -428,15 +462,17 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if first is not None:
                 self._event({**first, **extra})
-            for text in stream:
+            for text in self._deltas(stream):
                 self._event({**delta(text), **extra})
             self._event({**last(stream.result.finish_reason), **extra})
             if req.include_usage:
-                self._event({**usage_chunk(), "usage": usage(stream.result)})
+                self._event({**last(None), "choices": [], "usage": usage(stream.result)})
             self._event("[DONE]")
         except (BrokenPipeError, ConnectionResetError):  # the client left: stop generating for it
             self.close_connection = True
             return
+        except ApiError as e:
+            self._event(e.body())
         except Exception as e:  # noqa: BLE001 -- headers are sent: report it in the stream, as OpenAI does
             traceback.print_exc()
             self._event(ApiError(f"Internal error: {type(e).__name__}: {e}", kind="server_error", status=500).body())
@@ -493,6 +529,12 @@ def serve(run_dir: Path, cfg: Config, host: str = "127.0.0.1", port: int = 8000)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
+        app.stopping.set()  # streams end at their next token
+        server.server_close()  # no new connections meanwhile
+        # Exit only once every answer has ended and freed its tensors: finalizing Python while a thread is
+        # still in torch code aborts the process ("terminate called without an active exception").
+        # A second Ctrl-C does not wait.
+        app.wait_idle()
         print("stopped", flush=True)
     finally:
         server.server_close()

