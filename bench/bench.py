@@ -155,12 +155,36 @@ def packed_batches(records, rows=4, row_len=2048, pad_id=32000):
     return out
 
 
+def profile(step, bs, seq):
+    import torch
+    from torch.profiler import ProfilerActivity, profile as prof
+    b = shape_batches(bs, seq)[0]
+    for _ in range(2):
+        step(b)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        for _ in range(2):
+            step(b)
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / 2
+    ev = [e for e in p.key_averages() if e.device_type.name == "CUDA" or e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in ev) / 2 / 1e3
+    print(f"profile {bs}x{seq}: wall/step {wall * 1e3:.1f} ms (with profiler), GPU kernel time/step {total:.1f} ms")
+    for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:22]:
+        print(f"  {e.self_device_time_total / 2 / 1e3:8.2f} ms  {e.count // 2:6d}x  {e.key[:90]}")
+    cpu = sorted(p.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+    for e in cpu:
+        print(f"  cpu {e.self_cpu_time_total / 2 / 1e3:8.2f} ms  {e.count // 2:6d}x  {e.key[:80]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("stack")
     ap.add_argument("model")
     ap.add_argument("--shapes", default="8x512,4x2048")
     ap.add_argument("--real", action="store_true")
+    ap.add_argument("--profile", default="", help="BSxSEQ: profile 2 steps at this shape, print the top kernels")
     args = ap.parse_args()
     import torch
     model = load(args.stack, args.model)
@@ -181,6 +205,8 @@ def main() -> None:
             traceback.print_exc()
             rec = dict(stack=args.stack, shape=f"{bs}x{seq}", error=repr(e)[:300])
         print(json.dumps(rec), flush=True)
+    if args.profile:
+        profile(step, *map(int, args.profile.split("x")))
     if args.real:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -190,7 +216,11 @@ def main() -> None:
         times, _ = timed(step, batches[:warm] + batches, warmup=warm)
         real = sum(b["real"] for b in batches)
         slots = sum(b["input_ids"].numel() for b in batches)
-        print(json.dumps(dict(stack=args.stack, shape="real", steps=len(batches), real_tokens=real,
+        extra = {}
+        if args.stack.startswith("lorafit"):
+            from lorafit.kernels.attention import backend
+            extra["attention"] = backend()
+        print(json.dumps(dict(stack=args.stack, shape="real", **extra, steps=len(batches), real_tokens=real,
                               slot_tokens=slots, seconds=round(sum(times), 3),
                               tok_s=round(real / sum(times)),
                               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))), flush=True)

@@ -15,7 +15,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 for s in $STEPS; do
   echo "=== $s $(date -u +%FT%TZ)" | tee -a "$OUT/log"
   case $s in
-    tests) timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -15 | tee -a "$OUT/log" ;;
+    tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -rA tests/test_kernels.py > "$OUT/tests.log" 2>&1
+           grep -E "^(FAILED|PASSED|ERROR|E  )|passed|failed|backend" "$OUT/tests.log" | tail -40 | tee -a "$OUT/log" ;;
+    prof*) timeout 300 python3 bench/bench.py lorafit $MODEL --shapes "" --profile ${s#prof:} 2>&1 | grep -E "^\{|profile|ms |Error" | tee -a "$OUT/log" ;;
     model) [ -d $MODEL ] || timeout 300 python3 bench/make_model.py $MODEL 2>&1 | tail -2 | tee -a "$OUT/log" ;;
     loss) timeout 400 python3 bench/loss_check.py $MODEL 50 2>&1 | grep -E '^\{|Error|error' | tee -a "$OUT/results.jsonl" ;;
     unsloth) PYTHONPATH=/tmp/site-peers:$PYTHONPATH timeout 500 python3 bench/bench.py unsloth $MODEL --real 2>&1 \

@@ -7,15 +7,14 @@ import logging
 import shutil
 
 import pytest
-
-from test_train_support import alpaca_file, assert_same_adapter, losses, run_train, train_args  # noqa: F401
+from test_train_support import alpaca_file, assert_same_adapter, losses, run_train, train_args
 
 
 @pytest.fixture(scope="module")
-def four_steps(tiny_model_dir, alpaca_file, tmp_path_factory):
+def four_steps(tiny_model_dir, tmp_path_factory):
     """A finished 4-step run with checkpoints at steps 2 and 4 (kept as the reference, never modified)."""
     out = tmp_path_factory.mktemp("ckpt") / "run"
-    run_train(**train_args(tiny_model_dir("llama"), alpaca_file, out, max_steps=4, save_strategy="steps",
+    run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), out, max_steps=4, save_strategy="steps",
                            save_steps=2, eval_strategy="steps", eval_steps=2))
     return out
 
@@ -71,7 +70,7 @@ def test_verify_catches_partial_and_truncated(four_steps, tmp_path):
     assert latest_good(run) is None
 
 
-def test_disk_full_mid_save_keeps_earlier_checkpoints(tiny_model_dir, alpaca_file, tmp_path, monkeypatch):
+def test_disk_full_mid_save_keeps_earlier_checkpoints(tiny_model_dir, tmp_path, monkeypatch):
     """ENOSPC while writing step 4: a clear message, step 2 whole, no half-written folder left."""
     import lorafit.checkpoint as C
     from lorafit.errors import UserError
@@ -87,7 +86,7 @@ def test_disk_full_mid_save_keeps_earlier_checkpoints(tiny_model_dir, alpaca_fil
     monkeypatch.setattr(C, "_torch_save", full_disk)
     out = tmp_path / "run"
     with pytest.raises(UserError) as e:
-        run_train(**train_args(tiny_model_dir("llama"), alpaca_file, out, max_steps=5, save_strategy="steps",
+        run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), out, max_steps=5, save_strategy="steps",
                                save_steps=2))
     msg = str(e.value)
     assert "no space left on the device" in msg and "step-000002" in msg and "--resume" in msg
@@ -96,14 +95,14 @@ def test_disk_full_mid_save_keeps_earlier_checkpoints(tiny_model_dir, alpaca_fil
     assert not (out / "adapter_model.safetensors").exists()
 
 
-def test_free_space_checked_before_training(tiny_model_dir, alpaca_file, tmp_path, monkeypatch):
+def test_free_space_checked_before_training(tiny_model_dir, tmp_path, monkeypatch):
     import lorafit.checkpoint as C
     from lorafit.errors import UserError
 
     monkeypatch.setattr(C.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 * 2**20, 10 * 2**20, 2**20))
     out = tmp_path / "run"
     with pytest.raises(UserError, match=r"not enough disk space .* MiB are free") as e:
-        run_train(**train_args(tiny_model_dir("llama"), alpaca_file, out, save_strategy="steps", save_steps=1))
+        run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), out, save_strategy="steps", save_steps=1))
     assert "save_total_limit" in str(e.value)
     assert not out.exists()  # nothing was written
 
@@ -120,9 +119,9 @@ def test_partial_folders_are_cleaned_and_pruning_keeps_newest(tmp_path):
 
 
 def test_unfinished_run_needs_resume_or_overwrite(four_steps, tmp_path):
+    from lorafit.config import build_config
     from lorafit.errors import UserError
     from lorafit.trainsetup import check_output_dir
-    from lorafit.config import build_config
 
     run = _copy(four_steps, tmp_path / "run")
     for name in ("adapter_model.safetensors", "adapter_config.json"):

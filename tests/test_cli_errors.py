@@ -10,8 +10,7 @@ import json
 import subprocess
 
 import pytest
-
-from test_train_support import lorafit_cmd, run_cli, subprocess_env, train_args, to_argv
+from test_train_support import lorafit_cmd, run_cli, subprocess_env, to_argv, train_args
 
 CONFIG_CASES = [
     ({"lora_alpah": "8"}, ["unknown config key 'lora_alpah'", "did you mean 'lora_alpha'"]),
@@ -64,20 +63,13 @@ def test_missing_adapter(command, tmp_path):
     assert "does not exist" in proc.stderr and "lorafit train" in proc.stderr
 
 
-def test_model_and_dataset_problems(tiny_model_dir, tmp_path):
-    """Need the tokenizer (transformers import), so these run side by side: missing model, broken datasets."""
+def test_model_and_dataset_problems_subprocess(tiny_model_dir, tmp_path):
+    """A missing model and an unparsable file, as real processes side by side (each imports transformers)."""
     model = tiny_model_dir("llama")
     (tmp_path / "bad.json").write_text('[{"instruction": "a", "output": "b"},')
-    (tmp_path / "empty.jsonl").write_text("")
-    (tmp_path / "cols.json").write_text(json.dumps([{"question": "q", "reply": "r"}] * 20))
-    (tmp_path / "blank.json").write_text(json.dumps([{"instruction": "q", "output": ""}] * 20))
     cases = {
         "no-model": ({"model": tmp_path / "no-such-model"}, ["no-such-model"]),
-        "no-file": ({"dataset": tmp_path / "missing.json"}, ["missing.json"]),
         "bad-json": ({"dataset": tmp_path / "bad.json"}, ["bad.json"]),
-        "empty": ({"dataset": tmp_path / "empty.jsonl"}, ["empty.jsonl"]),
-        "columns": ({"dataset": tmp_path / "cols.json"}, ["cols.json"]),
-        "no-replies": ({"dataset": tmp_path / "blank.json"}, ["blank.json"]),
     }
     procs = {}
     for name, (fields, _) in cases.items():
@@ -88,3 +80,22 @@ def test_model_and_dataset_problems(tiny_model_dir, tmp_path):
         _, err = proc.communicate(timeout=300)
         done = subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
         _check_user_error(done, cases[name][1], tmp_path / f"out-{name}")
+
+
+@pytest.mark.parametrize("name,content,expected", [
+    ("missing.json", None, ["missing.json"]),
+    ("empty.jsonl", "", ["empty.jsonl"]),
+    ("cols.json", json.dumps([{"question": "q", "reply": "r"}] * 20), ["question, reply", "column_map"]),
+    ("long.json", json.dumps([{"instruction": "q " * 40, "output": "a"}] * 20), ["long.json", "max_seq_length"]),
+], ids=["missing", "empty", "unknown-columns", "all-too-long"])
+def test_broken_dataset_in_process(tiny_model_dir, tmp_path, capsys, name, content, expected):
+    """The same CLI entry point in this process (transformers is already imported): exit 2, message, nothing written."""
+    from lorafit.cli import main
+
+    data = tmp_path / name
+    if content is not None:
+        data.write_text(content)
+    out = tmp_path / "run"
+    code = main(["train", *to_argv(train_args(tiny_model_dir("llama"), data, out, truncation="drop"))])
+    err = capsys.readouterr().err
+    _check_user_error(subprocess.CompletedProcess([], code, "", err), expected, out)

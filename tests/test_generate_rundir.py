@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def make_config(model_dir: Path, run_dir: Path, **fields):
     from lorafit.config import Config, validate

@@ -14,17 +14,24 @@ import time
 from pathlib import Path
 
 import pytest
+from test_train_support import (
+    alpaca_file,
+    assert_same_adapter,
+    lorafit_cmd,
+    losses,
+    run_train,
+    subprocess_env,
+    to_argv,
+    train_args,
+)
 
-from test_train_support import (alpaca_file, assert_same_adapter, losses, lorafit_cmd, run_train,  # noqa: F401
-                                subprocess_env, to_argv, train_args)
-
-STEPS = dict(max_steps=8, save_strategy="steps", save_steps=2)
+STEPS = {"max_steps": 8, "save_strategy": "steps", "save_steps": 2}
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_dir, alpaca_file, tmp_path_factory):
+def reference(tiny_model_dir, tmp_path_factory):
     """The uninterrupted 8-step run every interrupted one is compared with."""
-    return run_train(**train_args(tiny_model_dir("llama"), alpaca_file, tmp_path_factory.mktemp("ref") / "run",
+    return run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path_factory.mktemp("ref") / "run",
                                   **STEPS))
 
 
@@ -58,11 +65,11 @@ def _popen(args: dict[str, str], **env) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def test_kill9_during_checkpoint_write(tiny_model_dir, alpaca_file, tmp_path, reference):
+def test_kill9_during_checkpoint_write(tiny_model_dir, tmp_path, reference):
     """SIGKILL while step 6's checkpoint is half written: only a .tmp folder is left; resume from step 4."""
     run = tmp_path / "run"
     tmp6 = run / "checkpoints" / ".tmp-step-000006"
-    proc = _popen(train_args(tiny_model_dir("llama"), alpaca_file, run, **STEPS), LORAFIT_TEST_SLOW_SAVE="6:300")
+    proc = _popen(train_args(tiny_model_dir("llama"), alpaca_file(), run, **STEPS), LORAFIT_TEST_SLOW_SAVE="6:300")
     try:
         _wait_for(lambda: (tmp6 / "adapter_model.safetensors").is_file(), proc)
         proc.send_signal(signal.SIGKILL)
@@ -75,10 +82,10 @@ def test_kill9_during_checkpoint_write(tiny_model_dir, alpaca_file, tmp_path, re
     assert not tmp6.exists()  # cleaned up by the resumed run
 
 
-def test_kill9_mid_training(tiny_model_dir, alpaca_file, tmp_path, reference):
+def test_kill9_mid_training(tiny_model_dir, tmp_path, reference):
     """SIGKILL between checkpoints (metrics already past the last one): resume cuts the logs back and redoes them."""
     run = tmp_path / "run"
-    proc = _popen(train_args(tiny_model_dir("llama"), alpaca_file, run, **STEPS))
+    proc = _popen(train_args(tiny_model_dir("llama"), alpaca_file(), run, **STEPS))
     try:
         _wait_for(lambda: _last_step(run) >= 3, proc)
         proc.send_signal(signal.SIGKILL)
@@ -90,13 +97,13 @@ def test_kill9_mid_training(tiny_model_dir, alpaca_file, tmp_path, reference):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_saves_checkpoint_and_says_where(tiny_model_dir, alpaca_file, tmp_path, reference, sig, capsys):
+def test_signal_saves_checkpoint_and_says_where(tiny_model_dir, tmp_path, reference, sig, capsys):
     """Ctrl-C / SIGTERM: a checkpoint after the current step, a message naming it, exit code 128 + signal."""
     from lorafit.checkpoint import list_checkpoints, verify
     from lorafit.cli import main, parse_overrides  # noqa: F401
 
     run = tmp_path / "run"
-    args = train_args(tiny_model_dir("llama"), alpaca_file, run, **{**STEPS, "save_steps": 100})
+    args = train_args(tiny_model_dir("llama"), alpaca_file(), run, **{**STEPS, "save_steps": 100})
 
     def send_when_training():
         _wait_for(lambda: _last_step(run) >= 2, None)

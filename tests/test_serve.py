@@ -410,9 +410,11 @@ def test_chat_page_streams_answers_in_chromium(server, client, tmp_path):
             want = chat(client, "tiny-run", history, max_tokens=12).choices[0].message.content
             assert answer == want
             history.append({"role": "assistant", "content": answer})
-        requests = [e["params"]["request"]["url"] for e in browser.events
-                    if e.get("method") == "Network.requestWillBeSent"]
-        assert requests and all(u.startswith(server.url + "/") for u in requests), requests
+        requests = [e["params"]["request"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"]
+        assert requests and all(r["url"].startswith(server.url + "/") for r in requests), requests  # nothing external
+        asked = [json.loads(r["postData"]) for r in requests if r["url"].endswith("/v1/chat/completions")]
+        assert len(asked) == 2 and all(a["stream"] and a["model"] == "tiny-run" for a in asked)
+        assert asked[1]["messages"] == history[:3]  # the page sends the conversation so far
         errors = [e for e in browser.events if e.get("method") == "Runtime.exceptionThrown"
                   or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
         assert not errors, errors

@@ -1,27 +1,27 @@
 """The training loop on CPU with tiny models: run directory contract, pinned losses, accumulation, options."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-
-from test_train_support import alpaca_file, assert_same_adapter, losses, run_train, train_args  # noqa: F401
+from test_train_support import alpaca_file, assert_same_adapter, losses, run_train, train_args
 
 # Recorded once from a run checked by hand (tiny llama, seed 7, 5 steps of 4 sequences, lr 2e-4, cosine).
 PINNED = {1: 6.3976672, 2: 6.4185188, 3: 6.450975, 4: 6.465332, 5: 6.4376352}
 
 
-def test_run_directory_and_peft_loading(tiny_model_dir, alpaca_file, tmp_path):
+def test_run_directory_and_peft_loading(tiny_model_dir, tmp_path):
     """End to end: every file of the run directory, and the adapter loads unchanged with PEFT."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model_dir = tiny_model_dir("llama")
     out = tmp_path / "run"
-    run_train(**train_args(model_dir, alpaca_file, out, eval_strategy="steps", eval_steps=2, report_to="tensorboard",
+    run_train(**train_args(model_dir, alpaca_file(), out, eval_strategy="steps", eval_steps=2, report_to="tensorboard",
                            preview_steps=5, save_strategy="steps", save_steps=2, save_total_limit=1))
     for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "template.json",
                  "versions.json", "data.json", "metrics.jsonl", "previews.jsonl", "loss.png", "train_summary.json"):
@@ -48,25 +48,25 @@ def test_run_directory_and_peft_loading(tiny_model_dir, alpaca_file, tmp_path):
     assert not torch.allclose(plain, adapted)  # the adapter was trained and loaded, not zero
 
 
-def test_pinned_losses(tiny_model_dir, alpaca_file, tmp_path):
-    out = run_train(**train_args(tiny_model_dir("llama"), alpaca_file, tmp_path / "run"))
+def test_pinned_losses(tiny_model_dir, tmp_path):
+    out = run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path / "run"))
     got = losses(out)
     assert got == pytest.approx(PINNED, abs=1e-4), got
 
 
-def test_accumulation_equals_one_big_batch(tiny_model_dir, alpaca_file, tmp_path):
+def test_accumulation_equals_one_big_batch(tiny_model_dir, tmp_path):
     """4 x 1 and 2 x 2 see the same sequences per step; token-weighted loss makes the updates equal."""
-    common = dict(lora_dropout=0, group_by_length="false", max_steps=3)
-    a = run_train(**train_args(tiny_model_dir("llama"), alpaca_file, tmp_path / "a", **common))
-    b = run_train(**train_args(tiny_model_dir("llama"), alpaca_file, tmp_path / "b", per_device_train_batch_size=2,
+    common = {"lora_dropout": 0, "group_by_length": "false", "max_steps": 3}
+    a = run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path / "a", **common))
+    b = run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path / "b", per_device_train_batch_size=2,
                                gradient_accumulation_steps=2, **common))
     assert losses(a) == pytest.approx(losses(b), rel=1e-5)
     assert_same_adapter(a, b, atol=1e-6)
 
 
-def test_packing_and_epochs(tiny_model_dir, alpaca_file, tmp_path):
+def test_packing_and_epochs(tiny_model_dir, tmp_path):
     """Epoch mode: steps = ceil(epochs x steps per epoch); per-epoch eval and save; packed rows."""
-    out = run_train(**train_args(tiny_model_dir("qwen2"), alpaca_file, tmp_path / "run", max_steps=-1,
+    out = run_train(**train_args(tiny_model_dir("qwen2"), alpaca_file(), tmp_path / "run", max_steps=-1,
                                  num_train_epochs=1, packing="true", per_device_train_batch_size=2,
                                  gradient_accumulation_steps=2, eval_strategy="epoch", save_strategy="epoch",
                                  logging_steps=100))
@@ -78,10 +78,10 @@ def test_packing_and_epochs(tiny_model_dir, alpaca_file, tmp_path):
     assert all(math.isfinite(r["loss"]) for r in recs if "loss" in r)
 
 
-def test_refuses_finished_run_then_overwrites(tiny_model_dir, alpaca_file, tmp_path):
+def test_refuses_finished_run_then_overwrites(tiny_model_dir, tmp_path):
     from lorafit.errors import UserError
 
-    args = train_args(tiny_model_dir("llama"), alpaca_file, tmp_path / "run", max_steps=1)
+    args = train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path / "run", max_steps=1)
     run_train(**args)
     before = (tmp_path / "run" / "adapter_model.safetensors").read_bytes()
     with pytest.raises(UserError, match="already holds a trained adapter") as e:
@@ -96,15 +96,15 @@ def test_refuses_finished_run_then_overwrites(tiny_model_dir, alpaca_file, tmp_p
     {"load_in_4bit": "true", "optim": "paged_adamw_8bit", "gradient_checkpointing": "true"},
     {"bf16": "true", "optim": "paged_adamw_32bit", "lr_scheduler_type": "linear", "warmup_ratio": "0.5"},
 ], ids=["qlora-nf4-paged8bit-ckpt", "bf16-paged32bit"])
-def test_precision_and_optimizers(tiny_model_dir, alpaca_file, tmp_path, fields):
+def test_precision_and_optimizers(tiny_model_dir, tmp_path, fields):
     pytest.importorskip("bitsandbytes")
-    out = run_train(**train_args(tiny_model_dir("llama"), alpaca_file, tmp_path / "run", max_steps=2, **fields))
+    out = run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path / "run", max_steps=2, **fields))
     got = losses(out)
     assert len(got) == 2 and all(math.isfinite(v) for v in got.values())
     assert (out / "adapter_model.safetensors").is_file()
 
 
-def test_nan_policy(tiny_model_dir, alpaca_file, tmp_path, monkeypatch):
+def test_nan_policy(tiny_model_dir, tmp_path, monkeypatch):
     """A non-finite loss at step 3: 'skip' reports and skips it; 'stop' stops, keeping the checkpoint of step 2."""
     import lorafit.train as T
     from lorafit.errors import UserError
@@ -118,7 +118,7 @@ def test_nan_policy(tiny_model_dir, alpaca_file, tmp_path, monkeypatch):
         return (ce * float("nan") if calls["n"] == 3 else ce), n
 
     monkeypatch.setattr(T, "reference_loss", poisoned)
-    skip = run_train(**train_args(tiny_model_dir("llama"), alpaca_file, tmp_path / "skip", max_steps=4,
+    skip = run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path / "skip", max_steps=4,
                                   nan_policy="skip"))
     recs = [json.loads(x) for x in (skip / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("skipped", False) for r in recs] == [False, False, True, False]
@@ -126,7 +126,7 @@ def test_nan_policy(tiny_model_dir, alpaca_file, tmp_path, monkeypatch):
 
     calls["n"] = 0
     with pytest.raises(UserError, match="non-finite loss at step 3") as e:
-        run_train(**train_args(tiny_model_dir("llama"), alpaca_file, tmp_path / "stop", max_steps=4,
+        run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path / "stop", max_steps=4,
                                save_strategy="steps", save_steps=2))
     assert "step-000002" in str(e.value) and "nan_policy skip" in str(e.value)
     from lorafit.checkpoint import latest_good
@@ -136,7 +136,7 @@ def test_nan_policy(tiny_model_dir, alpaca_file, tmp_path, monkeypatch):
     assert not (tmp_path / "stop" / "adapter_model.safetensors").exists()
 
 
-def test_out_of_memory_message_and_auto_batch_size(tiny_model_dir, alpaca_file, tmp_path, monkeypatch):
+def test_out_of_memory_message_and_auto_batch_size(tiny_model_dir, tmp_path, monkeypatch):
     """Simulated OOM for batches of more than 2 rows: a message with the knobs, or a smaller micro-batch found."""
     import lorafit.train as T
     from lorafit.errors import UserError
@@ -150,35 +150,35 @@ def test_out_of_memory_message_and_auto_batch_size(tiny_model_dir, alpaca_file, 
 
     monkeypatch.setattr(T, "reference_loss", small_gpu)
     with pytest.raises(UserError) as e:
-        run_train(**train_args(tiny_model_dir("llama"), alpaca_file, tmp_path / "oom", max_steps=2))
+        run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path / "oom", max_steps=2))
     msg = str(e.value)
     assert "out of GPU memory" in msg and "micro-batch 4" in msg and "max_seq_length 64" in msg
     for knob in ("--per_device_train_batch_size", "--max_seq_length", "--gradient_checkpointing", "--load_in_4bit",
                  "--auto_find_batch_size"):
         assert knob in msg
 
-    out = run_train(**train_args(tiny_model_dir("llama"), alpaca_file, tmp_path / "auto", max_steps=2,
+    out = run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path / "auto", max_steps=2,
                                  per_device_train_batch_size=8, auto_find_batch_size="true"))
     assert len(losses(out)) == 2
     assert (out / "adapter_model.safetensors").is_file()
 
 
-def test_push_to_hub_offline_keeps_adapter(tiny_model_dir, alpaca_file, tmp_path, monkeypatch):
+def test_push_to_hub_offline_keeps_adapter(tiny_model_dir, tmp_path, monkeypatch):
     from lorafit.errors import UserError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="uploading it to the hub repo 'me/tiny' failed") as e:
-        run_train(**train_args(tiny_model_dir("llama"), alpaca_file, tmp_path / "run", max_steps=1,
+        run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path / "run", max_steps=1,
                                push_to_hub="me/tiny"))
     assert "adapter is saved" in str(e.value)
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
 
 
-def test_token_never_written(tiny_model_dir, alpaca_file, tmp_path, monkeypatch):
+def test_token_never_written(tiny_model_dir, tmp_path, monkeypatch):
     planted = "hf_plantedTOKENabcdefghijklmnopqrstuvwxyz"
     monkeypatch.setenv("HF_TOKEN", planted)
     monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", planted)
-    out = run_train(**train_args(tiny_model_dir("llama"), alpaca_file, tmp_path / "run", max_steps=2,
+    out = run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path / "run", max_steps=2,
                                  report_to="tensorboard", save_strategy="steps", save_steps=1, preview_steps=2))
     files = [p for p in Path(out).rglob("*") if p.is_file()]
     assert len(files) > 15
@@ -194,15 +194,15 @@ def test_schedules():
     assert warmup_steps(TrainArgs(warmup_ratio=0.1, warmup_steps=3), 95) == 3
     cos = [lr_factor(s, kind="cosine", warmup=2, total=10) for s in range(10)]
     assert cos[:2] == pytest.approx([1 / 3, 2 / 3]) and cos[2] == 1.0
-    assert all(a >= b for a, b in zip(cos[2:], cos[3:])) and cos[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert all(a >= b for a, b in itertools.pairwise(cos[2:])) and cos[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
     lin = [lr_factor(s, kind="linear", warmup=0, total=4) for s in range(4)]
     assert lin == pytest.approx([1, 0.75, 0.5, 0.25])
     assert [lr_factor(s, kind="constant", warmup=1, total=4) for s in range(4)] == [0.5, 1, 1, 1]
 
 
 def test_early_stopping_counts_validations():
-    from lorafit.trainsetup import Position
     from lorafit.trainlog import NullLog
+    from lorafit.trainsetup import Position
 
     pos = Position()
     seen = [pos.record_validation(v, 2, NullLog()) for v in (3.0, 2.5, 2.6, 2.4, 2.45, 2.5)]

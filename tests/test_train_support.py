@@ -1,21 +1,24 @@
 """Shared helpers for the training, checkpoint, reliability and distributed tests (imported by them).
 
-`alpaca_file` is a 48-record Alpaca JSON built from words the tiny tokenizer knows;
+`alpaca_file()` is a 48-record Alpaca JSON built from words the tiny tokenizer knows;
 `train_args(model_dir, data, out, **fields)` is the flag dict of a small, fast run
 (rank 4, 64 tokens, 4 sequences per step, no trackers, no checkpoints unless asked).
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
-WORDS = "the apple banana cherry sort reverse convert number answer hello world Monday".split()
+WORDS = ["the", "apple", "banana", "cherry", "sort", "reverse", "convert", "number", "answer", "hello", "world",
+         "Monday"]
 
 
 def alpaca_records(n: int = 48) -> list[dict]:
@@ -23,9 +26,12 @@ def alpaca_records(n: int = 48) -> list[dict]:
              "output": " ".join(WORDS[(i * k) % 12] for k in range(1, 4 + i % 9))} for i in range(n)]
 
 
-@pytest.fixture(scope="session")
-def alpaca_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "alpaca.json"
+@functools.cache
+def alpaca_file() -> Path:
+    """The 48-record Alpaca file, written once per test process (a function, not a fixture: no F811 noise)."""
+    folder = Path(tempfile.mkdtemp(prefix="lorafit-alpaca-"))
+    atexit.register(shutil.rmtree, folder, True)
+    path = folder / "alpaca.json"
     path.write_text(json.dumps(alpaca_records()), encoding="utf-8")
     return path
 
@@ -83,7 +89,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(*argv: str, timeout: float = 180, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(lorafit_cmd(*argv), capture_output=True, text=True, timeout=timeout,
+    return subprocess.run(lorafit_cmd(*argv), check=False, capture_output=True, text=True, timeout=timeout,
                           env=subprocess_env(**env), cwd=REPO)
 
 

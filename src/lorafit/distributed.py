@@ -8,7 +8,7 @@ its own device and reads its own shard of each epoch; only rank 0 writes to the 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def main(self) -> bool:
@@ -100,4 +100,4 @@ def wrap_ddp(module: torch.nn.Module, d: Dist) -> torch.nn.Module:
     frozen += [n for n, _ in module.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(module, frozen)
     ids = [d.device.index] if d.device.type == "cuda" else None
-    return DDP(module, device_ids=ids, find_unused_parameters=False, broadcast_buffers=False)
+    return DDP(module, device_ids=ids, find_unused_parameters=False)

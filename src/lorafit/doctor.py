@@ -94,8 +94,9 @@ def _gpu_rows(gpus: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
         return [("GPU", "[yellow]none[/]", "CPU only: training works but is slow; no QLoRA, fused kernels off")]
     rows = [("CUDA", torch.version.cuda or "?", f"torch built for CUDA {torch.version.cuda}")]
     for i, g in enumerate(gpus):
-        rows.append((f"GPU {i}", g["name"], f"compute {g['capability']}, bf16 {'yes' if g['bf16'] else 'no (fp16)'}, "
-                                            f"{g['free'] / 2**30:.1f} / {g['total'] / 2**30:.1f} GiB free"))
+        bf16 = "yes" if g["bf16"] else "no (fp16)"
+        note = f"compute {g['capability']}, bf16 {bf16}, {g['free'] / 2**30:.1f} / {g['total'] / 2**30:.1f} GiB free"
+        rows.append((f"GPU {i}", g["name"], note))
     return rows
 
 
@@ -111,5 +112,5 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     try:
         urllib.request.urlopen(urllib.request.Request(HUB_URL, method="HEAD"), timeout=timeout)
         return True
-    except Exception:  # offline, DNS failure, proxy refusal, HTTP error, timeout
+    except Exception:  # noqa: BLE001  offline, DNS failure, proxy refusal, HTTP error, timeout
         return False

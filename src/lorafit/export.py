@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,9 +66,14 @@ def write_gguf(folder: Path, output: Path, dtype: str = "f16", template: dict | 
 
     from lorafit.gguf_template import chat_format, modelfile
     from lorafit.gguf_vocab import add_vocab
+    from lorafit.rundir import write_text_atomic
 
     folder, output = Path(folder), Path(output)
-    config = AutoConfig.from_pretrained(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, OSError) as e:  # unknown model_type, broken config.json
+        raise UserError(f"cannot read the model config in '{folder}': {e}",
+                        fix="export a Llama/Mistral/Qwen2/Phi-3 family model folder saved by transformers") from None
     spec = arch_for(config)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     plans = tensor_plans(config, spec, _shapes(folder))
@@ -84,7 +90,7 @@ def write_gguf(folder: Path, output: Path, dtype: str = "f16", template: dict | 
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
-    (output.parent / "Modelfile").write_text(modelfile(output.name, fmt, params or {}), encoding="utf-8")
+    write_text_atomic(output.parent / "Modelfile", modelfile(output.name, fmt, params or {}))
     for note in (vocab.warning, fmt.warning):
         if note and console is not None:
             console.print(f"[yellow]warning:[/] {note}")
@@ -183,7 +189,7 @@ def _shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for file in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(file, framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118  (safe_open is not a dict)
                 shapes[key] = tuple(f.get_slice(key).get_shape())
     return shapes
 
@@ -195,7 +201,7 @@ def _sources(folder: Path, plans: list[TensorPlan]) -> Iterator[tuple[TensorPlan
     where = {}
     for file in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(file, framework="pt") as f:
-            where.update({key: file for key in f.keys()})
+            where.update(dict.fromkeys(f.keys(), file))
     for plan in plans:
         if plan.source is None:
             yield plan, plan.value.float()

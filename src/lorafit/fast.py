@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from lorafit.kernels import reference
 from lorafit.kernels.attention import attention, packed_plan
-from lorafit.kernels.lora import Head, WeightBuffer, lora_group
+from lorafit.kernels.lora import Group, Head, WeightBuffer, lora_group
 from lorafit.kernels.offload import ActivationStore, checkpoint
 
 log = logging.getLogger(__name__)
@@ -92,11 +92,18 @@ class _Dequant:
     def __init__(self, layer, dtype):
         self.layer, self.dtype = layer, dtype
 
+        self.nf4 = None
+
     def __call__(self, out):
         w = self.layer.weight
         if _is_4bit(self.layer):
-            import bitsandbytes.functional as bnbf
             qs = w.quant_state
+            if w.is_cuda and qs.quant_type == "nf4" and qs.dtype == self.dtype:
+                if self.nf4 is None or self.nf4.packed.data_ptr() != w.data_ptr():
+                    from lorafit.kernels.nf4 import NF4Weight
+                    self.nf4 = NF4Weight(w.data, qs)
+                return self.nf4(out)
+            import bitsandbytes.functional as bnbf
             if out is not None and w.is_cuda and qs.dtype == out.dtype:
                 return bnbf.dequantize_4bit(w.data, qs, out=out)
             full = bnbf.dequantize_4bit(w.data, qs).to(self.dtype)
@@ -126,10 +133,14 @@ class _Layer:
     ln1: torch.Tensor
     ln2: torch.Tensor
     eps: float
-    qkv: list
-    o: list
-    gate_up: list
-    down: list
+    qkv: Group
+    o: Group
+    gate_up: Group
+    down: Group
+
+    def release(self) -> None:
+        for g in (self.qkv, self.o, self.gate_up, self.down):
+            g.release()
 
 
 def _build_layers(base, adapter: str, dtype) -> list[_Layer]:
@@ -140,8 +151,10 @@ def _build_layers(base, adapter: str, dtype) -> list[_Layer]:
         gu = [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
         eps = getattr(blk.input_layernorm, "variance_epsilon", None) or blk.input_layernorm.eps
         layers.append(_Layer(ln1=blk.input_layernorm.weight, ln2=blk.post_attention_layernorm.weight, eps=float(eps),
-                             qkv=[_head(m, adapter, dtype) for m in qkv], o=[_head(att.o_proj, adapter, dtype)],
-                             gate_up=[_head(m, adapter, dtype) for m in gu], down=[_head(mlp.down_proj, adapter, dtype)]))
+                             qkv=Group([_head(m, adapter, dtype) for m in qkv]),
+                             o=Group([_head(att.o_proj, adapter, dtype)]),
+                             gate_up=Group([_head(m, adapter, dtype) for m in gu]),
+                             down=Group([_head(mlp.down_proj, adapter, dtype)])))
     return layers
 
 
@@ -159,11 +172,11 @@ def _ops(device: torch.device):
     if device.type == "cuda":
         from lorafit.kernels.cross_entropy import linear_cross_entropy_sum
         from lorafit.kernels.rmsnorm import add_rmsnorm, rmsnorm
-        from lorafit.kernels.rope import rope
+        from lorafit.kernels.rope import qkv_rope
         from lorafit.kernels.swiglu import swiglu
-        return SimpleNamespace(rmsnorm=rmsnorm, add_rmsnorm=add_rmsnorm, rope=rope, swiglu=swiglu,
+        return SimpleNamespace(rmsnorm=rmsnorm, add_rmsnorm=add_rmsnorm, qkv_rope=qkv_rope, swiglu=swiglu,
                                ce=linear_cross_entropy_sum)
-    return SimpleNamespace(rmsnorm=reference.rmsnorm, add_rmsnorm=reference.add_rmsnorm, rope=reference.rope,
+    return SimpleNamespace(rmsnorm=reference.rmsnorm, add_rmsnorm=reference.add_rmsnorm, qkv_rope=reference.qkv_rope,
                            swiglu=reference.swiglu, ce=reference.cross_entropy_sum)
 
 
@@ -194,7 +207,8 @@ class FastLoss:
         if cfg.model_type == "qwen2" and not getattr(cfg, "use_sliding_window", False):
             window = None
         self.window = window
-        self.dropout = any(h.dropout > 0 for ly in self.layers for h in ly.qkv + ly.o + ly.gate_up + ly.down)
+        self.dropout = any(h.dropout > 0 for ly in self.layers for g in (ly.qkv, ly.o, ly.gate_up, ly.down) for h in g.heads)
+        self.version = 0
         self.store = ActivationStore(offload=offload_activations)
         self.pool = WeightBuffer()
 
@@ -203,6 +217,7 @@ class FastLoss:
             return self._reference(batch)
         ids = batch["input_ids"]
         device = ids.device
+        self.version += 1            # the optimizer may have changed the LoRA factors since the last call
         ops = _ops(device)
         b, t = ids.shape
         training = self.model.training
@@ -218,13 +233,14 @@ class FastLoss:
         cos, sin = self.base.model.rotary_emb(x, pos)
         cos, sin = cos.reshape(b * t, -1).contiguous(), sin.reshape(b * t, -1).contiguous()
         x = x.reshape(b * t, -1)                                               # (N, C)
-        ctx = SimpleNamespace(ops=ops, cos=cos, sin=sin, batch=b, plan=plan, doc_ids=doc_ids, training=training)
+        ctx = SimpleNamespace(ops=ops, cos=cos, sin=sin, batch=b, plan=plan, doc_ids=doc_ids, training=training,
+                              version=self.version)
         if self.gradient_checkpointing and torch.is_grad_enabled():
             x = x.detach().requires_grad_(True)
             self.store.clear()
             for i, layer in enumerate(self.layers):
                 x = checkpoint(lambda h, layer=layer: self._layer(layer, ctx, h), x, self.store, i,
-                               preserve_rng=self.dropout and training)
+                               preserve_rng=self.dropout and training, after=layer.release)
         else:
             for layer in self.layers:
                 x = self._layer(layer, ctx, x)
@@ -241,15 +257,14 @@ class FastLoss:
     def _layer(self, ly: _Layer, c, x: torch.Tensor) -> torch.Tensor:
         hq, hkv, d = self.n_heads, self.n_kv, self.head_dim
         h = c.ops.rmsnorm(x, ly.ln1, ly.eps)
-        qkv = lora_group(h, ly.qkv, self.pool, c.training)
-        q = c.ops.rope(qkv[:, :hq * d], c.cos, c.sin, hq)
-        k = c.ops.rope(qkv[:, hq * d:(hq + hkv) * d], c.cos, c.sin, hkv)
-        v = qkv[:, (hq + hkv) * d:]
+        v_ = c.version
+        qkv = lora_group(h, ly.qkv, self.pool, c.training, v_)
+        q, k, v = c.ops.qkv_rope(qkv, c.cos, c.sin, hq, hkv, d)
         a = attention(q, k, v, c.batch, hq, hkv, d, self.scale, plan=c.plan, doc_ids=c.doc_ids, window=self.window)
-        o = lora_group(a, ly.o, self.pool, c.training)
+        o = lora_group(a, ly.o, self.pool, c.training, v_)
         x, h = c.ops.add_rmsnorm(x, o, ly.ln2, ly.eps)
-        gu = lora_group(h, ly.gate_up, self.pool, c.training)
-        return x + lora_group(c.ops.swiglu(gu), ly.down, self.pool, c.training)
+        gu = lora_group(h, ly.gate_up, self.pool, c.training, v_)
+        return lora_group(c.ops.swiglu(gu), ly.down, self.pool, c.training, v_, residual=x)
 
     def _reference(self, batch):
         """The model's own forward (any architecture); a document mask when rows are packed."""

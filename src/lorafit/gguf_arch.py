@@ -7,8 +7,9 @@ which is what both llama.cpp and transformers' GGUF loader read.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -104,7 +104,7 @@ def _with_default_system(jinja: str, system: str | None) -> str:
     try:
         render(baked, [{"role": "user", "content": "hi"}], True)
         return baked
-    except Exception:  # the template refuses a system role; keep it as it is
+    except Exception:  # noqa: BLE001  the template refuses a system role; keep it as it is
         return jinja
 
 
@@ -137,7 +137,7 @@ _U, _A, _U2, _S = "\x02USER\x03", "\x02ASSISTANT\x03", "\x02USER2\x03", "\x02SYS
 def split_turns(jinja: str, eos: str) -> Turns | None:
     """Role prefixes/suffixes of a chat template, or None when the template is not a plain per-turn one."""
     try:
-        r = lambda msgs, gen=False: render(jinja, msgs, gen, eos=eos)  # noqa: E731
+        r = lambda msgs, gen=False: render(jinja, msgs, gen, eos=eos)
         u, a, u2, s = ({"role": "user", "content": _U}, {"role": "assistant", "content": _A},
                        {"role": "user", "content": _U2}, {"role": "system", "content": _S})
         conv, single, pair, with_sys = r([u, a, u2]), r([u]), r([u, a]), r([s, u])
@@ -152,7 +152,7 @@ def split_turns(jinja: str, eos: str) -> Turns | None:
         sys_mid = with_sys[with_sys.index(_S) + len(_S):with_sys.index(_U)]
         system_suffix = sys_mid[:len(sys_mid) - len(user_prefix)]
         system_prefix = with_sys[:with_sys.index(_S)]
-    except Exception:  # a template that raises on these conversations or lacks a role
+    except Exception:  # noqa: BLE001  a template that raises on these conversations or lacks a role
         return None
     turns = Turns({"system": (system_prefix, system_suffix), "user": (user_prefix, user_suffix),
                        "assistant": (assistant_prefix, assistant_suffix)}, generation)

@@ -9,6 +9,7 @@ Two vocabulary kinds, as llama.cpp names them:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ def add_vocab(writer: Any, folder: Path, tokenizer: Any, config: Any) -> VocabIn
             getattr(writer, f"add_{key}_token_id")(token_id)
     writer.add_add_bos_token(_adds(tokenizer, ids["bos"], first=True))
     writer.add_add_eos_token(_adds(tokenizer, ids["eos"], first=False))
-    name = lambda i: tokens[i] if i is not None else None  # noqa: E731
+    name = lambda i: tokens[i] if i is not None else None
     return VocabInfo(kind, pre, len(tokens), name(ids["bos"]), name(ids["eos"]), warning)
 
 
@@ -103,19 +104,19 @@ def _tokens_and_types(vocab: dict[str, int], added: list[dict], vocab_size: int,
     unk = getattr(tokenizer, "unk_token_id", None)
     tokens, types = [], []
     for i in range(size):
-        if i in added_by_id:
-            a = added_by_id[i]
-            tokens.append(a["content"])
-            types.append(gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED)
-        elif i in by_id:
-            tok = by_id[i]
+        tok = added_by_id[i]["content"] if i in added_by_id else by_id.get(i)
+        if tok is not None and kind == "llama" and re.fullmatch(r"<0x[0-9A-F]{2}>", tok):
+            tokens.append(tok)  # byte-fallback pieces, whether or not tokenizer.json lists them as added
+            types.append(gguf.TokenType.BYTE)
+        elif i == unk:
             tokens.append(tok)
-            if i == unk:
-                types.append(gguf.TokenType.UNKNOWN)
-            elif kind == "llama" and len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
-                types.append(gguf.TokenType.BYTE)
-            else:
-                types.append(gguf.TokenType.NORMAL)
+            types.append(gguf.TokenType.UNKNOWN)
+        elif i in added_by_id:
+            tokens.append(tok)
+            types.append(gguf.TokenType.CONTROL if added_by_id[i].get("special") else gguf.TokenType.USER_DEFINED)
+        elif tok is not None:
+            tokens.append(tok)
+            types.append(gguf.TokenType.NORMAL)
         else:  # embedding rows past the tokenizer (Qwen2 pads to a multiple of 128)
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)

@@ -206,6 +206,8 @@ def load_base_model(cfg: Config, device=None, source: ModelSource | None = None)
     dtype = compute_dtype(cfg)
     kw = _hub_kwargs(cfg, src)
     kw.update(dtype=dtype, attn_implementation=cfg.model.attn_implementation)
+    if not src.gguf_file:
+        kw["use_safetensors"] = True  # never unpickle a repo's .bin weights: pickle runs code
     if quant is not None:
         kw["quantization_config"] = quant
         kw["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}

@@ -37,7 +37,7 @@ def build_optimizer(model: torch.nn.Module, t: TrainArgs) -> torch.optim.Optimiz
         raise ConfigError("the model has no trainable parameters", fix="check target_modules")
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    kw = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    kw = {"lr": t.learning_rate, "betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_epsilon}
     if t.optim == "adamw_torch":
         return torch.optim.AdamW(groups, **kw)
     try:

@@ -319,6 +319,10 @@ class ApiServer(ThreadingHTTPServer):
         self.app = app
         super().__init__(address, Handler)
 
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up is no error of ours
+            super().handle_error(request, client_address)
+
 
 class ApiServer6(ApiServer):
     address_family = socket.AF_INET6
@@ -364,7 +368,7 @@ class Handler(BaseHTTPRequestHandler):
         except ApiError as e:
             self.close_connection = self.close_connection or not self._consumed
             self._json(e.status, e.body())
-        except (BrokenPipeError, ConnectionResetError):
+        except ConnectionError:
             self.close_connection = True
         except Exception as e:  # noqa: BLE001 -- a bug: log it, answer 500, keep serving
             traceback.print_exc()
@@ -468,7 +472,7 @@ class Handler(BaseHTTPRequestHandler):
             if req.include_usage:
                 self._event({**last(None), "choices": [], "usage": usage(stream.result)})
             self._event("[DONE]")
-        except (BrokenPipeError, ConnectionResetError):  # the client left: stop generating for it
+        except ConnectionError:  # the client left: stop generating for it
             self.close_connection = True
             return
         except ApiError as e:

@@ -31,9 +31,21 @@ from lorafit import checkpoint as ckpt
 from lorafit import distributed as dist
 from lorafit.config import Config
 from lorafit.errors import UserError
-from lorafit.trainsetup import (Interrupted, Position, StopSignals, check_output_dir, find_batch_size, loss_path,
-                               oom_error, plan_steps, prepare_output_dir, push_adapter, save_adapter, write_run_files,
-                               write_summary)
+from lorafit.trainsetup import (
+    Interrupted,
+    Position,
+    StopSignals,
+    check_output_dir,
+    find_batch_size,
+    loss_path,
+    oom_error,
+    plan_steps,
+    prepare_output_dir,
+    push_adapter,
+    save_adapter,
+    write_run_files,
+    write_summary,
+)
 
 log = logging.getLogger("lorafit")
 IGNORE = -100
@@ -133,18 +145,7 @@ def _train(cfg: Config, d: dist.Dist) -> Path:
         r.scaler = torch.amp.GradScaler("cuda")  # fp16's 5-bit exponent underflows small gradients unscaled
     prepare_output_dir(r)
     resumed = _maybe_resume(r)
-    if d.main:
-        write_run_files(r)
-        from lorafit.trainlog import TrainLog
-
-        r.tlog = TrainLog(run_dir, t.report_to, r.plan.total_steps, t.logging_steps, d.device, cfg.to_dict(),
-                          purge_step=r.pos.step + 1 if resumed else None)
-        r.tlog.info(f"loss: {'fused kernels' if fast else 'reference PyTorch'} ({why})")
-        r.tlog.info(r.plan.describe(d))
-    else:
-        from lorafit.trainlog import NullLog
-
-        r.tlog = NullLog()
+    _open_log(r, resumed, f"loss: {'fused kernels' if fast else 'reference PyTorch'} ({why})")
 
     # -- loop --
     try:
@@ -161,6 +162,26 @@ def _train(cfg: Config, d: dist.Dist) -> Path:
     if t.push_to_hub and d.main:
         push_adapter(run_dir, t.push_to_hub)
     return run_dir
+
+
+def _open_log(r: Run, resumed: bool, loss_line: str) -> None:
+    """Rank 0 writes the run files and logs; the other ranks stay quiet."""
+    from lorafit.lora import parameter_counts
+    from lorafit.model import describe_model
+    from lorafit.trainlog import NullLog, TrainLog
+
+    if not r.d.main:
+        r.tlog = NullLog()
+        return
+    t = r.cfg.train
+    write_run_files(r)
+    r.tlog = TrainLog(r.run_dir, t.report_to, r.plan.total_steps, t.logging_steps, r.d.device, r.cfg.to_dict(),
+                      purge_step=r.pos.step + 1 if resumed else None)
+    trainable, total = parameter_counts(r.model)
+    r.tlog.info(f"model: {describe_model(r.model.get_base_model())}; LoRA r={r.cfg.lora.lora_r} trains "
+                f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.3f}%)")
+    r.tlog.info(loss_line)
+    r.tlog.info(r.plan.describe(r.d))
 
 
 def _resolve_on_rank0_first(d: dist.Dist, fn):

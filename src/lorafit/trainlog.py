@@ -87,7 +87,7 @@ class TrainLog:
         self.total = total_steps
         self.every = logging_steps
         self.device = device
-        self.metrics = open(self.run_dir / METRICS, "a", encoding="utf-8")
+        self.metrics = open(self.run_dir / METRICS, "a", encoding="utf-8")  # noqa: SIM115 (open for the whole run)
         self.start = time.perf_counter()
         self.first_step: int | None = None
         self.window: list[dict[str, Any]] = []
@@ -237,6 +237,6 @@ def _open_trackers(run_dir: Path, report_to: list[str], config: dict[str, Any], 
         try:
             out.append({"tensorboard": lambda: _TensorBoard(run_dir, purge_step), "wandb": lambda: _Wandb(run_dir, config),
                         "mlflow": lambda: _MLflow(run_dir, config)}[name]())
-        except Exception as e:  # a tracker that cannot start (no login, no server) must not stop training
+        except Exception as e:  # noqa: BLE001 -- a tracker that cannot start (no login, no server) must not stop training
             log.warning("report_to %s could not start (%s: %s); continuing without it", name, type(e).__name__, e)
     return out

@@ -211,7 +211,7 @@ def write_summary(r: Run, seconds: float) -> None:
     write_json_atomic(r.run_dir / SUMMARY_FILE, summary)
     try:
         plot_loss(r.run_dir)
-    except Exception as e:  # a plot must never cost a finished run
+    except Exception as e:  # noqa: BLE001 -- a plot must never cost a finished run
         log.warning("could not draw loss.png: %s", e)
     mem = "GPU" if r.d.device.type == "cuda" else "process RSS"
     log.info("done: %d steps in %.0f s, %s tokens (%.0f tok/s); trainable parameters %s of %s (%.3f%%); "
@@ -230,7 +230,7 @@ def push_adapter(run_dir: Path, repo: str) -> None:
         api.create_repo(repo, exist_ok=True, private=True)
         api.upload_folder(repo_id=repo, folder_path=str(run_dir),
                           allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md", "template.json"])
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- offline, no token, no permission, hub down: all the same to the user
         first = (str(e).splitlines() or [type(e).__name__])[0][:300]
         raise UserError(f"the adapter is saved in '{run_dir}', but uploading it to the hub repo '{repo}' failed: "
                         f"{type(e).__name__}: {first}",
@@ -333,7 +333,7 @@ class StopSignals:
         log.warning("%s received: saving a checkpoint after this step (send it again to stop now)",
                     signal.Signals(signum).name)
 
-    def __enter__(self) -> StopSignals:
+    def __enter__(self) -> StopSignals:  # noqa: PYI034
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._old[s] = signal.signal(s, self._handle)

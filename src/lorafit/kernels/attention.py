@@ -31,6 +31,12 @@ def _varlen():
     return None
 
 
+def backend() -> str:
+    """Which kernel packed rows get on CUDA (for benchmark records)."""
+    vl = _varlen()
+    return f"varlen_attn({vl[1]})" if vl is not None else "sdpa+document mask"
+
+
 def packed_plan(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """cu_seqlens (int32) and the longest segment, computed once per batch (one host sync)."""
     cu = reference.segments(doc_ids)

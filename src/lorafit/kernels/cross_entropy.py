@@ -4,7 +4,7 @@ Forward walks the labelled tokens in chunks: one bf16 product gives a chunk's lo
 Triton pass per row computes logsumexp and the loss and overwrites the logits in place with
 d loss / d logits = softmax - onehot, and a second product turns that into the chunk's
 input gradient. Backward only scales the stored input gradient. At 8192 tokens and a 32064
-vocabulary this holds 64 MiB of logits (a 1024-token chunk) instead of 1 GiB of float32
+vocabulary this holds 32 MiB of logits (a 512-token chunk) instead of 1 GiB of float32
 logits plus their gradient. The lm_head weight is frozen (no weight gradient).
 """
 from __future__ import annotations
@@ -66,6 +66,6 @@ class _LinearCE(torch.autograd.Function):
 
 
 def linear_cross_entropy_sum(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             chunk: int = 1024) -> torch.Tensor:
+                             chunk: int = 512) -> torch.Tensor:
     """Triton twin of reference.cross_entropy_sum for targets without -100 (select labelled rows first)."""
     return _LinearCE.apply(x, weight, targets, chunk)

@@ -41,6 +41,36 @@ class WeightBuffer:
         return self.buf[:numel]
 
 
+class Group:
+    """Heads sharing one input, with their bf16 LoRA factors cached for one optimizer step.
+
+    Casting and concatenating A, building the block-diagonal B and the bias costs ~10 small launches
+    per group; forward, recompute and backward of one step reuse them (keyed by `version`, which the
+    caller bumps every step, since the optimizer changes the fp32 factors between steps)."""
+
+    def __init__(self, heads: list[Head]):
+        self.heads = heads
+        self.version = None
+        self.a = self.b = self.bias = None
+
+    def prepared(self, dtype, device, version):
+        if version is None or version != self.version or (self.a is not None and self.a.dtype != dtype):
+            lora = [h for h in self.heads if h.lora_A is not None]
+            self.a = torch.cat([h.lora_A.to(dtype) for h in lora]) if lora else None
+            self.b = _block_diag_b(self.heads, dtype) if lora else None
+            self.bias = None
+            if any(h.bias is not None for h in self.heads):
+                self.bias = torch.cat([(h.bias if h.bias is not None else
+                                        torch.zeros(h.out_features, device=device)).to(dtype) for h in self.heads])
+            self.version = version
+        return self.a, self.b, self.bias
+
+    def release(self) -> None:
+        """Drop the cached factors (a checkpointed layer needs them again only at its recompute)."""
+        self.version = None
+        self.a = self.b = self.bias = None
+
+
 def _base_weight(heads: list[Head], in_features: int, dtype, device, pool: WeightBuffer | None) -> torch.Tensor:
     """[W_0; W_1; ...] (sum_out, in) in the compute dtype, in the reused buffer where possible."""
     if len(heads) == 1 and pool is None:
@@ -57,19 +87,17 @@ def _base_weight(heads: list[Head], in_features: int, dtype, device, pool: Weigh
 
 class _LoRAGroup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, heads, pool, training, *params):
+    def forward(ctx, x, residual, group, pool, training, version, *params):
+        heads = group.heads
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         n, d_in = x2.shape
         dtype = x.dtype
+        a_cat, b_bd, bias = group.prepared(dtype, x.device, version)
         w = _base_weight(heads, d_in, dtype, x.device, pool)
-        biases = [h.bias for h in heads]
-        if any(b is not None for b in biases):
-            bias = torch.cat([(b if b is not None else torch.zeros(h.out_features, device=x.device)).to(dtype)
-                              for h, b in zip(heads, biases)])
-            y = torch.addmm(bias, x2, w.t())
-        else:
-            y = x2 @ w.t()
+        c = None if residual is None else residual.reshape(n, -1)
+        if bias is not None:
+            c = bias if c is None else c + bias
         lora = [h for h in heads if h.lora_A is not None]
         masks, h_act = [], None
         if lora:
@@ -84,10 +112,15 @@ class _LoRAGroup(torch.autograd.Function):
                     hs.append((x2 if m is None else x2 * m) @ h.lora_A.to(dtype).t())
                 h_act = torch.cat(hs, dim=1)
             else:
-                a_cat = torch.cat([h.lora_A.to(dtype) for h in lora])
                 h_act = x2 @ a_cat.t()                                   # (n, sum r)
-            y.addmm_(h_act, _block_diag_b(heads, dtype).t())
-        ctx.heads, ctx.pool, ctx.shape, ctx.n_masks = heads, pool, shape, len(masks)
+            # low-rank term (and residual / bias) first, then the big product accumulates onto it in
+            # cuBLAS's epilogue (beta = 1): one pass over y fewer than adding the LoRA term afterwards
+            y = h_act @ b_bd.t() if c is None else torch.addmm(c, h_act, b_bd.t())
+            y.addmm_(x2, w.t())
+        else:
+            y = x2 @ w.t() if c is None else torch.addmm(c, x2, w.t())
+        ctx.has_residual = residual is not None
+        ctx.group, ctx.pool, ctx.shape, ctx.version = group, pool, shape, version
         ctx.save_for_backward(x2, h_act, *[m if m is not None else x2[:0] for m in masks])
         ctx.has_mask = [m is not None for m in masks]
         return y.view(*shape[:-1], y.shape[-1])
@@ -95,18 +128,26 @@ class _LoRAGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, h_act, *masks = ctx.saved_tensors
-        heads = ctx.heads
+        heads = ctx.group.heads
         n, d_in = x2.shape
         dtype = x2.dtype
         dy = dy.reshape(n, -1)
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
         w = _base_weight(heads, d_in, dtype, x2.device, ctx.pool)
-        dx = dy @ w                                                       # (n, in)
         grads = []
         lora = [h for h in heads if h.lora_A is not None]
-        if lora:
-            dh = dy @ _block_diag_b(heads, dtype)                         # (n, sum r), scaling folded in
+        if not lora:
+            dx = dy @ w                                                   # (n, in)
+        else:
+            a_cat, b_bd, _ = ctx.group.prepared(dtype, x2.device, ctx.version)
+            dh = dy @ b_bd                                                # (n, sum r), scaling folded in
+            if not ctx.has_mask:
+                dx = dh @ a_cat                                           # low-rank first, then beta = 1
+                dx.addmm_(dy, w)
+            else:
+                dx = dy @ w
+            grad_a_all = None if ctx.has_mask else (dh.t() @ x2).float()  # (sum r, in): every dA in one product
             o = r0 = 0
             i = 0
             for h in heads:
@@ -116,21 +157,20 @@ class _LoRAGroup(torch.autograd.Function):
                 r = h.lora_A.shape[0]
                 dys, hs, dhs = dy[:, o:o + h.out_features], h_act[:, r0:r0 + r], dh[:, r0:r0 + r]
                 grad_b = (dys.t() @ hs).float().mul_(h.scaling)
-                xd = x2 if not ctx.has_mask or not ctx.has_mask[i] else x2 * masks[i]
-                grad_a = (dhs.t() @ xd).float()
-                if ctx.has_mask and ctx.has_mask[i]:
+                if grad_a_all is not None:
+                    grad_a = grad_a_all[r0:r0 + r]                            # dx's low-rank term is in already
+                elif ctx.has_mask[i]:
+                    grad_a = (dhs.t() @ (x2 * masks[i])).float()
                     dx.add_((dhs @ h.lora_A.to(dtype)) * masks[i])
-                elif not ctx.has_mask:
-                    pass  # added below in one product
                 else:
+                    grad_a = (dhs.t() @ x2).float()
                     dx.addmm_(dhs, h.lora_A.to(dtype))
                 grads += [grad_a.to(h.lora_A.dtype), grad_b.to(h.lora_B.dtype)]
                 o += h.out_features
                 r0 += r
                 i += 1
-            if not ctx.has_mask:
-                dx.addmm_(dh, torch.cat([h.lora_A.to(dtype) for h in lora]))
-        return (dx.view(ctx.shape), None, None, None, *grads)
+        dres = dy.view(*ctx.shape[:-1], dy.shape[-1]) if ctx.has_residual else None
+        return (dx.view(ctx.shape), dres, None, None, None, None, *grads)
 
 
 def _block_diag_b(heads: list[Head], dtype) -> torch.Tensor:
@@ -150,13 +190,15 @@ def _block_diag_b(heads: list[Head], dtype) -> torch.Tensor:
     return out
 
 
-def lora_group(x: torch.Tensor, heads: list[Head], pool: WeightBuffer | None = None,
-               training: bool = True) -> torch.Tensor:
+def lora_group(x: torch.Tensor, heads: list[Head] | Group, pool: WeightBuffer | None = None,
+               training: bool = True, version: int | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in) -> (..., sum_out): concatenated outputs of the heads (see module docstring).
 
-    Twin: reference.lora_group. Gradients flow to x and to every head's lora_A / lora_B."""
+    `residual` (..., sum_out), if given, is added to the output inside the same product (beta = 1).
+    Twin: reference.lora_group (+ residual). Gradients flow to x, residual and every lora_A / lora_B."""
+    group = heads if isinstance(heads, Group) else Group(heads)
     params = []
-    for h in heads:
+    for h in group.heads:
         if h.lora_A is not None:
             params += [h.lora_A, h.lora_B]
-    return _LoRAGroup.apply(x, heads, pool, training, *params)
+    return _LoRAGroup.apply(x, residual, group, pool, training, version, *params)

@@ -71,12 +71,14 @@ class ActivationStore:
 
 class _Checkpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, fn, store, idx, rng):
-        ctx.fn, ctx.store, ctx.idx, ctx.device = fn, store, idx, x.device
+    def forward(ctx, x, fn, store, idx, rng, after):
+        ctx.fn, ctx.store, ctx.idx, ctx.device, ctx.after = fn, store, idx, x.device, after
         ctx.rng = (torch.cuda.get_rng_state(x.device) if x.is_cuda else torch.get_rng_state()) if rng else None
         with torch.no_grad():
             out = fn(x)
         store.save(idx, x)
+        if after is not None:
+            after()
         return out
 
     @staticmethod
@@ -94,9 +96,12 @@ class _Checkpoint(torch.autograd.Function):
                         torch.set_rng_state(ctx.rng)
                     out = ctx.fn(x)
         torch.autograd.backward(out, dout)
-        return x.grad, None, None, None, None
+        if ctx.after is not None:
+            ctx.after()
+        return x.grad, None, None, None, None, None
 
 
-def checkpoint(fn, x: torch.Tensor, store: ActivationStore, idx: int, preserve_rng: bool) -> torch.Tensor:
-    """fn(x) with x kept in `store` and fn recomputed in backward; x must require grad."""
-    return _Checkpoint.apply(x, fn, store, idx, preserve_rng)
+def checkpoint(fn, x: torch.Tensor, store: ActivationStore, idx: int, preserve_rng: bool, after=None) -> torch.Tensor:
+    """fn(x) with x kept in `store` and fn recomputed in backward; x must require grad.
+    `after()` runs once the forward and again once the backward of this layer are done."""
+    return _Checkpoint.apply(x, fn, store, idx, preserve_rng, after)

@@ -44,6 +44,12 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int) ->
     return out.reshape(n, -1)
 
 
+def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hq: int, hkv: int, head_dim: int):
+    """qkv (N, (hq + 2 hkv) * head_dim) -> (rope(q), rope(k), v)."""
+    qw, kw = hq * head_dim, hkv * head_dim
+    return rope(qkv[:, :qw], cos, sin, hq), rope(qkv[:, qw:qw + kw], cos, sin, hkv), qkv[:, qw + kw:]
+
+
 def cross_entropy_sum(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """sum_i CE(x_i @ weight^T, targets_i), logits in the weight's dtype then upcast (as HF does); float32 scalar."""
     logits = (x @ weight.t()).float()
@@ -113,3 +119,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, n_h
         ids = doc_ids if doc_ids is not None else torch.ones(batch, t, dtype=torch.long, device=q.device)
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=doc_causal_mask(ids, window), scale=scale)
     return o.transpose(1, 2).reshape(n, n_heads * head_dim)
+
+
+def dequant_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight (nested absmax or not) -> (out, in) in quant_state.dtype."""
+    qs = quant_state
+    q = packed.flatten()
+    idx = torch.stack(((q >> 4).long(), (q & 15).long()), dim=1).flatten()
+    if qs.nested:
+        absmax = qs.state2.code.float()[qs.absmax.long()]
+        absmax = absmax * qs.state2.absmax.float().repeat_interleave(qs.state2.blocksize)[: absmax.numel()]
+        absmax = absmax + qs.offset
+    else:
+        absmax = qs.absmax.float()
+    n = 1
+    for s in qs.shape:
+        n *= s
+    vals = qs.code.float()[idx[:n]] * absmax.repeat_interleave(qs.blocksize)[:n]
+    return vals.to(qs.dtype).view(tuple(qs.shape))

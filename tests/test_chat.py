@@ -1,0 +1,107 @@
+"""chat.py: one answer, the interactive loop (history, reset, quit, Ctrl-D), --demo, --base."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+from test_generate_rundir import REPO, llama_run  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def cfg(llama_run):  # noqa: F811
+    from lorafit.rundir import load_run_config
+
+    return load_run_config(llama_run, {"temperature": 0, "max_new_tokens": 6})
+
+
+@pytest.fixture(scope="module")
+def session(llama_run, cfg):  # noqa: F811
+    from lorafit.generate import load_session
+
+    return load_session(llama_run, cfg)
+
+
+def test_one_prompt_answers_once(llama_run, cfg, session, capsys):  # noqa: F811
+    from lorafit.chat import chat
+    from lorafit.generate import generate_text
+
+    chat(llama_run, cfg, prompt="hello world")
+    out = capsys.readouterr()
+    want = generate_text(session.model, session.tokenizer, session.template,
+                         [{"role": "user", "content": "hello world"}], cfg.generate, seed=cfg.train.seed)
+    assert out.out == want.text + "\n"
+    assert "template chatml" in out.err  # status lines go to stderr, the answer alone to stdout
+
+
+def test_base_answers_differ_from_tuned(llama_run, cfg, capsys):  # noqa: F811
+    from lorafit.chat import chat
+
+    chat(llama_run, cfg, prompt="hello world")
+    tuned = capsys.readouterr().out
+    chat(llama_run, cfg, prompt="hello world", use_adapter=False)
+    assert capsys.readouterr().out != tuned
+
+
+def _repl(session, cfg, monkeypatch, stdin: str) -> list[list[dict]]:
+    import lorafit.chat as chat_mod
+
+    seen: list[list[dict]] = []
+
+    def fake_answer(s, c, messages, seed=None):
+        seen.append([dict(m) for m in messages])
+        return f"reply {len(seen)}"
+
+    monkeypatch.setattr(chat_mod, "answer", fake_answer)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    chat_mod.repl(session, cfg)
+    return seen
+
+
+def test_chat_templates_keep_history_until_reset(session, cfg, monkeypatch):
+    seen = _repl(session, cfg, monkeypatch, "first\n\nsecond\n/reset\nthird\nquit\nnever sent\n")
+    assert [m["content"] for m in seen[1]] == ["first", "reply 1", "second"]
+    assert [m["content"] for m in seen[2]] == ["third"]
+    assert len(seen) == 3
+
+
+def test_instruction_templates_are_single_turn(session, cfg, monkeypatch):
+    from lorafit.data.templates import Template
+
+    alpaca = dataclasses.replace(session, template=Template(name="alpaca", eos_token="<|im_end|>"))
+    seen = _repl(alpaca, cfg, monkeypatch, "first\nsecond\n")  # ends with Ctrl-D (EOF), no quit
+    assert [[m["content"] for m in msgs] for msgs in seen] == [["first"], ["second"]]
+
+
+def test_demo_answers_every_built_in_prompt(llama_run, cfg, capsys):  # noqa: F811
+    from lorafit.chat import DEMO_PROMPTS, chat
+
+    chat(llama_run, cfg, demo=True)
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith(">>> ")] == [f">>> {p}" for p in DEMO_PROMPTS]
+
+
+def test_interactive_loop_over_stdin_via_main_py(llama_run):  # noqa: F811
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), "chat", "--adapter_path", str(llama_run), "--max_new_tokens", "4",
+         "--temperature", "0"],
+        input="hello world\nwhat is the apple?\nexit\nnot read\n", capture_output=True, text=True, timeout=300,
+        env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stdout.splitlines()) == 2  # two answers, one line each (4 tokens, no newline)
+
+
+def test_missing_adapter_path_is_a_user_error(tmp_path, capsys):
+    from lorafit.cli import main
+
+    assert main(["chat", "--adapter_path", str(tmp_path / "nope"), "hi"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.yaml").write_text("train: {seed: 1}\n")
+    assert main(["chat", "--adapter_path", str(tmp_path / "empty"), "hi"]) == 2
+    assert "no trained adapter" in capsys.readouterr().err

@@ -1,0 +1,102 @@
+"""evaluate.py: held-out examples, reply perplexity, ROUGE-L / BLEU / exact match, eval.json/md/png."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_generate_rundir import llama_run  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def report(llama_run):  # noqa: F811
+    from lorafit.evaluate import evaluate
+    from lorafit.rundir import load_run_config
+
+    return evaluate(llama_run, load_run_config(llama_run, {"max_samples": 6}))
+
+
+def test_eval_writes_json_markdown_and_chart(llama_run, report, capsys):  # noqa: F811
+    saved = json.loads((llama_run / "eval.json").read_text())
+    assert saved["settings"]["samples"] == 6 and saved["settings"]["split"] == "held-out split"
+    assert saved["settings"]["dataset"] == "demo" and saved["settings"]["seed"] == 42
+    for which in ("base", "tuned"):
+        m = saved[which]
+        assert m["perplexity"] > 1 and 0 <= m["rouge_l"] <= 100 and 0 <= m["bleu"] <= 100
+        assert m["exact_match_n"] == 6 and 0 <= m["exact_match"] <= 100  # demo answers are all short
+    assert saved["base"]["perplexity"] != saved["tuned"]["perplexity"]
+    assert len(saved["examples"]) == 6 and {"prompt", "reference", "base", "tuned"} <= set(saved["examples"][0])
+    md = (llama_run / "eval.md").read_text()
+    assert "| Perplexity (lower is better) |" in md and "![base vs tuned](eval.png)" in md
+    assert (llama_run / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_scores_only_held_out_examples(llama_run, report):  # noqa: F811
+    from lorafit.data.templates import merged_content
+    from lorafit.data.tokenize import load_conversations, split_conversations
+    from lorafit.rundir import load_run_config
+
+    cfg = load_run_config(llama_run)
+    train, val, _ = split_conversations(load_conversations(cfg)[0], cfg)
+    held_out = {merged_content(c[0]) for c in val}
+    trained = {merged_content(c[0]) for c in train}
+    prompts = [e["prompt"] for e in report["examples"]]
+    assert all(p in held_out for p in prompts)
+    assert not any(p in trained and p not in held_out for p in prompts)
+
+
+def test_perplexity_is_over_reply_tokens(llama_run):  # noqa: F811
+    import math
+
+    import torch
+
+    from lorafit.data.tokenize import encode_conversation
+    from lorafit.evaluate import EvalExample, reply_perplexity
+    from lorafit.generate import load_session
+    from lorafit.rundir import load_run_config
+
+    cfg = load_run_config(llama_run)
+    s = load_session(llama_run, cfg)
+    ex = EvalExample([{"role": "user", "content": "What is 2 + 2?"}], "4")
+    ids, labels = encode_conversation(s.template, ex.prompt + [{"role": "assistant", "content": "4"}], s.tokenizer,
+                                      512, False, "truncate")
+    with torch.no_grad():
+        loss = s.model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
+    assert reply_perplexity(s, [ex], cfg) == pytest.approx(math.exp(float(loss)), rel=1e-4)
+
+
+def test_text_metrics_and_normalization():
+    from lorafit.evaluate import is_short_answer, normalize, text_metrics
+
+    assert normalize("  Paris. ") == normalize("paris") == "paris"
+    assert normalize("2,  5, 9!") == "2, 5, 9"
+    assert is_short_answer("APPLE") and not is_short_answer("one two three four five six")
+    m = text_metrics(["Paris.", "42", "banana"], ["paris", "42", "apple"])
+    assert m["exact_match"] == pytest.approx(200 / 3, abs=0.01) and m["exact_match_n"] == 3
+    assert m["bleu"] > 0  # one-word answers still score (effective order)
+    long = text_metrics(["the cat sat on the mat today"], ["the cat sat on the mat and then slept all day"])
+    assert long["exact_match"] is None and long["exact_match_n"] == 0 and 0 < long["rouge_l"] < 100
+
+
+def test_other_dataset_is_evaluated_whole_and_skip_base(llama_run, tmp_path, capsys):  # noqa: F811
+    from lorafit.cli import main
+
+    data = tmp_path / "qa.jsonl"
+    rows = [{"instruction": f"What number comes after {n}?", "input": "", "output": str(n + 1)} for n in range(5)]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "template.json"):
+        (run / f).write_bytes((llama_run / f).read_bytes())
+    assert main(["eval", "--adapter_path", str(run), "--dataset", str(data), "--skip_base", "--seed", "1"]) == 0
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["base"] is None and saved["tuned"]["exact_match_n"] == 5
+    assert saved["settings"] | {"split": "all", "samples": 5, "seed": 1} == saved["settings"]
+    assert "| base |" not in (run / "eval.md").read_text()
+
+
+def test_missing_adapter_path_fails_clearly(tmp_path, capsys):
+    from lorafit.cli import main
+
+    assert main(["eval", "--adapter_path", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err

@@ -1,0 +1,100 @@
+"""merge.py: merged logits equal the adapter model's (fp32 and from 4-bit runs), NaN/drift refused."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_generate_rundir import make_run
+
+
+def _adapter_vs_merged(run, out):
+    """Max |logit difference| between PeftModel on the fp32 base and the merged folder (upcast to fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorafit.data.templates import Template
+    from lorafit.lora import load_adapter
+    from lorafit.merge import check_inputs, merge_config
+    from lorafit.model import load_base_model
+    from lorafit.rundir import load_run_config
+
+    cfg = merge_config(load_run_config(run))
+    adapter = load_adapter(load_base_model(cfg, torch.device("cpu")), run).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    worst, scale = 0.0, 1.0
+    with torch.no_grad():
+        for ids in check_inputs(Template.load(run), tok):
+            x = torch.tensor([ids])
+            want, got = adapter(input_ids=x).logits, merged(input_ids=x).logits
+            with adapter.disable_adapter():
+                assert (adapter(input_ids=x).logits - want).abs().max() > 1e-2  # the adapter does something
+            worst = max(worst, float((got - want).abs().max()))
+            scale = max(scale, float(want.abs().max()))
+    return worst / scale
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "qwen2"])
+def test_merged_equals_adapter_fp32(arch, tiny_model_dir, tmp_path):
+    from lorafit.merge import merge_to_folder
+    from lorafit.rundir import load_run_config
+
+    run = make_run(tmp_path / "run", tiny_model_dir(arch), template="chatml")
+    out = merge_to_folder(run, tmp_path / "merged", load_run_config(run))
+    assert _adapter_vs_merged(run, out) < 1e-5
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "template.json",
+            "README.md"} <= names
+    assert not any(n.startswith("adapter_") for n in names)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2  # <|im_end|>
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_merge_of_a_4bit_run_is_bf16(tiny_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from lorafit.merge import merge_to_folder
+    from lorafit.rundir import load_run_config
+
+    run = make_run(tmp_path / "run", tiny_model_dir("llama"), template="alpaca", load_in_4bit=True,
+                   bnb_4bit_compute_dtype="float32")
+    out = merge_to_folder(run, tmp_path / "merged", load_run_config(run))
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert _adapter_vs_merged(run, out) < 2e-2  # bf16 rounding of W' only (see merge.TOLERANCE)
+    assert "4-bit NF4" in (out / "README.md").read_text()
+
+
+def test_nan_adapter_is_refused_with_exit_code_3(tiny_model_dir, tmp_path, capsys):
+    from lorafit.cli import main
+
+    run = make_run(tmp_path / "run", tiny_model_dir("llama"), nan=True)
+    out = tmp_path / "out" / "merged"
+    assert main(["merge", "--adapter_path", str(run), "--output_dir", str(out)]) == 3
+    err = capsys.readouterr().err
+    assert "NaN" in err and "Traceback" not in err
+    assert not out.exists() and list((tmp_path / "out").iterdir()) == []
+
+
+def test_drift_is_refused_and_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    import lorafit.merge as merge_mod
+
+    run = make_run(tmp_path / "run", tiny_model_dir("qwen2"))
+    monkeypatch.setitem(merge_mod.TOLERANCE, "float32", 0.0)  # any rounding now counts as drift
+    from lorafit.rundir import load_run_config
+
+    with pytest.raises(merge_mod.MergeCheckError, match="max abs diff") as err:
+        merge_mod.merge_to_folder(run, tmp_path / "merged", load_run_config(run))
+    assert err.value.exit_code == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_output_dir_must_be_new(tiny_model_dir, tmp_path, capsys):
+    from lorafit.cli import main
+
+    run = make_run(tmp_path / "run", tiny_model_dir("llama"))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("keep me")
+    assert main(["merge", "--adapter_path", str(run), "--output_dir", str(tmp_path / "taken")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "taken" / "x").read_text() == "keep me"
