@@ -157,7 +157,8 @@ def packed_batches(records, rows=4, row_len=2048, pad_id=32000):
 
 def profile(step, bs, seq):
     import torch
-    from torch.profiler import ProfilerActivity, profile as prof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
     b = shape_batches(bs, seq)[0]
     for _ in range(2):
         step(b)
@@ -197,13 +198,13 @@ def main() -> None:
         try:
             times, losses = timed(step, shape_batches(bs, seq), warmup=4)
             st = sorted(times)[len(times) // 2]
-            rec = dict(stack=args.stack, shape=f"{bs}x{seq}", step_s=round(st, 4), tok_s=round(bs * seq / st),
-                       peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                       first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4))
+            rec = {"stack": args.stack, "shape": f"{bs}x{seq}", "step_s": round(st, 4), "tok_s": round(bs * seq / st),
+                       "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                       "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4)}
         except Exception as e:  # noqa: BLE001 -- one failed shape must not hide the others
             import traceback
             traceback.print_exc()
-            rec = dict(stack=args.stack, shape=f"{bs}x{seq}", error=repr(e)[:300])
+            rec = {"stack": args.stack, "shape": f"{bs}x{seq}", "error": repr(e)[:300]}
         print(json.dumps(rec), flush=True)
     if args.profile:
         profile(step, *map(int, args.profile.split("x")))

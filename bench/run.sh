@@ -20,9 +20,9 @@ for s in $STEPS; do
     prof*) timeout 300 python3 bench/bench.py lorafit $MODEL --shapes "" --profile ${s#prof:} 2>&1 | grep -E "^\{|profile|ms |Error" | tee -a "$OUT/log" ;;
     model) [ -d $MODEL ] || timeout 300 python3 bench/make_model.py $MODEL 2>&1 | tail -2 | tee -a "$OUT/log" ;;
     loss) timeout 400 python3 bench/loss_check.py $MODEL 50 2>&1 | grep -E '^\{|Error|error' | tee -a "$OUT/results.jsonl" ;;
-    unsloth) PYTHONPATH=/tmp/site-peers:$PYTHONPATH timeout 500 python3 bench/bench.py unsloth $MODEL --real 2>&1 \
+    unsloth) PYTHONPATH=/tmp/site-peers:$PYTHONPATH timeout 280 python3 bench/bench.py unsloth $MODEL --real 2>&1 \
                | grep -E '^\{|Error' | tee -a "$OUT/results.jsonl" ;;
-    *) timeout 500 python3 bench/bench.py $s $MODEL --real 2>&1 | grep -E '^\{|Error|error' | tee -a "$OUT/results.jsonl" ;;
+    *) timeout 240 python3 bench/bench.py $s $MODEL --real 2>&1 | grep -E '^\{|Error|error' | tee -a "$OUT/results.jsonl" ;;
   esac
 done
 python3 bench/table.py "$OUT/results.jsonl" | tee "$OUT/table.md"

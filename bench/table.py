@@ -10,7 +10,8 @@ import sys
 
 
 def main(path: str) -> None:
-    rows = [json.loads(x) for x in open(path) if x.startswith("{")]
+    with open(path) as f:
+        rows = [json.loads(x) for x in f if x.startswith("{")]
     res = {(r["stack"], r["shape"]): r for r in rows if "tok_s" in r}
     print("| stack | shape | tokens/s | peak GiB | x baseline | x Unsloth (tok/s) | x Unsloth (mem) | target |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -25,7 +26,7 @@ def main(path: str) -> None:
                 target = "met" if xb >= 3 else "not met"
             elif xu is not None:
                 target = "met" if xu >= 1.25 and xm <= 1.1 else "not met"
-        f = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+        f = lambda v: "" if v is None else f"{v:.2f}"
         print(f"| {stack} | {shape} | {r['tok_s']:,} | {r['peak_gib']} | {f(xb)} | {f(xu)} | {f(xm)} | {target} |")
     for r in rows:
         if "error" in r:

@@ -7,7 +7,7 @@ import logging
 import shutil
 
 import pytest
-from test_train_support import alpaca_file, assert_same_adapter, losses, run_train, train_args
+from test_train_support import alpaca_file, assert_same_adapter, cli_main, losses, run_train, train_args
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,6 @@ def test_checkpoint_contents_verify(four_steps):
 
 def test_corrupt_checkpoint_is_skipped_and_resume_is_exact(four_steps, tmp_path, caplog):
     """Flip bytes in step 4's weights: resume reports it, restarts from step 2 and reproduces steps 3-4 exactly."""
-    from lorafit.cli import main
 
     run = _copy(four_steps, tmp_path / "run")
     weights = run / "checkpoints" / "step-000004" / "adapter_model.safetensors"
@@ -49,7 +48,7 @@ def test_corrupt_checkpoint_is_skipped_and_resume_is_exact(four_steps, tmp_path,
     data[-20:] = bytes(20)
     weights.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="lorafit"):
-        assert main(["train", "--output_dir", str(run), "--resume"]) == 0
+        assert cli_main(["train", "--output_dir", str(run), "--resume"]) == 0
     assert "step-000004 is corrupt or partial (adapter_model.safetensors does not match its checksum)" in caplog.text
     assert losses(run) == pytest.approx(losses(four_steps), abs=1e-6)
     assert_same_adapter(run, four_steps)

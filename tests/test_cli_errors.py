@@ -10,7 +10,7 @@ import json
 import subprocess
 
 import pytest
-from test_train_support import lorafit_cmd, run_cli, subprocess_env, to_argv, train_args
+from test_train_support import cli_main, lorafit_cmd, run_cli, subprocess_env, to_argv, train_args
 
 CONFIG_CASES = [
     ({"lora_alpah": "8"}, ["unknown config key 'lora_alpah'", "did you mean 'lora_alpha'"]),
@@ -90,12 +90,11 @@ def test_model_and_dataset_problems_subprocess(tiny_model_dir, tmp_path):
 ], ids=["missing", "empty", "unknown-columns", "all-too-long"])
 def test_broken_dataset_in_process(tiny_model_dir, tmp_path, capsys, name, content, expected):
     """The same CLI entry point in this process (transformers is already imported): exit 2, message, nothing written."""
-    from lorafit.cli import main
 
     data = tmp_path / name
     if content is not None:
         data.write_text(content)
     out = tmp_path / "run"
-    code = main(["train", *to_argv(train_args(tiny_model_dir("llama"), data, out, truncation="drop"))])
+    code = cli_main(["train", *to_argv(train_args(tiny_model_dir("llama"), data, out, truncation="drop"))])
     err = capsys.readouterr().err
     _check_user_error(subprocess.CompletedProcess([], code, "", err), expected, out)

@@ -12,6 +12,7 @@ from test_train_support import (
     REPO,
     alpaca_file,
     assert_same_adapter,
+    cli_main,
     losses,
     run_train,
     subprocess_env,
@@ -62,11 +63,10 @@ def test_two_ranks_equal_one_process_with_accumulation(runs):
 
 def test_checkpoint_from_two_ranks_resumes_on_one(runs, tmp_path):
     """Data position is counted in global micro-batches, so 2 ranks x 1 resumes as 1 rank x 2 accumulation."""
-    from lorafit.cli import main
 
     ddp, single = runs
     run = Path(shutil.copytree(ddp, tmp_path / "run"))
     shutil.rmtree(run / "checkpoints" / "step-000004")
-    assert main(["train", "--output_dir", str(run), "--resume", "--gradient_accumulation_steps", "2"]) == 0
+    assert cli_main(["train", "--output_dir", str(run), "--resume", "--gradient_accumulation_steps", "2"]) == 0
     assert losses(run) == pytest.approx(losses(single), rel=1e-4)
     assert_same_adapter(run, single, atol=1e-5)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from lorafit.fast import enable_fast_path, fast_forward_supported  # noqa: E402
+from lorafit.fast import enable_fast_path, fast_forward_supported
 
 TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -130,5 +130,5 @@ def test_unsupported_architecture_falls_back_with_one_log_line(caplog):
         fl = enable_fast_path(pm, gradient_checkpointing=False)
     assert len([r for r in caplog.records if "fast path off" in r.message]) == 1
     bt = batch(t=16)
-    loss, n = fl(bt)
+    loss, _n = fl(bt)
     torch.testing.assert_close(loss, hf_loss(pm, bt))

@@ -13,7 +13,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lorafit.kernels import reference
 from lorafit.kernels.lora import Head, WeightBuffer, lora_group
@@ -41,7 +40,7 @@ def kernel(name):
 def test_triton_kernels_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "_kernel"],
-                       env=env, capture_output=True, text=True, timeout=600)
+                       env=env, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
 
 
@@ -68,7 +67,7 @@ def test_reference_rmsnorm_and_rope_equal_llama_modules():
     ang = torch.randn(2, 7, 8)
     cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
     qe, ke = apply_rotary_pos_emb(q, k, cos, sin)
-    flat = lambda t: t.transpose(1, 2).reshape(14, -1)  # noqa: E731
+    flat = lambda t: t.transpose(1, 2).reshape(14, -1)
     torch.testing.assert_close(reference.rope(flat(q), cos.view(14, 16), sin.view(14, 16), 3), flat(qe))
     torch.testing.assert_close(reference.rope(flat(k), cos.view(14, 16), sin.view(14, 16), 1), flat(ke))
 
@@ -261,14 +260,16 @@ def test_offloaded_checkpoint_gives_plain_autograd_gradients():
     from lorafit.kernels.offload import ActivationStore, checkpoint
     w = torch.randn(64, 64, device="cuda", requires_grad=True)
     xs = torch.randn(50, 64, device="cuda", requires_grad=True)
-    fn = lambda z: torch.tanh(z @ w)  # noqa: E731
+    fn = lambda z: torch.tanh(z @ w)
     store = ActivationStore(offload=True)
     z = xs
     for i in range(3):
         z = checkpoint(fn, z, store, i, preserve_rng=False)
-    gx, gw = torch.autograd.grad(z.sum(), (xs, w))
-    z2 = fn(fn(fn(xs)))
-    gx2, gw2 = torch.autograd.grad(z2.sum(), (xs, w))
+    z.sum().backward()      # parameters get their gradients inside the recompute (as reentrant checkpointing)
+    gx, gw = xs.grad.clone(), w.grad.clone()
+    xs.grad = w.grad = None
+    fn(fn(fn(xs))).sum().backward()
+    gx2, gw2 = xs.grad, w.grad
     assert rel(gx, gx2) < 1e-5 and rel(gw, gw2) < 1e-5
 
 
@@ -308,5 +309,5 @@ def test_nf4_dequant_kernel_equals_bitsandbytes(nested):
     got = mod.NF4Weight(q, st)(out)
     assert got.data_ptr() == out.data_ptr()
     # bit-exact on the GPU; Triton's CPU interpreter truncates float32 -> bf16 (1 ulp)
-    tol = dict(rtol=8e-3, atol=0) if INTERPRETED else dict(rtol=0, atol=0)
+    tol = {"rtol": 8e-3, "atol": 0} if INTERPRETED else {"rtol": 0, "atol": 0}
     torch.testing.assert_close(got, ref, **tol)

@@ -17,6 +17,7 @@ import pytest
 from test_train_support import (
     alpaca_file,
     assert_same_adapter,
+    cli_main,
     lorafit_cmd,
     losses,
     run_train,
@@ -52,10 +53,9 @@ def _last_step(run: Path) -> int:
 
 def _resume_and_compare(run: Path, reference: Path) -> None:
     from lorafit.checkpoint import list_checkpoints, verify
-    from lorafit.cli import main
 
     assert all(verify(p) is None for p in list_checkpoints(run))
-    assert main(["train", "--output_dir", str(run), "--resume"]) == 0  # the rest comes from run/config.yaml
+    assert cli_main(["train", "--output_dir", str(run), "--resume"]) == 0  # the rest comes from run/config.yaml
     assert losses(run) == pytest.approx(losses(reference), abs=1e-6)
     assert_same_adapter(run, reference)
 
@@ -85,7 +85,7 @@ def test_kill9_during_checkpoint_write(tiny_model_dir, tmp_path, reference):
 def test_kill9_mid_training(tiny_model_dir, tmp_path, reference):
     """SIGKILL between checkpoints (metrics already past the last one): resume cuts the logs back and redoes them."""
     run = tmp_path / "run"
-    proc = _popen(train_args(tiny_model_dir("llama"), alpaca_file(), run, **STEPS))
+    proc = _popen(train_args(tiny_model_dir("llama"), alpaca_file(), run, **STEPS), LORAFIT_TEST_STEP_DELAY="0.5")
     try:
         _wait_for(lambda: _last_step(run) >= 3, proc)
         proc.send_signal(signal.SIGKILL)
@@ -97,10 +97,9 @@ def test_kill9_mid_training(tiny_model_dir, tmp_path, reference):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_saves_checkpoint_and_says_where(tiny_model_dir, tmp_path, reference, sig, capsys):
+def test_signal_saves_checkpoint_and_says_where(tiny_model_dir, tmp_path, reference, sig, capsys, monkeypatch):
     """Ctrl-C / SIGTERM: a checkpoint after the current step, a message naming it, exit code 128 + signal."""
     from lorafit.checkpoint import list_checkpoints, verify
-    from lorafit.cli import main, parse_overrides  # noqa: F401
 
     run = tmp_path / "run"
     args = train_args(tiny_model_dir("llama"), alpaca_file(), run, **{**STEPS, "save_steps": 100})
@@ -109,9 +108,10 @@ def test_signal_saves_checkpoint_and_says_where(tiny_model_dir, tmp_path, refere
         _wait_for(lambda: _last_step(run) >= 2, None)
         os.kill(os.getpid(), sig)
 
+    monkeypatch.setenv("LORAFIT_TEST_STEP_DELAY", "0.3")  # 8 tiny steps would otherwise be over in a blink
     sender = threading.Thread(target=send_when_training, daemon=True)
     sender.start()
-    code = main(["train", *to_argv(args)])
+    code = cli_main(["train", *to_argv(args)])
     sender.join(5)
     err = capsys.readouterr().err
     assert code == 128 + sig

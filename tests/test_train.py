@@ -94,8 +94,10 @@ def test_refuses_finished_run_then_overwrites(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("fields", [
     {"load_in_4bit": "true", "optim": "paged_adamw_8bit", "gradient_checkpointing": "true"},
-    {"bf16": "true", "optim": "paged_adamw_32bit", "lr_scheduler_type": "linear", "warmup_ratio": "0.5"},
-], ids=["qlora-nf4-paged8bit-ckpt", "bf16-paged32bit"])
+    {"bf16": "true", "optim": "paged_adamw_32bit", "lr_scheduler_type": "linear", "warmup_ratio": "0.5",
+     "gradient_checkpointing": "true"},
+    {"load_in_8bit": "true", "optim": "adamw_8bit", "weight_decay": "0.01", "lr_scheduler_type": "constant"},
+], ids=["qlora-nf4-paged8bit-ckpt", "bf16-paged32bit-ckpt", "int8-adamw8bit"])
 def test_precision_and_optimizers(tiny_model_dir, tmp_path, fields):
     pytest.importorskip("bitsandbytes")
     out = run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path / "run", max_steps=2, **fields))

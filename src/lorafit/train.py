@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -216,6 +217,7 @@ def _loop(r: Run, signals: StopSignals) -> None:
     from lorafit.data import make_batches
 
     cfg, d, p, pos = r.cfg, r.d, r.plan, r.pos
+    delay = float(os.environ.get("LORAFIT_TEST_STEP_DELAY", "0"))  # test hook: room to inject a fault mid-run
     while pos.step < p.total_steps:
         batches = make_batches(r.data.train, p.micro_batch, packing=cfg.data.packing,
                                max_seq_length=cfg.data.max_seq_length, pad_token_id=r.tokenizer.pad_token_id,
@@ -225,6 +227,7 @@ def _loop(r: Run, signals: StopSignals) -> None:
         for i in range(start, len(batches), p.accumulation):
             group = batches[i: i + p.accumulation]
             _optimizer_step(r, group)
+            time.sleep(delay)
             pos.micro_in_epoch += len(group) * d.world_size
             stop = _after_step(r, signals, epoch_end=i + p.accumulation >= len(batches))
             if stop or pos.step >= p.total_steps:

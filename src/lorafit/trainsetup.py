@@ -3,6 +3,7 @@ the closing summary and the hub upload. train.py reads top to bottom because the
 """
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 import signal
@@ -174,7 +175,9 @@ def write_run_files(r: Run) -> None:
         if before and before != r.data.fingerprint:
             log.warning("the data differ from the checkpoint's run (fingerprint %s.. vs %s..); resuming anyway",
                         before[:12], r.data.fingerprint[:12])
-    save_config(r.run_dir, r.cfg)
+    saved = copy.deepcopy(r.cfg)
+    saved.train.resume = saved.train.overwrite_output_dir = False  # how this run was set up, not how it was started
+    save_config(r.run_dir, saved)
     r.data.template.save(r.run_dir)
     write_json_atomic(r.run_dir / VERSIONS_FILE, package_versions())
     write_json_atomic(old, {"fingerprint": r.data.fingerprint, "report": r.data.report})
