@@ -3,8 +3,9 @@ transformers process-wide, so every stack runs in its own process; bench/run.sh 
 
 usage: python bench/bench.py STACK MODEL_DIR [--shapes 8x512,4x2048] [--real]
 STACK: hf (transformers + PEFT + bitsandbytes, the seeds' stack, as ../shared/bench/peer_bench.py),
-       unsloth, or lorafit[:offload|:gpu|:nockpt] (fast path; activation checkpointing with inputs
-       parked in pinned CPU memory / kept on the GPU / no recomputation at all).
+       unsloth, or lorafit[:offload|:gpu|:nockpt][+nok] (fast path; activation checkpointing with inputs
+       parked in pinned CPU memory / kept on the GPU / no recomputation at all; +nok: the low-rank
+       term added onto the base product's output instead of riding in its K dimension, as before v4).
 Shapes: the same random token batch every step, all tokens labelled, median of 8 steps after 4
 warm-up steps. --real: one pass over the alpaca_en_demo record lengths (bench/alpaca_lengths.txt),
 random token ids, prompts masked from the loss; hf/unsloth take batches of 8 records padded to
@@ -54,9 +55,11 @@ def make_step(stack: str, model):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     if stack.startswith("lorafit"):
         from lorafit.fast import enable_fast_path
-        mode = stack.partition(":")[2] or "offload"
+        name, _, opts = stack.partition("+")
+        mode = name.partition(":")[2] or "offload"
         fl = enable_fast_path(model, gradient_checkpointing=mode != "nockpt", offload_activations=mode == "offload")
         assert fl.fast, "fast path not taken"
+        fl.lora_in_k = "nok" not in opts.split(",")
 
         def step(batch):
             loss_sum, n = fl(batch)
@@ -90,13 +93,13 @@ def timed(step, batches, warmup):
     return times, [x.item() for x in losses]
 
 
-def shape_batches(bs, seq):
+def shape_batches(bs, seq, steps=12):
     import torch
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randint(0, 32000, (bs, seq), device="cuda", generator=g)
     b = {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x),
          "position_ids": torch.arange(seq, device="cuda").expand(bs, seq)}
-    return [b] * 12
+    return [b] * steps
 
 
 def real_records():
@@ -169,10 +172,18 @@ def profile(step, bs, seq):
             step(b)
         torch.cuda.synchronize()
     wall = (time.perf_counter() - t) / 2
-    ev = [e for e in p.key_averages() if e.device_type.name == "CUDA" or e.self_device_time_total > 0]
+    # kernels only (an aten op's device time repeats its kernels'), grouped, then the largest
+    ev = [e for e in p.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in ev) / 2 / 1e3
     print(f"profile {bs}x{seq}: wall/step {wall * 1e3:.1f} ms (with profiler), GPU kernel time/step {total:.1f} ms")
-    for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:22]:
+    groups = {"gemm": ("nvjet", "gemm", "cutlass", "sm90_xmma"), "attention": ("sdpa", "flash", "attn"),
+              "memcpy": ("Memcpy", "Memset"), "triton": ("_fwd", "_bwd", "_rope", "_dequant", "_ce_rows")}
+    sums = dict.fromkeys([*groups, "other"], 0.0)
+    for e in ev:
+        g = next((k for k, keys in groups.items() if any(t in e.key for t in keys)), "other")
+        sums[g] += e.self_device_time_total / 2 / 1e3
+    print("  by kind: " + ", ".join(f"{k} {v:.1f} ms" for k, v in sums.items()))
+    for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:32]:
         print(f"  {e.self_device_time_total / 2 / 1e3:8.2f} ms  {e.count // 2:6d}x  {e.key[:90]}")
     cpu = sorted(p.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
     for e in cpu:
@@ -186,6 +197,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="8x512,4x2048")
     ap.add_argument("--real", action="store_true")
     ap.add_argument("--profile", default="", help="BSxSEQ: profile 2 steps at this shape, print the top kernels")
+    ap.add_argument("--steps", type=int, default=12, help="steps per shape (the first 4 are warm-up)")
     args = ap.parse_args()
     import torch
     model = load(args.stack, args.model)
@@ -196,7 +208,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
-            times, losses = timed(step, shape_batches(bs, seq), warmup=4)
+            times, losses = timed(step, shape_batches(bs, seq, args.steps), warmup=4)
             st = sorted(times)[len(times) // 2]
             rec = {"stack": args.stack, "shape": f"{bs}x{seq}", "step_s": round(st, 4), "tok_s": round(bs * seq / st),
                        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),

@@ -2,7 +2,10 @@
 # Runs the whole benchmark on the GPU machine: GPU tests, the random model, then each stack in its
 # own process, then the table. Wheels (the GPU image lacks bitsandbytes and Unsloth) come from
 # `bash ../shared/bench/fetch_peer_wheels.sh`, carried as .whl-bnb and .whl-peers.
-# usage: bash bench/run.sh [STEPS...]   STEPS from: tests model lorafit lorafit:gpu lorafit:nockpt hf unsloth loss
+# usage: [BENCH_ARGS=...] bash bench/run.sh [STEPS...]   STEPS from: tests model lorafit lorafit:gpu lorafit:nockpt
+#        lorafit+nok hf unsloth loss prof:BSxSEQ; BENCH_ARGS (default --real) go to every bench.py stack
+#        ddp (lorafit's DDP step on 1 GPU, then on 2: ddp_bench.py under torchrun; needs `model` first)
+#        cli2 (a short `torchrun --nproc_per_node 2 -m lorafit train`, 4-bit, fast path, on a tiny random model)
 set -uo pipefail
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -10,19 +13,31 @@ mkdir -p /tmp/site && cp -r .whl-site/* /tmp/site/   # bitsandbytes unpacked, CU
 [ -d .whl-peers ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-peers .whl-peers/*.whl 2>&1 | tail -1
 export PYTHONPATH=/tmp/site:$PWD/src
 MODEL=/tmp/phi3-llama
+# NVLink multicast stays off on the multi-GPU machines (a program using it can take the host's GPUs out of service)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+TORCHRUN="python3 -m torch.distributed.run --standalone"
 STEPS=${*:-tests model lorafit hf unsloth loss}
+BENCH_ARGS=${BENCH_ARGS---real}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/log"
 for s in $STEPS; do
   echo "=== $s $(date -u +%FT%TZ)" | tee -a "$OUT/log"
   case $s in
-    tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -rA tests/test_kernels.py > "$OUT/tests.log" 2>&1
+    tests) timeout 200 python3 -m pytest -q -p no:cacheprovider -rA tests/test_kernels.py > "$OUT/tests.log" 2>&1
            grep -E "^(FAILED|PASSED|ERROR|E  )|passed|failed|backend" "$OUT/tests.log" | tail -40 | tee -a "$OUT/log" ;;
     prof*) timeout 300 python3 bench/bench.py lorafit $MODEL --shapes "" --profile ${s#prof:} 2>&1 | grep -E "^\{|profile|ms |Error" | tee -a "$OUT/log" ;;
     model) [ -d $MODEL ] || timeout 300 python3 bench/make_model.py $MODEL 2>&1 | tail -2 | tee -a "$OUT/log" ;;
+    ddp) nvidia-smi topo -m 2>&1 | head -4 | tee -a "$OUT/log"
+         for n in 1 2; do
+           timeout 300 $TORCHRUN --nproc_per_node $n bench/ddp_bench.py $MODEL --check > "$OUT/ddp$n.log" 2>&1
+           echo "rc=$? (nproc $n)" | tee -a "$OUT/log"; grep -E '^\{' "$OUT/ddp$n.log" | tee -a "$OUT/ddp.jsonl"
+           grep -E 'Error|error' "$OUT/ddp$n.log" | tail -5
+         done
+         python3 bench/table.py "$OUT/ddp.jsonl" | tee "$OUT/ddp_table.md" ;;
+    cli2) bash bench/cli2.sh 2>&1 | tee -a "$OUT/log" ;;
     loss) timeout 400 python3 bench/loss_check.py $MODEL 50 2>&1 | grep -E '^\{|Error|error' | tee -a "$OUT/results.jsonl" ;;
-    unsloth) PYTHONPATH=/tmp/site-peers:$PYTHONPATH timeout 280 python3 bench/bench.py unsloth $MODEL --real 2>&1 \
+    unsloth) PYTHONPATH=/tmp/site-peers:$PYTHONPATH timeout 280 python3 bench/bench.py unsloth $MODEL $BENCH_ARGS 2>&1 \
                | grep -E '^\{|Error' | tee -a "$OUT/results.jsonl" ;;
-    *) timeout 240 python3 bench/bench.py $s $MODEL --real 2>&1 | grep -E '^\{|Error|error' | tee -a "$OUT/results.jsonl" ;;
+    *) timeout 240 python3 bench/bench.py $s $MODEL $BENCH_ARGS 2>&1 | grep -E '^\{|Error|error' | tee -a "$OUT/results.jsonl" ;;
   esac
 done
-python3 bench/table.py "$OUT/results.jsonl" | tee "$OUT/table.md"
+[ -f "$OUT/results.jsonl" ] && python3 bench/table.py "$OUT/results.jsonl" | tee "$OUT/table.md"

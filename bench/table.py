@@ -3,16 +3,23 @@
 Real-data rows count real (non-padding) tokens only. Ratios are against the hf baseline and
 Unsloth measured in the same run; the target column checks >= 1.25x Unsloth's tokens/s at
 <= 1.1x its peak memory (shapes) and >= 3x the baseline's padded throughput (real data).
-usage: python bench/table.py results.jsonl
+ddp_bench.py's lines (they carry "world") make a second table: global tokens/s on N GPUs over
+one GPU's, same run; issue 7 wants >= 1.8x on 2 GPUs.
+usage: python bench/table.py results.jsonl [ddp.jsonl ...]
 """
 import json
 import sys
 
 
-def main(path: str) -> None:
-    with open(path) as f:
-        rows = [json.loads(x) for x in f if x.startswith("{")]
-    res = {(r["stack"], r["shape"]): r for r in rows if "tok_s" in r}
+def main(*paths: str) -> None:
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            rows += [json.loads(x) for x in f if x.startswith("{")]
+    ddp_table([r for r in rows if "world" in r and "tok_s" in r])
+    res = {(r["stack"], r["shape"]): r for r in rows if "tok_s" in r and "world" not in r}
+    if not res:
+        return
     print("| stack | shape | tokens/s | peak GiB | x baseline | x Unsloth (tok/s) | x Unsloth (mem) | target |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for (stack, shape), r in sorted(res.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -37,5 +44,20 @@ def main(path: str) -> None:
                   f"fast {r['fast_first']} -> {r['fast_last']})")
 
 
+def ddp_table(rows: list[dict]) -> None:
+    if not rows:
+        return
+    one = {r["shape"]: r for r in rows if r["world"] == 1}
+    print("| GPUs | shape per GPU | tokens/s (all GPUs) | tokens/s per GPU | step s | peak GiB per GPU | x 1 GPU | target |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in sorted(rows, key=lambda r: (r["shape"], r["world"])):
+        base = one.get(r["shape"])
+        x = r["tok_s"] / base["tok_s"] if base else None
+        target = "" if x is None or r["world"] == 1 else ("met" if x >= 0.9 * r["world"] else "not met")
+        print(f"| {r['world']} | {r['shape']} | {r['tok_s']:,} | {r['tok_s_per_gpu']:,} | {r['step_s']} | "
+              f"{r['peak_gib']} | {'' if x is None else f'{x:.2f}'} | {target} |")
+    print()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -79,21 +79,28 @@ def test_instruction_templates_are_single_turn(session, cfg, monkeypatch):
 def test_demo_answers_every_built_in_prompt(llama_run, cfg, capsys):  # noqa: F811
     from lorafit.chat import DEMO_PROMPTS, chat
 
-    chat(llama_run, cfg, demo=True)
+    chat(llama_run, dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, max_new_tokens=2)), demo=True)
     out = capsys.readouterr().out
     assert [line for line in out.splitlines() if line.startswith(">>> ")] == [f">>> {p}" for p in DEMO_PROMPTS]
 
 
-def test_interactive_loop_over_stdin_via_main_py(llama_run):  # noqa: F811
+def test_interactive_loop_over_stdin_via_main_py(llama_run, session, cfg):  # noqa: F811
+    from lorafit.generate import generate_text
+
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.run(
         [sys.executable, str(REPO / "main.py"), "chat", "--adapter_path", str(llama_run), "--max_new_tokens", "4",
          "--temperature", "0"],
-        input="hello world\nwhat is the apple?\nexit\nnot read\n", capture_output=True, text=True, timeout=300,
-        env=env, cwd=REPO)
+        input="hello world\nwhat is the apple?\nexit\nnot read\n", check=False, capture_output=True, text=True,
+        timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert len(proc.stdout.splitlines()) == 2  # two answers, one line each (4 tokens, no newline)
+    gen = dataclasses.replace(cfg.generate, temperature=0.0, max_new_tokens=4)
+    first = [{"role": "user", "content": "hello world"}]
+    a = generate_text(session.model, session.tokenizer, session.template, first, gen).text
+    second = first + [{"role": "assistant", "content": a.strip()}, {"role": "user", "content": "what is the apple?"}]
+    b = generate_text(session.model, session.tokenizer, session.template, second, gen).text
+    assert proc.stdout == f"{a}\n{b}\n"  # two streamed answers, the second with the first turn as history
 
 
 def test_missing_adapter_path_is_a_user_error(tmp_path, capsys):

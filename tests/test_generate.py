@@ -148,3 +148,18 @@ def test_concurrent_requests_do_not_interleave(session):
     for t in threads:
         t.join()
     assert got == [want] * 3
+
+
+def test_4bit_session_generates(tiny_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from test_generate_rundir import make_run
+
+    from lorafit.generate import generate_text, load_session
+    from lorafit.rundir import load_run_config
+
+    run = make_run(tmp_path / "run", tiny_model_dir("qwen2"), template="alpaca", load_in_4bit=True,
+                   bnb_4bit_compute_dtype="float32")
+    s = load_session(run, load_run_config(run))
+    assert type(s.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    r = generate_text(s.model, s.tokenizer, s.template, MSGS, _gen(temperature=0.7, max_new_tokens=4), seed=0)
+    assert r.completion_tokens <= 4 and r.prompt_tokens > 0

@@ -41,7 +41,7 @@ def test_options_and_extra_flags_pass_through(main_py):
 
 def test_missing_adapter_path_exits_2_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "main.py"), "eval", "--adapter_path", str(tmp_path / "none")],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                          check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -13,6 +13,7 @@ session replays the same answers.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,6 +67,9 @@ def repl(session: Session, cfg: Config) -> None:
     history: list[dict] = []
     turn = 0
     interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (arrow keys and history in input())
     while True:
         try:
             line = input(">>> " if interactive else "")

@@ -291,10 +291,10 @@ def print_table(report: dict) -> None:
 def markdown_report(report: dict, name: str) -> str:
     s = report["settings"]
     has_base = report["base"] is not None
-    lines = [f"# Evaluation of `{name}`", "",
-             f"{s['samples']} examples ({s['split']} of `{s['dataset']}`, seed {s['seed']}), greedy answers of at "
+    intro = (f"{s['samples']} examples ({s['split']} of `{s['dataset']}`, seed {s['seed']}), greedy answers of at "
              f"most {s['max_new_tokens']} tokens. Perplexity is over reply tokens; exact match counts the "
-             f"{report['tuned'].get('exact_match_n', 0)} short-answer examples.", ""]
+             f"{report['tuned'].get('exact_match_n', 0)} short-answer examples.")
+    lines = [f"# Evaluation of `{name}`", "", intro, ""]
     lines += ["| metric | base | tuned | change |" if has_base else "| metric | tuned |",
               "|---|---:|---:|---:|" if has_base else "|---|---:|"]
     for key in METRICS:

@@ -17,9 +17,10 @@ after another from several threads never interleaves two generations on one KV c
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lorafit.config import Config, GenerateArgs

@@ -86,7 +86,7 @@ def apply_lora(model, cfg: Config):
 
     lo = cfg.lora
     targets = resolve_targets(model, lo.target_modules)
-    if cfg.model.load_in_4bit or cfg.model.load_in_8bit:
+    if (cfg.model.load_in_4bit or cfg.model.load_in_8bit) and not _fast_path_expected(model, cfg):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -97,6 +97,19 @@ def apply_lora(model, cfg: Config):
                           target_modules=targets, bias=lo.lora_bias, use_rslora=lo.use_rslora,
                           task_type="CAUSAL_LM")
     return get_peft_model(model, peft_cfg)
+
+
+def _fast_path_expected(model, cfg: Config) -> bool:
+    """Whether training will run lorafit's fused kernels, which keep norms, embeddings and the
+    head in the compute dtype: PEFT's k-bit preparation would upcast them to fp32 (for Phi-3-mini
+    that is ~0.4 GB more, and the head re-cast on every step)."""
+    import torch
+
+    if cfg.model.fast_kernels == "off" or not torch.cuda.is_available():
+        return False
+    from lorafit.fast import SUPPORTED
+
+    return model.config.model_type in SUPPORTED
 
 
 def load_adapter(base_model, adapter_dir: Path, trainable: bool = False):

@@ -67,19 +67,44 @@ class LossModule(torch.nn.Module):
         return reference_loss(self.model, batch, self.mask_dtype)
 
 
+# Architectures whose logits are exactly lm_head(decoder output): no soft-capping or logit scale.
+_PLAIN_HEAD = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "phi", "gemma")
+
+
+def _decoder_and_head(model):
+    """(decoder, lm_head) of a causal LM whose logits are a plain linear map, else None."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(lm.config, "model_type", None) not in _PLAIN_HEAD or not hasattr(lm, "get_decoder"):
+        return None
+    return lm.get_decoder(), lm.get_output_embeddings()
+
+
 def reference_loss(model, batch: dict[str, torch.Tensor], mask_dtype=torch.float32):
-    """Plain PyTorch: logits from the model, CE summed over labelled tokens, shifted by one as HF does."""
+    """Plain PyTorch: CE summed over labelled tokens, shifted by one as HF does.
+
+    The LM head runs only where a label is trained: instruction data trains ~9% of its
+    tokens (the built-in demo set: 8.8%), and SmolLM2's 49k-token head is ~20% of its FLOPs,
+    so this cuts a CPU step by about a sixth with the same loss and gradients.
+    """
     from lorafit.data.batching import packed_attention_mask
 
     mask = batch["attention_mask"]
     if "doc_ids" in batch:
         mask = packed_attention_mask(batch["doc_ids"], dtype=mask_dtype)  # (B, 1, T, T) block-diagonal causal
-    logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
-                   use_cache=False).logits
     labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
-    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                         ignore_index=IGNORE, reduction="sum")
-    return ce, (labels != IGNORE).sum()
+    keep = labels != IGNORE
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
+                  use_cache=False)
+    split = _decoder_and_head(model)
+    if split is None:
+        logits = model(**inputs).logits[:, :-1]  # (B, T-1, V)
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                             ignore_index=IGNORE, reduction="sum")
+        return ce, keep.sum()
+    decoder, head = split
+    hidden = decoder(**inputs).last_hidden_state[:, :-1]  # (B, T-1, C)
+    logits = head(hidden[keep])  # (N, V), N labelled tokens
+    return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), keep.sum()
 
 
 @dataclass
