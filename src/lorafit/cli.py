@@ -36,7 +36,7 @@ def parse_overrides(rest: list[str]) -> dict[str, Any]:
         tok = rest[i]
         if not tok.startswith("--") or tok == "--":
             raise UserError(f"unexpected argument '{tok}'", fix="options take the form --field value")
-        key = tok[2:].replace("-", "_")
+        key = tok[2:]
         if "=" in key:
             key, value = key.split("=", 1)
             i += 1
@@ -46,8 +46,26 @@ def parse_overrides(rest: list[str]) -> dict[str, Any]:
         else:
             value = "true"
             i += 1
-        out[key] = value
+        out[key.replace("-", "_")] = value
     return out
+
+
+def _split_prompt(argv: list[str], flags: tuple[str, ...]) -> tuple[list[str], str | None]:
+    """Take the positional PROMPT out of argv: a word after `--key` is that key's value, not the prompt."""
+    rest, prompt, i = [], None, 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith("-") and tok not in flags and "=" not in tok and i + 1 < len(argv) \
+                and not argv[i + 1].startswith("--"):
+            rest += [tok, argv[i + 1]]
+            i += 2
+            continue
+        if not tok.startswith("-") and prompt is None:
+            prompt = tok
+        else:
+            rest.append(tok)
+        i += 1
+    return rest, prompt
 
 
 def _fields_help() -> str:
@@ -111,7 +129,9 @@ def cmd_chat(argv: list[str]) -> int:
     p.add_argument("prompt", nargs="?", help="answer this once and exit")
     p.add_argument("--demo", action="store_true", help="answer a set of built-in prompts")
     p.add_argument("--base", action="store_true", help="use the base model without the adapter")
+    argv, prompt = _split_prompt(argv, flags=("--demo", "--base", "-h", "--help"))
     args, rest = p.parse_known_args(argv)
+    args.prompt = prompt
     from lorafit.chat import chat
 
     cfg = _run_config(args.adapter_path, parse_overrides(rest))
