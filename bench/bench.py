@@ -3,9 +3,8 @@ transformers process-wide, so every stack runs in its own process; bench/run.sh 
 
 usage: python bench/bench.py STACK MODEL_DIR [--shapes 8x512,4x2048] [--real]
 STACK: hf (transformers + PEFT + bitsandbytes, the seeds' stack, as ../shared/bench/peer_bench.py),
-       unsloth, or lorafit[:offload|:gpu|:nockpt][+nok] (fast path; activation checkpointing with inputs
-       parked in pinned CPU memory / kept on the GPU / no recomputation at all; +nok: the low-rank
-       term added onto the base product's output instead of riding in its K dimension, as before v4).
+       unsloth, or lorafit[:offload|:gpu|:nockpt] (fast path; activation checkpointing with inputs
+       parked in pinned CPU memory / kept on the GPU / no recomputation at all).
 Shapes: the same random token batch every step, all tokens labelled, median of 8 steps after 4
 warm-up steps. --real: one pass over the alpaca_en_demo record lengths (bench/alpaca_lengths.txt),
 random token ids, prompts masked from the loss; hf/unsloth take batches of 8 records padded to
@@ -55,11 +54,9 @@ def make_step(stack: str, model):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     if stack.startswith("lorafit"):
         from lorafit.fast import enable_fast_path
-        name, _, opts = stack.partition("+")
-        mode = name.partition(":")[2] or "offload"
+        mode = stack.partition(":")[2] or "offload"
         fl = enable_fast_path(model, gradient_checkpointing=mode != "nockpt", offload_activations=mode == "offload")
         assert fl.fast, "fast path not taken"
-        fl.lora_in_k = "nok" not in opts.split(",")
 
         def step(batch):
             loss_sum, n = fl(batch)

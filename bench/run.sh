@@ -3,7 +3,7 @@
 # own process, then the table. Wheels (the GPU image lacks bitsandbytes and Unsloth) come from
 # `bash ../shared/bench/fetch_peer_wheels.sh`, carried as .whl-bnb and .whl-peers.
 # usage: [BENCH_ARGS=...] bash bench/run.sh [STEPS...]   STEPS from: tests model lorafit lorafit:gpu lorafit:nockpt
-#        lorafit+nok hf unsloth loss prof:BSxSEQ; BENCH_ARGS (default --real) go to every bench.py stack
+#        hf unsloth loss prof:BSxSEQ; BENCH_ARGS (default --real) go to every bench.py stack
 #        ddp (lorafit's DDP step on 1 GPU, then on 2: ddp_bench.py under torchrun; needs `model` first)
 #        cli2 (a short `torchrun --nproc_per_node 2 -m lorafit train`, 4-bit, fast path, on a tiny random model)
 set -uo pipefail

@@ -22,9 +22,7 @@ CHATML = (
 
 
 def _corpus() -> list[str]:
-    words = ("the a of to and in is it you that he was for on are with as I his they be at one have this from "
-             "what how why convert sort reverse extract add sum number answer question instruction input response "
-             "human assistant system user hello world apple banana cherry Monday Tuesday kilometers meters").split()
+    words = ["the", "a", "of", "to", "and", "in", "is", "it", "you", "that", "he", "was", "for", "on", "are", "with", "as", "I", "his", "they", "be", "at", "one", "have", "this", "from", "what", "how", "why", "convert", "sort", "reverse", "extract", "add", "sum", "number", "answer", "question", "instruction", "input", "response", "human", "assistant", "system", "user", "hello", "world", "apple", "banana", "cherry", "Monday", "Tuesday", "kilometers", "meters"]
     lines = []
     for i in range(400):
         lines.append(" ".join(words[(i * k) % len(words)] for k in range(1, 12)) + f" {i} {i * 7 % 100}.")

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lorafit.errors import UserError
 
@@ -69,7 +70,7 @@ def _split_prompt(argv: list[str], flags: tuple[str, ...]) -> tuple[list[str], s
 
 
 def _fields_help() -> str:
-    from lorafit.config import SECTIONS, Config, _SECTION_OF, field_help
+    from lorafit.config import _SECTION_OF, SECTIONS, Config, field_help
 
     lines = []
     defaults = Config()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import platform
 import shutil
-from importlib import metadata
 from typing import Any
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "gguf", "triton",
@@ -58,13 +57,9 @@ def doctor() -> int:
 
 
 def package_versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    from lorafit.rundir import installed_versions
+
+    return installed_versions(PACKAGES)
 
 
 def gpu_info() -> list[dict[str, Any]]:

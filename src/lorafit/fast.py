@@ -95,7 +95,6 @@ class _Dequant:
         self.nf4 = None
 
     def __call__(self, out):
-        """out: None, or an (out, in) tensor with unit column stride (rows may be further apart)."""
         w = self.layer.weight
         if _is_4bit(self.layer):
             qs = w.quant_state
@@ -105,7 +104,7 @@ class _Dequant:
                     self.nf4 = NF4Weight(w.data, qs)
                 return self.nf4(out)
             import bitsandbytes.functional as bnbf
-            if out is not None and w.is_cuda and qs.dtype == out.dtype and out.is_contiguous():
+            if out is not None and w.is_cuda and qs.dtype == out.dtype:
                 return bnbf.dequantize_4bit(w.data, qs, out=out)
             full = bnbf.dequantize_4bit(w.data, qs).to(self.dtype)
         else:
@@ -212,7 +211,6 @@ class FastLoss:
         self.version = 0
         self.store = ActivationStore(offload=offload_activations)
         self.pool = WeightBuffer()
-        self.lora_in_k = True  # low-rank term inside the base product (kernels/lora.py); benchmarks switch it off
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.fast:
@@ -256,24 +254,17 @@ class FastLoss:
         loss = ops.ce(x.index_select(0, sel), self.base.lm_head.weight, tgt.index_select(0, sel))
         return loss, n_tok
 
-    def _room(self, group: Group, in_features: int, training: bool) -> int:
-        return group.room(in_features, training) if self.lora_in_k else 0
-
     def _layer(self, ly: _Layer, c, x: torch.Tensor) -> torch.Tensor:
         hq, hkv, d = self.n_heads, self.n_kv, self.head_dim
-        v_, hidden = c.version, x.shape[-1]
-        # producers of q/k/v's, gate/up's and down's inputs leave room for the rank-r activations
-        r_qkv, r_gu = self._room(ly.qkv, hidden, c.training), self._room(ly.gate_up, hidden, c.training)
-        h = c.ops.rmsnorm(x, ly.ln1, ly.eps, r_qkv)
-        qkv = lora_group(h, ly.qkv, self.pool, c.training, v_, room=r_qkv > 0)
+        h = c.ops.rmsnorm(x, ly.ln1, ly.eps)
+        v_ = c.version
+        qkv = lora_group(h, ly.qkv, self.pool, c.training, v_)
         q, k, v = c.ops.qkv_rope(qkv, c.cos, c.sin, hq, hkv, d)
         a = attention(q, k, v, c.batch, hq, hkv, d, self.scale, plan=c.plan, doc_ids=c.doc_ids, window=self.window)
         o = lora_group(a, ly.o, self.pool, c.training, v_)
-        x, h = c.ops.add_rmsnorm(x, o, ly.ln2, ly.eps, r_gu)
-        gu = lora_group(h, ly.gate_up, self.pool, c.training, v_, room=r_gu > 0)
-        r_down = self._room(ly.down, gu.shape[-1] // 2, c.training)
-        act = c.ops.swiglu(gu, r_down)
-        return lora_group(act, ly.down, self.pool, c.training, v_, residual=x, room=r_down > 0)
+        x, h = c.ops.add_rmsnorm(x, o, ly.ln2, ly.eps)
+        gu = lora_group(h, ly.gate_up, self.pool, c.training, v_)
+        return lora_group(c.ops.swiglu(gu), ly.down, self.pool, c.training, v_, residual=x)
 
     def _reference(self, batch):
         """The model's own forward (any architecture); a document mask when rows are packed."""

@@ -197,7 +197,6 @@ def default_device(local_rank: int | None = None):
 
 def load_base_model(cfg: Config, device=None, source: ModelSource | None = None):
     """The frozen base model on `device`, quantized when asked, in the run's compute dtype."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     src = source or resolve_model(cfg)

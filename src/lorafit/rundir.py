@@ -34,16 +34,22 @@ _PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsand
              "gguf", "triton", "liger-kernel", "lorafit")
 
 
-def package_versions() -> dict[str, Any]:
+def installed_versions(names) -> dict[str, str | None]:
+    """Installed version of each distribution in `names` (None when absent)."""
     from importlib import metadata
 
-    out: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
-    for name in _PACKAGES:
+    out: dict[str, str | None] = {}
+    for name in names:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def package_versions() -> dict[str, Any]:
+    """What a run records in versions.json: Python, the platform and the packages that matter."""
+    return {"python": platform.python_version(), "platform": platform.platform(), **installed_versions(_PACKAGES)}
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

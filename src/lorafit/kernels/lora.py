@@ -7,13 +7,6 @@ the low-rank term is one x @ [Aq; Ak; Av]^T plus one product with the block-diag
 backward dequantizes again (about 25 us for 3072 x 8192 on an H100, far cheaper than keeping a
 bf16 copy of every weight) and gives dx with one product per term, dA and dB per head.
 
-Low-rank term inside the big product (`room`): when the producer of x left sum(r) scratch
-columns after each row (rmsnorm / swiglu with `room=`), forward writes h = x @ A^T there and
-runs ONE product [x | h] @ [W | s*B]^T with K = in + sum(r). Otherwise y = h @ (s*B)^T is
-written first and the base product accumulates onto it (beta = 1), which writes y once and
-reads it once more: at 4 x 2048 that extra pass is 2 x 268 MB for gate/up and 2 x 151 MB for
-q/k/v per layer, twice a step (forward and recompute).
-
 Dropout (PEFT applies it to the LoRA input only) draws one mask per head, as PEFT's separate
 nn.Dropout modules do; with p = 0 no mask exists and the A's stay concatenated.
 """
@@ -72,47 +65,36 @@ class Group:
             self.version = version
         return self.a, self.b, self.bias
 
-    def room(self, in_features: int, training: bool) -> int:
-        """Scratch columns the producer of this group's input should leave after each row (0: none):
-        sum(r), when the low-rank term can ride in the base product (no dropout mask; rows 16-byte aligned)."""
-        lora = [h for h in self.heads if h.lora_A is not None]
-        if not lora or (training and any(h.dropout > 0 for h in lora)):
-            return 0
-        r = sum(h.lora_A.shape[0] for h in lora)
-        return r if (in_features + r) % 8 == 0 else 0
-
     def release(self) -> None:
         """Drop the cached factors (a checkpointed layer needs them again only at its recompute)."""
         self.version = None
         self.a = self.b = self.bias = None
 
 
-def _base_weight(heads: list[Head], in_features: int, dtype, device, pool: WeightBuffer | None,
-                 width: int | None = None) -> torch.Tensor:
-    """[W_0; W_1; ...] (sum_out, width) in the compute dtype, in the reused buffer where possible;
-    columns past in_features (width > in_features) are left for the caller."""
-    width = width or in_features
-    if len(heads) == 1 and pool is None and width == in_features:
+def _base_weight(heads: list[Head], in_features: int, dtype, device, pool: WeightBuffer | None) -> torch.Tensor:
+    """[W_0; W_1; ...] (sum_out, in) in the compute dtype, in the reused buffer where possible."""
+    if len(heads) == 1 and pool is None:
         return heads[0].dequant(None)
     total = sum(h.out_features for h in heads)
-    w = pool.get(total * width, dtype, device).view(total, width) if pool is not None else \
-        torch.empty(total, width, dtype=dtype, device=device)
+    w = pool.get(total * in_features, dtype, device).view(total, in_features) if pool is not None else \
+        torch.empty(total, in_features, dtype=dtype, device=device)
     o = 0
     for h in heads:
-        h.dequant(w[o:o + h.out_features, :in_features])
+        h.dequant(w[o:o + h.out_features])
         o += h.out_features
     return w
 
 
 class _LoRAGroup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, group, pool, training, version, room, *params):
+    def forward(ctx, x, residual, group, pool, training, version, *params):
         heads = group.heads
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         n, d_in = x2.shape
         dtype = x.dtype
         a_cat, b_bd, bias = group.prepared(dtype, x.device, version)
+        w = _base_weight(heads, d_in, dtype, x.device, pool)
         c = None if residual is None else residual.reshape(n, -1)
         if bias is not None:
             c = bias if c is None else c + bias
@@ -129,26 +111,13 @@ class _LoRAGroup(torch.autograd.Function):
                     masks.append(m)
                     hs.append((x2 if m is None else x2 * m) @ h.lora_A.to(dtype).t())
                 h_act = torch.cat(hs, dim=1)
-            rt = a_cat.shape[0]
-            if not use_drop and room and x2.stride(1) == 1 and x2.stride(0) == d_in + rt:
-                # the producer's scratch columns: [x | h] (n, in + sum r), one product with [W | s*B]
-                xh = x2.as_strided((n, d_in + rt), (x2.stride(0), 1))
-                h_act = torch.mm(x2, a_cat.t(), out=xh[:, d_in:])                  # (n, sum r)
-                w = _base_weight(heads, d_in, dtype, x.device, pool, width=d_in + rt)
-                w[:, d_in:].copy_(b_bd)
-                y = xh @ w.t() if c is None else torch.addmm(c, xh, w.t())
-                # saved views must not predate the write into their base (autograd would refuse them)
-                x2, h_act = x2.detach(), h_act.detach()
             else:
-                if not use_drop:
-                    h_act = x2 @ a_cat.t()                                   # (n, sum r)
-                w = _base_weight(heads, d_in, dtype, x.device, pool)
-                # low-rank term (and residual / bias) first, then the big product accumulates onto it in
-                # cuBLAS's epilogue (beta = 1): one pass over y fewer than adding the LoRA term afterwards
-                y = h_act @ b_bd.t() if c is None else torch.addmm(c, h_act, b_bd.t())
-                y.addmm_(x2, w.t())
+                h_act = x2 @ a_cat.t()                                   # (n, sum r)
+            # low-rank term (and residual / bias) first, then the big product accumulates onto it in
+            # cuBLAS's epilogue (beta = 1): one pass over y fewer than adding the LoRA term afterwards
+            y = h_act @ b_bd.t() if c is None else torch.addmm(c, h_act, b_bd.t())
+            y.addmm_(x2, w.t())
         else:
-            w = _base_weight(heads, d_in, dtype, x.device, pool)
             y = x2 @ w.t() if c is None else torch.addmm(c, x2, w.t())
         ctx.has_residual = residual is not None
         ctx.group, ctx.pool, ctx.shape, ctx.version = group, pool, shape, version
@@ -201,7 +170,7 @@ class _LoRAGroup(torch.autograd.Function):
                 r0 += r
                 i += 1
         dres = dy.view(*ctx.shape[:-1], dy.shape[-1]) if ctx.has_residual else None
-        return (dx.view(ctx.shape), dres, None, None, None, None, None, *grads)
+        return (dx.view(ctx.shape), dres, None, None, None, None, *grads)
 
 
 def _block_diag_b(heads: list[Head], dtype) -> torch.Tensor:
@@ -222,17 +191,14 @@ def _block_diag_b(heads: list[Head], dtype) -> torch.Tensor:
 
 
 def lora_group(x: torch.Tensor, heads: list[Head] | Group, pool: WeightBuffer | None = None,
-               training: bool = True, version: int | None = None, residual: torch.Tensor | None = None,
-               room: bool = False) -> torch.Tensor:
+               training: bool = True, version: int | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in) -> (..., sum_out): concatenated outputs of the heads (see module docstring).
 
     `residual` (..., sum_out), if given, is added to the output inside the same product (beta = 1).
-    `room=True`: the Group.room(in, training) columns after each row of x (x.stride(-2) = in + room)
-    are scratch this call may overwrite, as rmsnorm / swiglu(..., room=) leave them.
     Twin: reference.lora_group (+ residual). Gradients flow to x, residual and every lora_A / lora_B."""
     group = heads if isinstance(heads, Group) else Group(heads)
     params = []
     for h in group.heads:
         if h.lora_A is not None:
             params += [h.lora_A, h.lora_B]
-    return _LoRAGroup.apply(x, residual, group, pool, training, version, room, *params)
+    return _LoRAGroup.apply(x, residual, group, pool, training, version, *params)

@@ -15,9 +15,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _dequant(Q, ABSMAX, CODE2, ABSMAX2, NF4, OUT, offset, numel, n_bytes, cols, ld,
-             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, STRIDED: tl.constexpr,
-             BLOCK: tl.constexpr):
+def _dequant(Q, ABSMAX, CODE2, ABSMAX2, NF4, OUT, offset, numel, n_bytes,
+             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     i = pid * BLOCK + tl.arange(0, BLOCK)                 # byte index: elements 2i (high nibble), 2i+1 (low)
     m = i < n_bytes
@@ -32,10 +31,7 @@ def _dequant(Q, ABSMAX, CODE2, ABSMAX2, NF4, OUT, offset, numel, n_bytes, cols, 
     hi = tl.load(NF4 + (q >> 4)) * amax
     lo = tl.load(NF4 + (q & 15)) * amax
     o = pid * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
-    dst = o
-    if STRIDED:  # rows of `cols` values, `ld` apart (a weight buffer with columns after each row)
-        dst = (o // cols) * ld + o % cols
-    tl.store(OUT + dst, tl.interleave(hi, lo).to(OUT.dtype.element_ty), mask=o < numel)
+    tl.store(OUT + o, tl.interleave(hi, lo).to(OUT.dtype.element_ty), mask=o < numel)
 
 
 class NF4Weight:
@@ -56,15 +52,12 @@ class NF4Weight:
             self.blocksize2, self.offset = 1, 0.0
 
     def __call__(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The (out, in) weight, into `out` if given: contiguous, or rows of unit stride any distance apart."""
         if out is None:
             out = torch.empty(self.shape, dtype=self.dtype, device=self.packed.device)
-        assert out.dim() == 2 and out.stride(1) == 1 and tuple(out.shape) == self.shape
         numel = out.numel()
         n_bytes = (numel + 1) // 2
         block = 1024
         _dequant[(triton.cdiv(n_bytes, block),)](
             self.packed, self.absmax, self.code2, self.absmax2, self.code, out, self.offset, numel, n_bytes,
-            out.shape[1], out.stride(0), BLOCKSIZE=self.blocksize, BLOCKSIZE2=self.blocksize2, NESTED=self.nested,
-            STRIDED=not out.is_contiguous(), BLOCK=block, num_warps=4)
+            BLOCKSIZE=self.blocksize, BLOCKSIZE2=self.blocksize2, NESTED=self.nested, BLOCK=block, num_warps=4)
         return out

@@ -12,30 +12,23 @@ import torch
 import torch.nn.functional as F
 
 
-def with_room(y: torch.Tensor, room: int) -> torch.Tensor:
-    """y itself in a buffer `room` columns wider, so y.stride(0) = C + room: the scratch columns after
-    each row are the caller's (lora_group writes its rank-r activations there; see kernels/lora.py)."""
-    return y if room == 0 else F.pad(y, (0, room))[..., : y.shape[-1]]
-
-
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, room: int = 0) -> torch.Tensor:
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """y = weight * (x / rms(x)), rms taken in float32; x (N, C)."""
     xf = x.float()
     xhat = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return with_room((weight.float() * xhat.float()).to(x.dtype), room)
+    return (weight.float() * xhat.float()).to(x.dtype)
 
 
-def add_rmsnorm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float,
-                room: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rmsnorm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add then RMSNorm: returns (h = x + r, rmsnorm(h))."""
     h = x + r
-    return h, rmsnorm(h, weight, eps, room)
+    return h, rmsnorm(h, weight, eps)
 
 
-def swiglu(gu: torch.Tensor, room: int = 0) -> torch.Tensor:
+def swiglu(gu: torch.Tensor) -> torch.Tensor:
     """gu (N, 2I) = [gate | up] -> silu(gate) * up, (N, I)."""
     g, u = gu.chunk(2, dim=-1)
-    return with_room(F.silu(g) * u, room)
+    return F.silu(g) * u
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _fwd(X, R, H, Y, W, RSTD, n_cols, y_stride, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+def _fwd(X, R, H, Y, W, RSTD, n_cols, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -25,7 +25,7 @@ def _fwd(X, R, H, Y, W, RSTD, n_cols, y_stride, eps, HAS_RES: tl.constexpr, BLOC
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     xhat = (x * rstd).to(Y.dtype.element_ty).to(tl.float32)  # HF rounds before the weight
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * y_stride + cols, (xhat * w).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + row * n_cols + cols, (xhat * w).to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + row, rstd)
 
 
@@ -53,23 +53,23 @@ def _launch_cfg(n_cols: int) -> tuple[int, int]:
 
 class _AddRMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, r, weight, eps, room):
+    def forward(ctx, x, r, weight, eps):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
         n, c = x2.shape
         has_res = r is not None
         r2 = r.reshape(n, c).contiguous() if has_res else x2
         h = torch.empty_like(x2) if has_res else x2
-        y = torch.empty(n, c + room, dtype=x2.dtype, device=x2.device)[:, :c]   # room: see reference.with_room
+        y = torch.empty_like(x2)
         rstd = torch.empty(n, dtype=torch.float32, device=x.device)
         block, warps = _launch_cfg(c)
-        _fwd[(n,)](x2, r2, h, y, weight, rstd, c, y.stride(0), eps, HAS_RES=has_res, BLOCK=block, num_warps=warps)
+        _fwd[(n,)](x2, r2, h, y, weight, rstd, c, eps, HAS_RES=has_res, BLOCK=block, num_warps=warps)
         ctx.save_for_backward(h, weight, rstd)
         ctx.has_res = has_res
         ctx.shape = shape
         if has_res:
-            return h.view(shape), y.view(*shape[:-1], c)
-        return y.view(*shape[:-1], c)
+            return h.view(shape), y.view(shape)
+        return y.view(shape)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -87,16 +87,15 @@ class _AddRMSNorm(torch.autograd.Function):
         _bwd[(n,)](dy, dh, h, weight, rstd, dx, c, HAS_DH=has_dh, BLOCK=block, num_warps=warps)
         dx = dx.view(ctx.shape)
         if ctx.has_res:
-            return dx, dx, None, None, None
-        return dx, None, None, None, None
+            return dx, dx, None, None
+        return dx, None, None, None
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, room: int = 0) -> torch.Tensor:
-    """Triton twin of reference.rmsnorm (frozen weight); `room` scratch columns after each output row."""
-    return _AddRMSNorm.apply(x, None, weight, eps, room)
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Triton twin of reference.rmsnorm (frozen weight)."""
+    return _AddRMSNorm.apply(x, None, weight, eps)
 
 
-def add_rmsnorm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float,
-                room: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rmsnorm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of reference.add_rmsnorm: (x + r, rmsnorm(x + r))."""
-    return _AddRMSNorm.apply(x, r, weight, eps, room)
+    return _AddRMSNorm.apply(x, r, weight, eps)

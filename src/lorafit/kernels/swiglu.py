@@ -12,14 +12,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _fwd(GU, O, n_cols, o_stride, BLOCK: tl.constexpr):
+def _fwd(GU, O, n_cols, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     g = tl.load(GU + row * 2 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(GU + row * 2 * n_cols + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     act = (g * tl.sigmoid(g)).to(O.dtype.element_ty).to(tl.float32)  # HF rounds silu(gate)
-    tl.store(O + row * o_stride + cols, (act * u).to(O.dtype.element_ty), mask=mask)
+    tl.store(O + row * n_cols + cols, (act * u).to(O.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -42,13 +42,13 @@ _BLOCK = 1024
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gu, room):
+    def forward(ctx, gu):
         shape = gu.shape
         gu2 = gu.reshape(-1, shape[-1]).contiguous()
         n, two_i = gu2.shape
         i = two_i // 2
-        out = torch.empty(n, i + room, dtype=gu.dtype, device=gu.device)[:, :i]   # room: see reference.with_room
-        _fwd[(n, triton.cdiv(i, _BLOCK))](gu2, out, i, out.stride(0), BLOCK=_BLOCK, num_warps=4)
+        out = torch.empty(n, i, dtype=gu.dtype, device=gu.device)
+        _fwd[(n, triton.cdiv(i, _BLOCK))](gu2, out, i, BLOCK=_BLOCK, num_warps=4)
         ctx.save_for_backward(gu2)
         ctx.shape = shape
         return out.view(*shape[:-1], i)
@@ -60,9 +60,9 @@ class _SwiGLU(torch.autograd.Function):
         i = two_i // 2
         dgu = torch.empty_like(gu2)
         _bwd[(n, triton.cdiv(i, _BLOCK))](gu2, dout.reshape(n, i).contiguous(), dgu, i, BLOCK=_BLOCK, num_warps=4)
-        return dgu.view(ctx.shape), None
+        return dgu.view(ctx.shape)
 
 
-def swiglu(gu: torch.Tensor, room: int = 0) -> torch.Tensor:
-    """Triton twin of reference.swiglu; `room` scratch columns after each output row."""
-    return _SwiGLU.apply(gu, room)
+def swiglu(gu: torch.Tensor) -> torch.Tensor:
+    """Triton twin of reference.swiglu."""
+    return _SwiGLU.apply(gu)
