@@ -21,7 +21,8 @@ setup: $(STAMP)
 quickstart: setup
 	$(BIN)/lorafit train --config configs/quickstart.yaml
 	$(BIN)/lorafit eval --adapter_path runs/quickstart
-	$(BIN)/lorafit chat --adapter_path runs/quickstart --temperature 0 "What is 48 + 27? Answer with the number only."
+	@echo "tuned model:"; $(BIN)/lorafit chat --adapter_path runs/quickstart --temperature 0 "Which number is the largest? 12, 87, 45" 2>/dev/null
+	@echo "base model, same prompt:"; $(BIN)/lorafit chat --base --adapter_path runs/quickstart --temperature 0 --max_new_tokens 40 "Which number is the largest? 12, 87, 45" 2>/dev/null
 
 # The chat page test drives Debian's headless Chromium; without root/apt it is skipped.
 browser:

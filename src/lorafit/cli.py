@@ -127,7 +127,9 @@ def cmd_eval(argv: list[str]) -> int:
 def cmd_chat(argv: list[str]) -> int:
     p = _parser("chat", "Chat with the tuned model (one answer with PROMPT, else an interactive loop).")
     p.add_argument("--adapter_path", required=True, help="run directory written by `lorafit train`")
-    p.add_argument("prompt", nargs="?", help="answer this once and exit")
+    # PROMPT (answer once and exit) is taken out by _split_prompt: an argparse positional would
+    # swallow the value of an override flag such as `--temperature 0`.
+    p.usage = "lorafit chat --adapter_path DIR [--demo] [--base] [--FIELD VALUE ...] [PROMPT]"
     p.add_argument("--demo", action="store_true", help="answer a set of built-in prompts")
     p.add_argument("--base", action="store_true", help="use the base model without the adapter")
     argv, prompt = _split_prompt(argv, flags=("--demo", "--base", "-h", "--help"))
