@@ -101,6 +101,7 @@ def builtin_model_dir() -> Path:
     # which is what generation must stop on and what training must teach.
     tok.eos_token = "<|im_end|>"
     tok.pad_token = "<|endoftext|>" if "<|endoftext|>" in tok.get_vocab() else tok.eos_token
+    tok.clean_up_tokenization_spaces = False  # a BPE tokenizer: the WordPiece clean-up would eat spaces
     model.config.eos_token_id = tok.eos_token_id
     model.config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
