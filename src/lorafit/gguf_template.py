@@ -31,11 +31,11 @@ def chat_format(template: dict[str, Any] | None, tokenizer: Any) -> ChatFormat:
     system = template.get("system_prompt")
     stops = [template.get("end_of_turn") or "", eos]
     name = template.get("name")
-    from lorafit.data.templates import _PLAIN_PARTS, _STOPS
+    from lorafit.data.templates import PLAIN_PARTS, PLAIN_STOPS
 
-    if name in _PLAIN_PARTS:
-        parts = _PLAIN_PARTS[name]
-        stops = [s.strip() for s in _STOPS[name]] + stops
+    if name in PLAIN_PARTS:
+        parts = PLAIN_PARTS[name]
+        stops = [s.strip() for s in PLAIN_STOPS[name]] + stops
         return ChatFormat(_with_default_system(plain_jinja(name, parts), system), plain_go(name, parts, eos),
                           system, _unique(stops))
     jinja = template.get("chat_template") or _tokenizer_template(tokenizer)

@@ -30,13 +30,13 @@ CHATML = (
 )
 
 # (text before a user turn after the first, user turn, input line, reply header, reply prefix)
-_PLAIN_PARTS = {
+PLAIN_PARTS = {
     "alpaca": ("\n", "Instruction: {c}\n", "Input: {i}\n", "Response:", " "),
     "instruction": ("\n\n", "### Instruction:\n{c}\n\n", "### Input:\n{i}\n\n", "### Response:\n", ""),
     "guanaco": ("", "### Human: {c}", None, "### Assistant:", " "),
     "raw": ("", "{c}\n", None, "", ""),
 }
-_STOPS = {"alpaca": ["\nInstruction:"], "instruction": ["### Instruction:"], "guanaco": ["### Human:"], "raw": []}
+PLAIN_STOPS = {"alpaca": ["\nInstruction:"], "instruction": ["### Instruction:"], "guanaco": ["### Human:"], "raw": []}
 
 Segments = list[tuple[str, bool]]
 """Rendered text in pieces, each marked True when it belongs to an assistant reply (trained)."""
@@ -81,7 +81,7 @@ class Template:
 
     @property
     def stop_strings(self) -> list[str]:
-        stops = list(_STOPS.get(self.name, [])) + [self.end_of_turn or "", self.eos_token or ""]
+        stops = list(PLAIN_STOPS.get(self.name, [])) + [self.end_of_turn or "", self.eos_token or ""]
         if self.name == "chatml":
             stops.insert(0, "<|im_end|>")
         return list(dict.fromkeys(s for s in stops if s))
@@ -124,7 +124,7 @@ class Template:
         return list(messages)
 
     def _plain_segments(self, messages: list[dict], add_generation_prompt: bool) -> Segments:
-        sep, user_fmt, input_fmt, header, reply_prefix = _PLAIN_PARTS[self.name]
+        sep, user_fmt, input_fmt, header, reply_prefix = PLAIN_PARTS[self.name]
         eos = self.eos_token or ""
         segs: Segments = []
         for m in messages:
