@@ -18,6 +18,13 @@ $(STAMP): pyproject.toml requirements.txt
 
 setup: $(STAMP)
 
+# With a CPU-only torch, the tests run the Triton GPU kernels in Triton's interpreter against their
+# plain-PyTorch twins (a CUDA torch brings its own Triton, so nothing is installed there).
+$(VENV)/.triton: $(STAMP)
+	$(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)" && \
+	  $(BIN)/python -m pip install -q triton==3.6.0 || true
+	touch $@
+
 quickstart: setup
 	$(BIN)/lorafit train --config configs/quickstart.yaml
 	$(BIN)/lorafit eval --adapter_path runs/quickstart
@@ -30,7 +37,7 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "chromium not installed: the browser test will be skipped"; }
 
-test: setup browser
+test: setup $(VENV)/.triton browser
 	$(BIN)/python -m pytest -q
 
 clean:

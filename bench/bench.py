@@ -14,6 +14,7 @@ Prints one JSON line per measurement.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -80,13 +81,15 @@ def timed(step, batches, warmup):
     import torch
     for b in batches[:warmup]:
         step(b)
-    times, losses = [], []
+    times, losses, issue = [], [], []
     for b in batches[warmup:]:
         torch.cuda.synchronize()
         t = time.perf_counter()
         losses.append(step(b))
+        issue.append(time.perf_counter() - t)   # host time to queue the step (GPU-bound when << the step)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+    timed.issue_s = sorted(issue)[len(issue) // 2]
     return times, [x.item() for x in losses]
 
 
@@ -182,9 +185,34 @@ def profile(step, bs, seq):
     print("  by kind: " + ", ".join(f"{k} {v:.1f} ms" for k, v in sums.items()))
     for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:32]:
         print(f"  {e.self_device_time_total / 2 / 1e3:8.2f} ms  {e.count // 2:6d}x  {e.key[:90]}")
+    gaps(p)
     cpu = sorted(p.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
     for e in cpu:
         print(f"  cpu {e.self_cpu_time_total / 2 / 1e3:8.2f} ms  {e.count // 2:6d}x  {e.key[:80]}")
+
+
+def gaps(p, path="/tmp/trace.json"):
+    """Where the busiest stream waits: idle time between its kernels, the largest gaps with the kernels
+    around them (a gap means the host, a host sync or another stream held the work back)."""
+    p.export_chrome_trace(path)
+    with open(path) as f:
+        trace = json.load(f)["traceEvents"]
+    ev = [e for e in trace
+          if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    by_stream = {}
+    for e in ev:
+        by_stream.setdefault(e["args"].get("stream"), []).append(e)
+    for st, es in by_stream.items():
+        print(f"  stream {st}: {len(es)} GPU ops, busy {sum(e['dur'] for e in es) / 2e3:.1f} ms/step")
+    main = max(by_stream.values(), key=lambda es: sum(e["dur"] for e in es))
+    main.sort(key=lambda e: e["ts"])
+    span = (main[-1]["ts"] + main[-1]["dur"] - main[0]["ts"]) / 2e3
+    holes = [(b["ts"] - a["ts"] - a["dur"], a["name"], b["name"]) for a, b in itertools.pairwise(main)]
+    idle = sum(h for h, _, _ in holes if h > 0) / 2e3
+    big = sum(h for h, _, _ in holes if h > 50) / 2e3
+    print(f"  main stream: span {span:.1f} ms/step, idle {idle:.1f} ms/step ({big:.1f} in gaps > 50 us)")
+    for h, a, b in sorted(holes, reverse=True)[:14]:
+        print(f"    gap {h / 1e3:7.2f} ms  after {a[:50]}  before {b[:50]}")
 
 
 def main() -> None:
@@ -208,6 +236,7 @@ def main() -> None:
             times, losses = timed(step, shape_batches(bs, seq, args.steps), warmup=4)
             st = sorted(times)[len(times) // 2]
             rec = {"stack": args.stack, "shape": f"{bs}x{seq}", "step_s": round(st, 4), "tok_s": round(bs * seq / st),
+                   "host_queue_s": round(timed.issue_s, 4),
                        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                        "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4)}
         except Exception as e:  # noqa: BLE001 -- one failed shape must not hide the others

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from triton_interp import INTERPRETED, OUTER_ONLY, run_in_interpreter
+
 from lorafit.fast import enable_fast_path, fast_forward_supported
 
 TARGETS = {
@@ -132,3 +134,17 @@ def test_unsupported_architecture_falls_back_with_one_log_line(caplog):
     bt = batch(t=16)
     loss, _n = fl(bt)
     torch.testing.assert_close(loss, hf_loss(pm, bt))
+
+
+@pytest.mark.skipif(**OUTER_ONLY)
+def test_fast_path_through_triton_kernels_in_interpreter():
+    """The same equality tests with the Triton RMSNorm, RoPE, SwiGLU and linear+CE kernels in the
+    fused forward and backward (Triton's interpreter on CPU), not their twins."""
+    run_in_interpreter(__file__, "(fast_equals_model and True) or packed_rows_equal or in_interpreter_uses")
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs inside test_fast_path_through_triton_kernels_in_interpreter")
+def test_in_interpreter_uses_the_triton_kernels():
+    from lorafit.fast import _ops
+    from lorafit.kernels.rmsnorm import rmsnorm
+    assert _ops(torch.device("cpu")).rmsnorm is rmsnorm

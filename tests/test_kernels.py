@@ -6,24 +6,16 @@ otherwise those tests skip. Inputs are fresh random values at odd shapes; output
 ||out - ref|| / ||ref||: float32 under 1e-5, bfloat16 under 1e-2 (a few bf16 roundings).
 """
 import importlib
-import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from triton_interp import CUDA, HAS_TRITON, INTERPRETED, OUTER_ONLY, run_in_interpreter
 
 from lorafit.kernels import reference
 from lorafit.kernels.lora import Head, WeightBuffer, lora_group
 
-CUDA = torch.cuda.is_available()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEV = "cuda" if CUDA else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def kernel(name):
@@ -36,12 +28,9 @@ def kernel(name):
     return importlib.import_module(f"lorafit.kernels.{name}")
 
 
-@pytest.mark.skipif(CUDA or INTERPRETED or not HAS_TRITON, reason="CPU machine with triton installed only")
+@pytest.mark.skipif(**OUTER_ONLY)
 def test_triton_kernels_in_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "_kernel"],
-                       env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    run_in_interpreter(__file__, "_kernel")
 
 
 def rel(a, b):
@@ -132,6 +121,22 @@ def test_lora_group_matches_reference(dtype, case):
     assert rel(y, yr) < tol
     for g, gr in zip(grads, grads_r):
         assert rel(g, gr) < tol
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_lora_group_grad_only_skips_the_product_but_not_the_gradients(dropout):
+    """A checkpoint's recomputation of a layer's last product reads only the output's gradient."""
+    heads = _heads(48, (40, 24), 4, torch.float32, dropout=dropout)
+    x, res = leaf(13, 48, dtype=torch.float32), leaf(13, 64, dtype=torch.float32)
+    dy = torch.randn(13, 64, device=DEV)
+    params = [p for h in heads for p in (h.lora_A, h.lora_B)]
+    grads = []
+    for grad_only in (False, True):
+        torch.manual_seed(1)           # the same dropout masks in both calls, as the checkpoint's saved RNG gives
+        y = lora_group(x, heads, training=True, residual=res, grad_only=grad_only)
+        grads.append(torch.autograd.grad(y, [x, res, *params], dy))
+    for g, g_only in zip(*grads):
+        torch.testing.assert_close(g_only, g)
 
 
 def test_lora_group_dropout_uses_one_mask_per_head_and_matches_reference():

@@ -87,14 +87,14 @@ def _base_weight(heads: list[Head], in_features: int, dtype, device, pool: Weigh
 
 class _LoRAGroup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, group, pool, training, version, *params):
+    def forward(ctx, x, residual, group, pool, training, version, grad_only, *params):
         heads = group.heads
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         n, d_in = x2.shape
         dtype = x.dtype
         a_cat, b_bd, bias = group.prepared(dtype, x.device, version)
-        w = _base_weight(heads, d_in, dtype, x.device, pool)
+        w = None if grad_only else _base_weight(heads, d_in, dtype, x.device, pool)
         c = None if residual is None else residual.reshape(n, -1)
         if bias is not None:
             c = bias if c is None else c + bias
@@ -113,6 +113,11 @@ class _LoRAGroup(torch.autograd.Function):
                 h_act = torch.cat(hs, dim=1)
             else:
                 h_act = x2 @ a_cat.t()                                   # (n, sum r)
+        if grad_only:
+            # a recomputation whose output value nobody reads (the last product of a checkpointed layer):
+            # keep what backward needs (x, h, masks), skip the product, hand back uninitialised memory
+            y = torch.empty(n, sum(h.out_features for h in heads), dtype=dtype, device=x.device)
+        elif lora:
             # low-rank term (and residual / bias) first, then the big product accumulates onto it in
             # cuBLAS's epilogue (beta = 1): one pass over y fewer than adding the LoRA term afterwards
             y = h_act @ b_bd.t() if c is None else torch.addmm(c, h_act, b_bd.t())
@@ -170,7 +175,7 @@ class _LoRAGroup(torch.autograd.Function):
                 r0 += r
                 i += 1
         dres = dy.view(*ctx.shape[:-1], dy.shape[-1]) if ctx.has_residual else None
-        return (dx.view(ctx.shape), dres, None, None, None, None, *grads)
+        return (dx.view(ctx.shape), dres, None, None, None, None, None, *grads)
 
 
 def _block_diag_b(heads: list[Head], dtype) -> torch.Tensor:
@@ -191,14 +196,18 @@ def _block_diag_b(heads: list[Head], dtype) -> torch.Tensor:
 
 
 def lora_group(x: torch.Tensor, heads: list[Head] | Group, pool: WeightBuffer | None = None,
-               training: bool = True, version: int | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+               training: bool = True, version: int | None = None, residual: torch.Tensor | None = None,
+               grad_only: bool = False) -> torch.Tensor:
     """x (..., in) -> (..., sum_out): concatenated outputs of the heads (see module docstring).
 
     `residual` (..., sum_out), if given, is added to the output inside the same product (beta = 1).
+    `grad_only`: the output's VALUE is never read, only its gradient flows back (a checkpoint's
+    recomputation ending in this product): the forward product is skipped and the output is
+    uninitialised memory; backward is unchanged.
     Twin: reference.lora_group (+ residual). Gradients flow to x, residual and every lora_A / lora_B."""
     group = heads if isinstance(heads, Group) else Group(heads)
     params = []
     for h in group.heads:
         if h.lora_A is not None:
             params += [h.lora_A, h.lora_B]
-    return _LoRAGroup.apply(x, residual, group, pool, training, version, *params)
+    return _LoRAGroup.apply(x, residual, group, pool, training, version, grad_only, *params)

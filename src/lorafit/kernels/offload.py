@@ -71,8 +71,9 @@ class ActivationStore:
 
 class _Checkpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, fn, store, idx, rng, after):
-        ctx.fn, ctx.store, ctx.idx, ctx.device, ctx.after = fn, store, idx, x.device, after
+    def forward(ctx, x, fn, store, idx, rng, after, recompute):
+        ctx.fn = recompute or fn
+        ctx.store, ctx.idx, ctx.device, ctx.after = store, idx, x.device, after
         ctx.rng = (torch.cuda.get_rng_state(x.device) if x.is_cuda else torch.get_rng_state()) if rng else None
         with torch.no_grad():
             out = fn(x)
@@ -98,10 +99,13 @@ class _Checkpoint(torch.autograd.Function):
         torch.autograd.backward(out, dout)
         if ctx.after is not None:
             ctx.after()
-        return x.grad, None, None, None, None, None
+        return x.grad, None, None, None, None, None, None
 
 
-def checkpoint(fn, x: torch.Tensor, store: ActivationStore, idx: int, preserve_rng: bool, after=None) -> torch.Tensor:
+def checkpoint(fn, x: torch.Tensor, store: ActivationStore, idx: int, preserve_rng: bool, after=None,
+               recompute=None) -> torch.Tensor:
     """fn(x) with x kept in `store` and fn recomputed in backward; x must require grad.
-    `after()` runs once the forward and again once the backward of this layer are done."""
-    return _Checkpoint.apply(x, fn, store, idx, preserve_rng, after)
+    `after()` runs once the forward and again once the backward of this layer are done.
+    `recompute` (default fn) is what backward reruns: the same graph, but it may skip work whose
+    output value backward never reads (only the output's gradient flows back into it)."""
+    return _Checkpoint.apply(x, fn, store, idx, preserve_rng, after, recompute)
