@@ -13,7 +13,7 @@ CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # the outer test that starts the subprocess runs only on a CPU machine with triton, outside the interpreter
-OUTER_ONLY = dict(condition=CUDA or INTERPRETED or not HAS_TRITON, reason="CPU machine with triton installed only")
+OUTER_ONLY = {"condition": CUDA or INTERPRETED or not HAS_TRITON, "reason": "CPU machine with triton installed only"}
 
 
 def run_in_interpreter(test_file: str, keyword: str, timeout: int = 600) -> None:
