@@ -99,6 +99,25 @@ def test_packed_rows_equal_separate_documents(model_type):
     torch.testing.assert_close(loss, total, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "phi3"])
+def test_fast_path_sees_every_optimizer_update(model_type):
+    """The compute-dtype LoRA factors are cached for a whole forward/backward (FactorPack): each call must
+    pick up what the optimizer wrote since the last one, so three steps match three reference steps."""
+    pm_fast, pm_ref = tiny(model_type), tiny(model_type)
+    fl = enable_fast_path(pm_fast, gradient_checkpointing=True)
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.05) for m in (pm_fast, pm_ref)]
+    for i in range(3):
+        bt = batch()
+        loss, n = fl(bt)
+        (loss / n).backward()
+        ref = hf_loss(pm_ref, bt)
+        (ref / n).backward()
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4, msg=f"step {i}")
+        for o in opts:
+            o.step()
+            o.zero_grad(set_to_none=True)
+
+
 def test_dropout_is_reproduced_in_recompute():
     pm = tiny("llama", dropout=0.3)
     pm.train()

@@ -89,12 +89,15 @@ def _heads(d_in, outs, r, dtype, lora_mask=(True, True, True), bias=False, dropo
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", ["qkv", "single", "bias_partial"])
+@pytest.mark.parametrize("case", ["qkv", "single", "bias_partial", "mixed_scaling"])
 def test_lora_group_matches_reference(dtype, case):
     torch.manual_seed(0)
     n, d_in, r = 37, 72, 5
-    if case == "qkv":
+    if case in ("qkv", "mixed_scaling"):
         heads = _heads(d_in, (72, 24, 24), r, dtype)
+        if case == "mixed_scaling":           # PEFT's alpha_pattern / rank_pattern: a scaling per head
+            for h, s in zip(heads, (2.0, 0.5, 1.0)):
+                h.scaling = s
     elif case == "single":
         heads = _heads(d_in, (104,), r, dtype)
     else:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from lorafit.kernels import reference
 from lorafit.kernels.attention import attention, packed_plan
-from lorafit.kernels.lora import Group, Head, WeightBuffer, lora_group
+from lorafit.kernels.lora import FactorPack, Group, Head, WeightBuffer, lora_group
 from lorafit.kernels.offload import ActivationStore, checkpoint
 
 log = logging.getLogger(__name__)
@@ -139,9 +139,9 @@ class _Layer:
     gate_up: Group
     down: Group
 
-    def release(self) -> None:
-        for g in (self.qkv, self.o, self.gate_up, self.down):
-            g.release()
+    @property
+    def groups(self) -> tuple[Group, ...]:
+        return (self.qkv, self.o, self.gate_up, self.down)
 
 
 def _build_layers(base, adapter: str, dtype) -> list[_Layer]:
@@ -210,8 +210,8 @@ class FastLoss:
         if cfg.model_type == "qwen2" and not getattr(cfg, "use_sliding_window", False):
             window = None
         self.window = window
-        self.dropout = any(h.dropout > 0 for ly in self.layers for g in (ly.qkv, ly.o, ly.gate_up, ly.down) for h in g.heads)
-        self.version = 0
+        self.dropout = any(h.dropout > 0 for ly in self.layers for g in ly.groups for h in g.heads)
+        self.factors = None          # FactorPack, built on the first call (on the batch's device)
         self.store = ActivationStore(offload=offload_activations)
         self.pool = WeightBuffer()
 
@@ -224,7 +224,9 @@ class FastLoss:
         # (nonzero's size) waits for nothing, and forward and backward are then queued without a stop
         tgt = F.pad(batch["labels"][:, 1:], (0, 1), value=-100).reshape(-1)     # HF's shift
         sel = (tgt != -100).nonzero().squeeze(1)
-        self.version += 1            # the optimizer may have changed the LoRA factors since the last call
+        if self.factors is None or not self.factors.current(device):
+            self.factors = FactorPack([g for ly in self.layers for g in ly.groups], self.dtype, device)
+        self.factors.refresh()       # the optimizer may have changed the LoRA factors since the last call
         ops = _ops(device)
         b, t = ids.shape
         training = self.model.training
@@ -240,14 +242,13 @@ class FastLoss:
         cos, sin = self.base.model.rotary_emb(x, pos)
         cos, sin = cos.reshape(b * t, -1).contiguous(), sin.reshape(b * t, -1).contiguous()
         x = x.reshape(b * t, -1)                                               # (N, C)
-        ctx = SimpleNamespace(ops=ops, cos=cos, sin=sin, batch=b, plan=plan, doc_ids=doc_ids, training=training,
-                              version=self.version)
+        ctx = SimpleNamespace(ops=ops, cos=cos, sin=sin, batch=b, plan=plan, doc_ids=doc_ids, training=training)
         if self.gradient_checkpointing and torch.is_grad_enabled():
             x = x.detach().requires_grad_(True)
             self.store.clear()
             for i, layer in enumerate(self.layers):
                 x = checkpoint(lambda h, layer=layer: self._layer(layer, ctx, h), x, self.store, i,
-                               preserve_rng=self.dropout and training, after=layer.release,
+                               preserve_rng=self.dropout and training,
                                recompute=lambda h, layer=layer: self._layer(layer, ctx, h, grad_only=True))
         else:
             for layer in self.layers:
@@ -264,14 +265,13 @@ class FastLoss:
         value backward never reads, is skipped (~1/5 of the recomputation's matrix work)."""
         hq, hkv, d = self.n_heads, self.n_kv, self.head_dim
         h = c.ops.rmsnorm(x, ly.ln1, ly.eps)
-        v_ = c.version
-        qkv = lora_group(h, ly.qkv, self.pool, c.training, v_)
+        qkv = lora_group(h, ly.qkv, self.pool, c.training)
         q, k, v = c.ops.qkv_rope(qkv, c.cos, c.sin, hq, hkv, d)
         a = attention(q, k, v, c.batch, hq, hkv, d, self.scale, plan=c.plan, doc_ids=c.doc_ids, window=self.window)
-        o = lora_group(a, ly.o, self.pool, c.training, v_)
+        o = lora_group(a, ly.o, self.pool, c.training)
         x, h = c.ops.add_rmsnorm(x, o, ly.ln2, ly.eps)
-        gu = lora_group(h, ly.gate_up, self.pool, c.training, v_)
-        return lora_group(c.ops.swiglu(gu), ly.down, self.pool, c.training, v_, residual=x, grad_only=grad_only)
+        gu = lora_group(h, ly.gate_up, self.pool, c.training)
+        return lora_group(c.ops.swiglu(gu), ly.down, self.pool, c.training, residual=x, grad_only=grad_only)
 
     def _reference(self, batch):
         """The model's own forward (any architecture); a document mask when rows are packed."""
