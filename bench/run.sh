@@ -6,6 +6,7 @@
 #        hf unsloth loss prof:BSxSEQ; BENCH_ARGS (default --real) go to every bench.py stack
 #        ddp (lorafit's DDP step on 1 GPU, then on 2: ddp_bench.py under torchrun; needs `model` first)
 #        cli2 (a short `torchrun --nproc_per_node 2 -m lorafit train`, 4-bit, fast path, on a tiny random model)
+#        fsdp2 (FSDP on 2 GPUs through torchrun --fsdp true and accelerate launch --use_fsdp, bf16, tiny random model)
 set -uo pipefail
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -34,6 +35,7 @@ for s in $STEPS; do
          done
          python3 bench/table.py "$OUT/ddp.jsonl" | tee "$OUT/ddp_table.md" ;;
     cli2) bash bench/cli2.sh 2>&1 | tee -a "$OUT/log" ;;
+    fsdp2) bash bench/fsdp2.sh 2>&1 | tee -a "$OUT/log" ;;
     loss) timeout 400 python3 bench/loss_check.py $MODEL 50 2>&1 | grep -E '^\{|Error|error' | tee -a "$OUT/results.jsonl" ;;
     unsloth) PYTHONPATH=/tmp/site-peers:$PYTHONPATH timeout 280 python3 bench/bench.py unsloth $MODEL $BENCH_ARGS 2>&1 \
                | grep -E '^\{|Error' | tee -a "$OUT/results.jsonl" ;;

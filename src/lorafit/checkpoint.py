@@ -15,7 +15,8 @@ whose files do not match it is skipped, with a message, for the previous good on
 Data position is stored in units that do not depend on the number of processes: the
 optimizer step, the epoch, and the micro-batches of the epoch's *global* batch list consumed
 (see train.py: rank r of W reads global micro-batches r, r + W, ...), so a run saved with N
-ranks resumes with M.
+ranks resumes with M. Tensors are stored whole even when FSDP trained them sharded (fsdp.py), in
+the layout one process writes, so a checkpoint moves between FSDP, DDP and one process.
 """
 from __future__ import annotations
 
@@ -71,9 +72,10 @@ def clean_partial(run_dir: Path) -> None:
 # -- saving -------------------------------------------------------------------------------------
 
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, state: dict[str, Any],
-                    limit: int | None) -> Path:
+                    limit: int | None, whole: tuple[dict, dict] | None = None) -> Path:
     """Write one checkpoint atomically, then prune to `limit`. ENOSPC and friends become a UserError
-    that names the earlier checkpoints, which stay whole."""
+    that names the earlier checkpoints, which stay whole. `whole`: (adapter tensors, optimizer state
+    dict) already gathered from FSDP's shards (fsdp.py), written instead of the model's and optimizer's own."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state['step']:06d}"
@@ -81,9 +83,9 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, state: d
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": whole[0]} if whole else {}))
         _test_slow_save(state["step"])
-        _torch_save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        _torch_save({"optimizer": whole[1] if whole else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
         _torch_save(rng_state(), tmp / "rng.pt")
         write_json_atomic(tmp / STATE, state)
@@ -192,13 +194,14 @@ def latest_good(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
 
 
 def restore(path: Path, model, optimizer, scheduler, scaler) -> None:
-    """Load adapter weights, optimizer/schedule/scaler state and RNG states from a verified checkpoint."""
-    from peft import set_peft_model_state_dict
+    """Load adapter weights, optimizer/schedule/scaler state and RNG states from a verified checkpoint.
+    Checkpoints hold whole tensors however they were trained; under FSDP each rank keeps its shard."""
     from safetensors.torch import load_file
 
+    from lorafit.fsdp import load_adapter_state, shard_optimizer_state
+
     weights = load_file(str(path / ADAPTER_WEIGHTS), device="cpu")
-    result = set_peft_model_state_dict(model, weights)
-    unexpected = getattr(result, "unexpected_keys", None) or []
+    unexpected = load_adapter_state(model, weights)
     if unexpected:
         raise UserError(f"checkpoint {path} does not fit this model ({len(unexpected)} unknown tensors, "
                         f"e.g. {unexpected[0]})", fix="resume with the same model and LoRA settings")
@@ -208,6 +211,7 @@ def restore(path: Path, model, optimizer, scheduler, scaler) -> None:
     except (ValueError, KeyError) as e:
         raise UserError(f"checkpoint {path} has optimizer state for other parameters: {e}",
                         fix="resume with the same optim, target_modules and lora_r") from None
+    shard_optimizer_state(optimizer)
     scheduler.load_state_dict(opt["scheduler"])
     if scaler is not None and opt.get("scaler"):
         scaler.load_state_dict(opt["scaler"])

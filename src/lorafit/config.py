@@ -168,6 +168,8 @@ class TrainArgs:
     """On a non-finite loss or gradient: stop, or skip the step."""
     auto_find_batch_size: bool = False
     """On out-of-memory, halve the micro-batch (doubling accumulation) and retry."""
+    fsdp: bool = False
+    """Shard weights, gradients and optimizer state over the processes (FSDP2); on under `accelerate launch --use_fsdp`."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Loggers besides metrics.jsonl: tensorboard, wandb, mlflow, none."""
     push_to_hub: str | None = None
@@ -489,6 +491,26 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'repetition_penalty' must be > 0, got {g.repetition_penalty}")
     if isinstance(lo.target_modules, list) and not lo.target_modules:
         raise ConfigError("'target_modules' is empty", fix="use a preset (attention, mlp, all-linear) or module names")
+    if t.fsdp:
+        check_fsdp(cfg, "--fsdp true")
+
+
+def check_fsdp(cfg: Config, source: str) -> None:
+    """What FSDP cannot run with; `source` says how it was switched on (a flag or accelerate's launcher)."""
+    m, t = cfg.model, cfg.train
+    if m.load_in_4bit or m.load_in_8bit:
+        bits = "4" if m.load_in_4bit else "8"
+        raise ConfigError(f"FSDP ({source}) cannot shard a {bits}-bit (bitsandbytes) base model",
+                          fix=f"for QLoRA train data-parallel (torchrun or `accelerate launch --multi_gpu`, without "
+                              f"--fsdp / --use_fsdp), or keep FSDP and drop --load_in_{bits}bit for a bf16 LoRA")
+    if t.fp16:
+        raise ConfigError(f"FSDP ({source}) trains in bf16 or float32, not fp16", fix="use --bf16 true instead of --fp16")
+    if t.optim != "adamw_torch":
+        raise ConfigError(f"FSDP ({source}) needs optim adamw_torch; bitsandbytes' {t.optim} cannot step sharded "
+                          "parameters", fix="pass --optim adamw_torch")
+    if t.auto_find_batch_size:
+        raise ConfigError(f"FSDP ({source}) cannot probe batch sizes (an out-of-memory on one rank would stall the "
+                          "others)", fix="set --per_device_train_batch_size yourself and --auto_find_batch_size false")
 
 
 _DOCS: dict[str, str] | None = None

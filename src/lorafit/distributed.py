@@ -4,10 +4,12 @@
 both export RANK, WORLD_SIZE and LOCAL_RANK (and MASTER_ADDR/PORT); a plain `lorafit train`
 has none and runs as rank 0 of 1 without a process group. Every rank loads its own model on
 its own device and reads its own shard of each epoch; only rank 0 writes to the run directory.
+With FSDP (fsdp.py) the same processes shard the model instead of each holding a copy.
 """
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +32,9 @@ class Dist:
         return self.world_size > 1
 
 
-def setup() -> Dist:
-    """Join the process group when launched by torchrun/accelerate (nccl on CUDA, gloo on CPU)."""
+def setup(cpu_collectives: bool = False) -> Dist:
+    """Join the process group when launched by torchrun/accelerate (nccl on CUDA, gloo on CPU).
+    `cpu_collectives`: gloo beside nccl, for FSDP's CPU-offloaded shards (gathers and the grad norm on the CPU)."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -42,7 +45,8 @@ def setup() -> Dist:
         torch.cuda.set_device(local)
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
+        backend = ("cpu:gloo,cuda:nccl" if cpu_collectives else "nccl") if cuda else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world,
                                 **({"device_id": device} if cuda else {}))
     return Dist(rank, world, local, device)
 
@@ -101,3 +105,24 @@ def wrap_ddp(module: torch.nn.Module, d: Dist) -> torch.nn.Module:
     DDP._set_params_and_buffers_to_ignore_for_model(module, frozen)
     ids = [d.device.index] if d.device.type == "cuda" else None
     return DDP(module, device_ids=ids, find_unused_parameters=False)
+
+
+def grad_sync(module: torch.nn.Module, sync: bool):
+    """A context for one micro-step's backward: gradients are reduced across ranks only when `sync` (the last
+    micro-step of an accumulation); DDP's no_sync(), FSDP2's set_requires_gradient_sync (see fsdp.py)."""
+    if sync:
+        return nullcontext()
+    if hasattr(module, "no_sync"):
+        return module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):
+        from lorafit.fsdp import no_sync
+
+        return no_sync(module)
+    return nullcontext()
+
+
+def per_rank(d: Dist, value: float) -> list[float]:
+    """`value` of every rank, in rank order, on every rank (e.g. each GPU's peak memory)."""
+    out = [0.0] * d.world_size
+    out[d.rank] = value
+    return all_reduce_sum(d, out)

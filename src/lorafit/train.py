@@ -4,8 +4,8 @@ The loss of one optimizer step is the sum of token cross-entropies over every la
 every micro-batch on every rank, divided by the number of those tokens, so gradient
 accumulation and data parallelism give the gradient of one big batch (a per-micro-batch mean
 would weight a short micro-batch's tokens more). Each micro-batch contributes
-`ce_sum * world_size / n_tokens_global` to the backward pass; DDP's gradient average divides
-the world_size back out.
+`ce_sum * world_size / n_tokens_global` to the backward pass; DDP's gradient average (or FSDP's
+reduce-scatter average, fsdp.py) divides the world_size back out.
 
 Data position: rank r of W reads micro-batches r, r + W, r + 2W, ... of the epoch's global
 batch list (`make_batches(..., rank, world_size)`), and optimizer step s of the epoch consumes
@@ -20,7 +20,6 @@ import math
 import os
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +117,9 @@ class Run:
     data: Any
     model: Any = None
     ddp: Any = None
+    """The module each micro-step calls: the LossModule, DDP-wrapped, or FSDP's sharded root."""
+    fsdp: Any = None
+    """fsdp.Settings when FSDP shards the model, else None."""
     optimizer: Any = None
     scheduler: Any = None
     scaler: Any = None
@@ -130,7 +132,9 @@ class Run:
 
 def train(cfg: Config) -> Path:
     """Train an adapter into cfg.train.output_dir and return that directory."""
-    d = dist.setup()
+    from lorafit.fsdp import offload_requested
+
+    d = dist.setup(cpu_collectives=offload_requested())
     try:
         return _train(cfg, d)
     finally:
@@ -138,13 +142,11 @@ def train(cfg: Config) -> Path:
 
 
 def _train(cfg: Config, d: dist.Dist) -> Path:
-    from transformers import set_seed
-
+    from lorafit import fsdp
     from lorafit.data import prepare_data
-    from lorafit.lora import apply_lora
-    from lorafit.model import compute_dtype, load_base_model, load_tokenizer, resolve_model
+    from lorafit.model import compute_dtype, load_tokenizer, resolve_model
     from lorafit.optim import build_optimizer, build_scheduler
-    from lorafit.trainlog import setup_console
+    from lorafit.trainlog import memory_gib, setup_console
 
     t0 = time.perf_counter()
     t = cfg.train
@@ -152,26 +154,25 @@ def _train(cfg: Config, d: dist.Dist) -> Path:
         setup_console()
     run_dir = Path(t.output_dir)
     check_output_dir(cfg, run_dir)
+    sharding = fsdp.settings(cfg, d)  # before anything loads: FSDP's config errors come first
 
     # -- load: tokenizer, then data (its errors come before the model loads), then the model --
     source = _resolve_on_rank0_first(d, lambda: resolve_model(cfg))
     tokenizer = load_tokenizer(cfg, source)
-    r = Run(cfg, d, run_dir, tokenizer, prepare_data(cfg, tokenizer), dtype=compute_dtype(cfg))
-    set_seed(t.seed)  # LoRA init and dropout
-    r.model = apply_lora(load_base_model(cfg, d.device, source), cfg)
-    r.model.train()
+    r = Run(cfg, d, run_dir, tokenizer, prepare_data(cfg, tokenizer), dtype=compute_dtype(cfg), fsdp=sharding)
+    r.model = _load_model(r, source)
 
-    # -- setup: batch plan, loss path, optimizer, schedule, resume, run files --
-    fast, why = loss_path(cfg, r.model)
+    # -- setup: batch plan, loss path, wrapping (DDP or FSDP), optimizer, schedule, resume, run files --
+    fast, why = loss_path(cfg, r.model, fsdp=r.fsdp is not None)
     r.plan = plan_steps(cfg, r.data, d, find_batch_size(r, LossModule(r.model, None, r.dtype)))
-    r.ddp = dist.wrap_ddp(LossModule(r.model, fast, r.dtype), d)
-    r.optimizer = build_optimizer(r.model, t)
+    lines = [f"loss: {'fused kernels' if fast else 'reference PyTorch'} ({why})", *_wrap(r, fast)]
+    r.optimizer = build_optimizer(r.model, t)  # after sharding: FSDP replaces the parameters
     r.scheduler = build_scheduler(r.optimizer, t, r.plan.total_steps)
     if t.fp16 and d.device.type == "cuda":
         r.scaler = torch.amp.GradScaler("cuda")  # fp16's 5-bit exponent underflows small gradients unscaled
     prepare_output_dir(r)
     resumed = _maybe_resume(r)
-    _open_log(r, resumed, f"loss: {'fused kernels' if fast else 'reference PyTorch'} ({why})")
+    _open_log(r, resumed, lines)
 
     # -- loop --
     try:
@@ -181,16 +182,51 @@ def _train(cfg: Config, d: dist.Dist) -> Path:
         r.tlog.close()
 
     # -- save --
+    whole = fsdp.adapter_state(r.model, keep=d.main) if r.fsdp else None  # gathered by every rank
+    peaks = dist.per_rank(d, memory_gib(d.device))
     if d.main:
-        save_adapter(r.model, run_dir)
-        write_summary(r, time.perf_counter() - t0)
+        save_adapter(r.model, run_dir, whole)
+        write_summary(r, time.perf_counter() - t0, peaks)
     dist.barrier(d)
     if t.push_to_hub and d.main:
         push_adapter(run_dir, t.push_to_hub)
     return run_dir
 
 
-def _open_log(r: Run, resumed: bool, loss_line: str) -> None:
+def _load_model(r: Run, source):
+    """The base with LoRA on top, in train mode. Under FSDP each rank loads on its CPU, and fsdp.wrap moves
+    only the rank's shard to its device."""
+    from transformers import set_seed
+
+    from lorafit import fsdp
+    from lorafit.lora import apply_lora
+    from lorafit.model import load_base_model
+
+    if r.fsdp and r.fsdp.activation_checkpointing:
+        r.cfg.model.gradient_checkpointing = True
+    set_seed(r.cfg.train.seed)  # LoRA init and dropout
+    base = load_base_model(r.cfg, torch.device("cpu") if r.fsdp else r.d.device, source)
+    if r.fsdp and r.fsdp.rank0_loads:
+        fsdp.sync_from_rank0(base, r.d)
+    model = apply_lora(base, r.cfg)
+    model.train()
+    return model
+
+
+def _wrap(r: Run, fast) -> list[str]:
+    """Set r.ddp: the loss module under DDP (bare on one process), or FSDP's sharded root; returns log lines."""
+    from lorafit import fsdp
+
+    if not r.fsdp:
+        r.ddp = dist.wrap_ddp(LossModule(r.model, fast, r.dtype), r.d)
+        return []
+    r.ddp, lines = fsdp.wrap(LossModule(r.model, None, r.dtype), r.model, r.d, r.fsdp, r.dtype)
+    if r.cfg.train.preview_steps:
+        lines.append("fsdp: previews off (generation would need every rank in step)")
+    return lines
+
+
+def _open_log(r: Run, resumed: bool, lines: list[str]) -> None:
     """Rank 0 writes the run files and logs; the other ranks stay quiet."""
     from lorafit.lora import parameter_counts
     from lorafit.model import describe_model
@@ -206,7 +242,8 @@ def _open_log(r: Run, resumed: bool, loss_line: str) -> None:
     trainable, total = parameter_counts(r.model)
     r.tlog.info(f"model: {describe_model(r.model.get_base_model())}; LoRA r={r.cfg.lora.lora_r} trains "
                 f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.3f}%)")
-    r.tlog.info(loss_line)
+    for line in lines:
+        r.tlog.info(line)
     r.tlog.info(r.plan.describe(r.d))
 
 
@@ -272,7 +309,7 @@ def _optimizer_step(r: Run, group: list[dict[str, torch.Tensor]]) -> None:
         for j, batch in enumerate(group):
             batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
             sync = j == len(group) - 1 or not d.enabled  # all-reduce gradients once, on the last micro-step
-            with (nullcontext() if sync else r.ddp.no_sync()):
+            with dist.grad_sync(r.ddp, sync):
                 with autocast:
                     ce_sum, _ = r.ddp(batch)
                 loss = ce_sum * (d.world_size / max(n_global, 1.0))
@@ -283,7 +320,7 @@ def _optimizer_step(r: Run, group: list[dict[str, torch.Tensor]]) -> None:
     loss = dist.all_reduce_sum(d, [ce_total.item()])[0] / max(n_global, 1.0)
     if r.scaler:
         r.scaler.unscale_(r.optimizer)
-    params = [q for q in r.model.parameters() if q.requires_grad]
+    params = [q for q in r.model.parameters() if q.requires_grad]  # FSDP: sharded, and the norm is global
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")))
     lr = r.scheduler.get_last_lr()[0]
     # With a GradScaler an overflow is its business (it skips the step and lowers the scale).
@@ -337,7 +374,7 @@ def _after_step(r: Run, signals: StopSignals, epoch_end: bool) -> bool:
     if r.data.val and ((t.eval_strategy == "steps" and (step % eval_every == 0 or last))
                        or (t.eval_strategy == "epoch" and (epoch_end or last))):
         stop = _validate(r)
-    if t.preview_steps and step % t.preview_steps == 0 and r.d.main:
+    if t.preview_steps and step % t.preview_steps == 0 and r.d.main and not r.fsdp:
         _previews(r)
     if (t.save_strategy == "steps" and step % t.save_steps == 0) or (t.save_strategy == "epoch" and epoch_end):
         _save_checkpoint(r)
@@ -357,11 +394,13 @@ def _validate(r: Run) -> bool:
         r.val_batches = make_batches(shard, cfg.train.per_device_eval_batch_size, packing=cfg.data.packing,
                                      max_seq_length=cfg.data.max_seq_length, pad_token_id=r.tokenizer.pad_token_id,
                                      seed=cfg.train.seed, epoch=0, shuffle=False) if shard else []
+    # FSDP: through the sharded root, whose forward gathers the embeddings and head; it runs the reference loss
+    loss_fn = r.ddp if r.fsdp else (lambda b: reference_loss(r.model, b, r.dtype))
     r.model.eval()
     ce, n = 0.0, 0.0
     with torch.no_grad(), torch.autocast(d.device.type, dtype=r.dtype, enabled=r.dtype != torch.float32):
         for batch in r.val_batches:
-            s, k = reference_loss(r.model, {k: v.to(d.device) for k, v in batch.items()}, r.dtype)
+            s, k = loss_fn({k: v.to(d.device) for k, v in batch.items()})
             ce, n = ce + float(s), n + float(k)
     r.model.train()
     ce, n = dist.all_reduce_sum(d, [ce, n])
@@ -400,11 +439,16 @@ def _preview_messages(r: Run) -> list[list[dict]]:
 
 def _save_checkpoint(r: Run) -> Path:
     """Rank 0 writes; every rank learns whether it worked, so all stop together on a failed write."""
+    from lorafit import fsdp
+
     path = error = None
+    whole = None  # FSDP: the adapter and optimizer state, gathered whole by every rank, kept by rank 0
+    if r.fsdp:
+        whole = fsdp.adapter_state(r.model, r.d.main), fsdp.optimizer_state(r.optimizer, r.d.main)
     if r.d.main:
         try:
             path = ckpt.save_checkpoint(r.run_dir, r.model, r.optimizer, r.scheduler, r.scaler,
-                                        r.pos.to_state(r.plan, r.d), r.cfg.train.save_total_limit)
+                                        r.pos.to_state(r.plan, r.d), r.cfg.train.save_total_limit, whole)
             r.tlog.info(f"step {r.pos.step}: checkpoint saved to {path}")
         except UserError as e:
             error = e

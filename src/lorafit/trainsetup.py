@@ -183,12 +183,13 @@ def write_run_files(r: Run) -> None:
     write_json_atomic(old, {"fingerprint": r.data.fingerprint, "report": r.data.report})
 
 
-def save_adapter(model, run_dir: Path) -> None:
-    """The final adapter at the top of run_dir in PEFT's format; written aside, then renamed into place."""
+def save_adapter(model, run_dir: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """The final adapter at the top of run_dir in PEFT's format; written aside, then renamed into place.
+    `state`: the trainable tensors gathered whole (FSDP), instead of the model's own."""
     tmp = run_dir / ".tmp-adapter"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": state} if state else {}))
         for name in sorted(p.name for p in tmp.iterdir()):  # adapter_config.json last: its presence means done
             if name != ADAPTER_CONFIG:
                 (tmp / name).replace(run_dir / name)
@@ -200,7 +201,7 @@ def save_adapter(model, run_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_summary(r: Run, seconds: float) -> None:
+def write_summary(r: Run, seconds: float, peaks: list[float] | None = None) -> None:
     from lorafit.lora import parameter_counts
     from lorafit.plots import plot_loss
     from lorafit.trainlog import memory_gib
@@ -210,13 +211,16 @@ def write_summary(r: Run, seconds: float) -> None:
                "trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1),
                "peak_memory_gib": round(memory_gib(r.d.device), 3), "seconds": round(seconds, 1),
                "tokens": r.pos.tokens, "tokens_per_s": round(r.pos.tokens / max(seconds, 1e-9), 1),
-               "best_val_loss": r.pos.best_val, "skipped_steps": r.pos.skipped, "world_size": r.d.world_size}
+               "best_val_loss": r.pos.best_val, "skipped_steps": r.pos.skipped, "world_size": r.d.world_size,
+               "fsdp": r.fsdp is not None, "peak_memory_gib_per_rank": [round(x, 3) for x in peaks or []]}
     write_json_atomic(r.run_dir / SUMMARY_FILE, summary)
     try:
         plot_loss(r.run_dir)
     except Exception as e:  # noqa: BLE001 -- a plot must never cost a finished run
         log.warning("could not draw loss.png: %s", e)
     mem = "GPU" if r.d.device.type == "cuda" else "process RSS"
+    if peaks and len(peaks) > 1:
+        log.info("peak memory per rank (%s): %s GiB", mem, ", ".join(f"{x:.2f}" for x in peaks))
     log.info("done: %d steps in %.0f s, %s tokens (%.0f tok/s); trainable parameters %s of %s (%.3f%%); "
              "peak memory %.2f GiB (%s); best validation loss %s\nadapter: %s",
              r.pos.step, seconds, f"{r.pos.tokens:,}", summary["tokens_per_s"], f"{trainable:,}", f"{total:,}",
@@ -244,11 +248,13 @@ def push_adapter(run_dir: Path, repo: str) -> None:
 
 # -- speed and memory ---------------------------------------------------------------------------
 
-def loss_path(cfg: Config, model) -> tuple[Any, str]:
+def loss_path(cfg: Config, model, fsdp: bool = False) -> tuple[Any, str]:
     """(FastLoss or None, why): fused kernels only when asked (on) or auto on a CUDA GPU they support."""
     mode = cfg.model.fast_kernels
     if mode == "off":
         return None, "fast_kernels off"
+    if fsdp:
+        return None, f"fast_kernels {mode} overridden: the fused kernels read whole base weights, which FSDP shards"
     if mode == "auto" and not torch.cuda.is_available():
         return None, "no CUDA GPU, so fast_kernels auto uses the reference path"
     try:

@@ -1,0 +1,170 @@
+"""FSDP on CPU (gloo, torch's FSDP2): `accelerate launch --use_fsdp --num_processes 2 -m lorafit train` equals one
+process with the same global batch, step for step (losses, gradient norms with clipping active, validation, the
+adapter), writes one PEFT adapter that PeftModel loads, and its checkpoints resume in one process without FSDP;
+a one-process checkpoint resumes under `torchrun ... --fsdp true`. FSDP with a 4-bit base is a config error.
+
+The accelerate launch matters: by default (FSDP_CPU_RAM_EFFICIENT_LOADING=true) transformers reads the weights
+on rank 0 only and gives the other ranks zeros, so without lorafit's broadcast the losses here differ from step 1.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_distributed import COMMON, _torchrun, _val
+from test_train_support import (
+    REPO,
+    alpaca_file,
+    assert_same_adapter,
+    cli_main,
+    losses,
+    run_cli,
+    run_train,
+    subprocess_env,
+    to_argv,
+    train_args,
+)
+
+# micro-batch 1 x 2 accumulation x 2 ranks == 1 x 4 in one process, so FSDP's no-sync micro-steps are exercised;
+# group_by_length off: its sort window is 32 x micro-batch x ranks, which at micro-batch 1 (32 vs 64 < 42 examples)
+# would order the two runs' batches differently. max_grad_norm 0.5 sits below the ~0.7-1.0 norms: the clip acts.
+FSDP = {**COMMON, "per_device_train_batch_size": 1, "max_grad_norm": 0.5, "group_by_length": False}
+
+
+def _metrics(run: Path, key: str) -> dict[int, float]:
+    from lorafit.trainlog import read_metrics
+
+    return {r["step"]: r[key] for r in read_metrics(run) if key in r}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    args = train_args(tiny_model_dir("llama"), alpaca_file(), root / "fsdp", gradient_accumulation_steps=2, **FSDP)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = subprocess.run([*launch, "-m", "lorafit", "train", *to_argv(args)], check=False, capture_output=True,
+                          text=True, timeout=400, cwd=REPO, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single = run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), root / "single",
+                                    gradient_accumulation_steps=4, **FSDP))
+    return root / "fsdp", single, proc.stderr
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_equal_one_process(runs, tiny_model_dir):
+    run, single, log = runs
+    assert "fsdp: FSDP2 over 2 processes (accelerate launch --use_fsdp" in log
+    assert "FSDP_CPU_RAM_EFFICIENT_LOADING=true" in log  # accelerate's default, honoured by a broadcast
+    assert "1 per device x 2 accumulation x 2 processes = 4 sequences" in log
+    assert "loss: reference PyTorch (fast_kernels auto overridden" in log
+    assert losses(run) == pytest.approx(losses(single), rel=1e-4)
+    assert sorted(losses(run)) == [1, 2, 3, 4]
+    norms = _metrics(run, "grad_norm")
+    assert norms == pytest.approx(_metrics(single, "grad_norm"), rel=1e-4)
+    assert min(norms.values()) > FSDP["max_grad_norm"]  # the clip acted on sharded gradients
+    assert _val(run) == pytest.approx(_val(single), rel=1e-4)
+    assert_same_adapter(run, single, atol=1e-5)
+    # rank 0 alone wrote: one metrics line per step and validation, one checkpoint per save, one summary
+    assert sum(1 for _ in (run / "metrics.jsonl").open()) == 4 + 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["fsdp"] is True and len(summary["peak_memory_gib_per_rank"]) == 2
+
+
+@pytest.mark.slow
+def test_fsdp_adapter_loads_with_peft(runs, tiny_model_dir):
+    import torch
+    from peft import PeftModel
+    from test_train_support import adapter_tensors
+    from transformers import AutoModelForCausalLM
+
+    run, _, _ = runs
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")), str(run))
+    saved = adapter_tensors(run)
+    state = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+    assert state.keys() == saved.keys() and len(saved) == 2 * 4 * 2  # q,k,v,o x A,B x 2 layers
+    for k, v in saved.items():
+        torch.testing.assert_close(state[k], v, msg=k)
+    assert any(float(v.abs().max()) > 0 for k, v in saved.items() if "lora_B" in k)  # trained, not the zero init
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_resumes_in_one_process(runs, tmp_path):
+    """Checkpoints hold whole tensors in the single-process layout: 2 FSDP ranks x 2 resume as 1 process x 4."""
+    run, single, _ = runs
+    copy = Path(shutil.copytree(run, tmp_path / "run"))
+    shutil.rmtree(copy / "checkpoints" / "step-000004")
+    assert cli_main(["train", "--output_dir", str(copy), "--resume", "--gradient_accumulation_steps", "4"]) == 0
+    assert losses(copy) == pytest.approx(losses(single), rel=1e-4)
+    assert_same_adapter(copy, single, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_under_fsdp(runs, tmp_path):
+    """The other way: adapter and AdamW state are cut into each rank's shards on resume."""
+    _, single, _ = runs
+    copy = Path(shutil.copytree(single, tmp_path / "run"))
+    shutil.rmtree(copy / "checkpoints" / "step-000004")
+    proc = subprocess.run([*_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "lorafit", "train",
+                           "--output_dir", str(copy), "--resume", "--fsdp", "true", "--gradient_accumulation_steps",
+                           "2"], check=False, capture_output=True, text=True, timeout=400, cwd=REPO,
+                          env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "fsdp: FSDP2 over 2 processes (--fsdp true)" in proc.stderr
+    assert "resuming from" in proc.stderr
+    assert losses(copy) == pytest.approx(losses(single), rel=1e-4)
+    assert_same_adapter(copy, single, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["flag", "accelerate"])
+def test_fsdp_with_4bit_is_a_config_error(tmp_path, how):
+    argv = ["train", "--load_in_4bit", "true", "--output_dir", str(tmp_path / "run")]
+    proc = run_cli(*argv, "--fsdp", "true") if how == "flag" else run_cli(*argv, ACCELERATE_USE_FSDP="true")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 2 and lines[0].startswith("error: FSDP (") and "cannot shard a 4-bit" in lines[0]
+    assert lines[1].strip().startswith("fix: for QLoRA train data-parallel")
+    assert ("--fsdp true" if how == "flag" else "accelerate launch --use_fsdp") in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_fsdp_config_checks():
+    from lorafit.config import build_config
+    from lorafit.errors import ConfigError
+
+    build_config(None, {"fsdp": "true", "bf16": "true"})
+    for bad, words in (({"fp16": "true"}, "not fp16"), ({"optim": "paged_adamw_32bit"}, "adamw_torch"),
+                       ({"auto_find_batch_size": "true"}, "probe batch sizes"), ({"load_in_8bit": "true"}, "8-bit")):
+        with pytest.raises(ConfigError, match=words):
+            build_config(None, {"fsdp": "true", **bad})
+
+
+def test_fsdp_settings_from_accelerate_env():
+    from lorafit.config import Config
+    from lorafit.distributed import Dist
+    from lorafit.fsdp import offload_requested, settings
+
+    two, one = Dist(0, 2, 0), Dist(0, 1, 0)
+    assert settings(Config(), two, env={}) is None  # DDP unless asked
+    assert settings(Config(), one, env={"ACCELERATE_USE_FSDP": "true"}) is None  # one process: nothing to shard
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_RESHARD_AFTER_FORWARD": "SHARD_GRAD_OP",
+           "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer, MyBlock", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true",
+           "FSDP_ACTIVATION_CHECKPOINTING": "true", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}
+    s = settings(Config(), two, env=env)
+    assert s.source.startswith("accelerate launch --use_fsdp")
+    assert (s.reshard_after_forward, s.layer_classes, s.rank0_loads, s.activation_checkpointing) == \
+        (False, ["LlamaDecoderLayer", "MyBlock"], True, True)
+    notes = " ".join(s.notes)
+    assert "FSDP_VERSION=1 ignored" in notes and "FSDP_STATE_DICT_TYPE ignored" in notes
+    assert settings(Config(), two, env={**env, "FSDP_AUTO_WRAP_POLICY": "NO_WRAP"}).no_wrap
+    assert offload_requested({"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"})
+    assert not offload_requested({"FSDP_OFFLOAD_PARAMS": "true"})
+    cfg = Config()
+    cfg.train.fsdp = True
+    assert settings(cfg, two, env={}).source == "--fsdp true"
