@@ -52,9 +52,9 @@ def tiny_config(arch: str, vocab_size: int, eos_id: int, pad_id: int):
     """A ~100k-parameter model of `arch`: llama, mistral, qwen2 or phi3."""
     from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None, tie_word_embeddings=False)
+    common = {"vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+              "eos_token_id": eos_id, "pad_token_id": pad_id, "bos_token_id": None, "tie_word_embeddings": False}
     if arch == "llama":
         return LlamaConfig(**common)
     if arch == "mistral":

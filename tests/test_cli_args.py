@@ -18,7 +18,7 @@ def test_chat_prompt_is_split_from_flag_values():
 
 def test_chat_parser_leaves_override_values_to_the_config(monkeypatch, tmp_path):
     import lorafit.chat
-    import lorafit.cli as cli
+    from lorafit import cli
 
     seen = {}
     monkeypatch.setattr(cli, "_run_config", lambda path, overrides: seen.setdefault("overrides", overrides))

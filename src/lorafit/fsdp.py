@@ -69,7 +69,7 @@ def offload_requested(env: dict[str, str] | None = None) -> bool:
 
 def settings(cfg: Config, d: Dist, env: dict[str, str] | None = None) -> Settings | None:
     """FSDP's settings when it is on (`--fsdp true`, or accelerate's FSDP launcher), else None."""
-    from lorafit.config import check_fsdp
+    from lorafit.config_checks import check_fsdp
 
     env = os.environ if env is None else env
     accelerate = _true(env.get("ACCELERATE_USE_FSDP"))

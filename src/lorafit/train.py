@@ -92,8 +92,8 @@ def reference_loss(model, batch: dict[str, torch.Tensor], mask_dtype=torch.float
         mask = packed_attention_mask(batch["doc_ids"], dtype=mask_dtype)  # (B, 1, T, T) block-diagonal causal
     labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
     keep = labels != IGNORE
-    inputs = dict(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
-                  use_cache=False)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"],
+              "use_cache": False}
     split = _decoder_and_head(model)
     if split is None:
         logits = model(**inputs).logits[:, :-1]  # (B, T-1, V)
