@@ -8,14 +8,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/bench-out}; W=/tmp/cli2; STEPS=6
 rm -rf $W && mkdir -p $W
 python3 bench/make_model.py $W/tiny --tiny > /dev/null 2>&1 || echo "make_model --tiny failed"
-python3 - <<'PY'
-import json, random
-random.seed(0)
-w = lambda n: " ".join(f"t{random.randrange(2, 32000)}" for _ in range(n))
-with open("/tmp/cli2/data.jsonl", "w") as f:
-    for _ in range(96):
-        f.write(json.dumps({"instruction": w(random.randrange(8, 60)), "input": "", "output": w(random.randrange(8, 120))}) + "\n")
-PY
+python3 bench/make_jsonl.py /tmp/cli2/data.jsonl
 timeout 300 python3 -m torch.distributed.run --standalone --nproc_per_node 2 -m lorafit train --model $W/tiny \
   --dataset $W/data.jsonl --output_dir $W/run --max_steps $STEPS --per_device_train_batch_size 4 --max_seq_length 256 \
   --load_in_4bit true --gradient_checkpointing true --fast_kernels on --target_modules all-linear --lora_dropout 0 \

@@ -15,14 +15,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/bench-out}; W=/tmp/fsdp2; STEPS=6
 mkdir -p "$OUT"; rm -rf $W && mkdir -p $W
 python3 bench/make_model.py $W/tiny --tiny > /dev/null 2>&1 || echo "make_model --tiny failed"
-python3 - <<'PY'
-import json, random
-random.seed(0)
-w = lambda n: " ".join(f"t{random.randrange(2, 32000)}" for _ in range(n))
-with open("/tmp/fsdp2/data.jsonl", "w") as f:
-    for _ in range(96):
-        f.write(json.dumps({"instruction": w(random.randrange(8, 60)), "input": "", "output": w(random.randrange(8, 120))}) + "\n")
-PY
+python3 bench/make_jsonl.py /tmp/fsdp2/data.jsonl
 ARGS="--model $W/tiny --dataset $W/data.jsonl --max_steps $STEPS --per_device_train_batch_size 4 --max_seq_length 256
   --bf16 true --target_modules all-linear --lora_dropout 0 --group_by_length false --logging_steps 1 --report_to none
   --eval_strategy no --save_strategy steps --save_steps 3"
