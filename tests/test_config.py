@@ -60,3 +60,25 @@ def test_resume_reads_the_run_config_back(tmp_path, monkeypatch):
     assert main(["train", "--output_dir", str(run), "--resume", "--max_steps", "9"]) == 0
     cfg = seen["cfg"]
     assert (cfg.lora.lora_r, cfg.train.learning_rate, cfg.train.max_steps, cfg.train.resume) == (4, 1e-3, 9, True)
+
+
+def test_the_seeds_constant_names_and_transformers_switches(tmp_path):
+    """A seed's config.py constants (NUM_EPOCHS = 3, DO_SAMPLE, USE_FP16) pasted as YAML keys or flags work."""
+    recipe = tmp_path / "seed.yaml"
+    recipe.write_text("BASE_MODEL_NAME: org/model\nNUM_EPOCHS: 2\nLEARNING_RATE: 1e-4\nUSE_FP16: true\n"
+                      "TEMPERATURE: 0.9\nDO_SAMPLE: true\npush_to_hub: false\n")
+    cfg = build_config(recipe, {"max-seq-length": "128"})
+    assert cfg.model.model == "org/model" and cfg.train.num_train_epochs == 2 and cfg.train.learning_rate == 1e-4
+    assert cfg.train.fp16 is True and cfg.generate.temperature == 0.9 and cfg.data.max_seq_length == 128
+    assert cfg.train.push_to_hub is None
+    assert build_config(None, {"do_sample": "false"}).generate.temperature == 0.0   # greedy
+    assert build_config(None, {"push_to_hub": "False"}).train.push_to_hub is None
+    assert build_config(None, {"push_to_hub": "me/run"}).train.push_to_hub == "me/run"
+
+
+def test_push_to_hub_true_asks_for_a_repo_and_typos_suggest_lower_case_fields():
+    with pytest.raises(ConfigError, match="names the hub repo"):
+        build_config(None, {"push_to_hub": True})
+    with pytest.raises(ConfigError) as e:
+        build_config(None, {"NUM_EPOCH": "3"})
+    assert "num_epochs" in e.value.fix

@@ -174,7 +174,7 @@ class TrainArgs:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Loggers besides metrics.jsonl: tensorboard, wandb, mlflow, none."""
     push_to_hub: str | None = None
-    """Upload the adapter to this hub repo when training ends."""
+    """Upload the adapter to this hub repo (user/name) when training ends; false/none: no upload."""
     overwrite_output_dir: bool = False
     """Train into an output_dir that already holds an adapter."""
 
@@ -217,7 +217,11 @@ class Config:
 
     def set(self, key: str, value: Any) -> None:
         """Set one field by its flat name, coercing strings (from flags) to the field's type."""
-        key = ALIASES.get(key, key)
+        key = canonical_key(key)
+        if key == "do_sample":  # transformers' switch: false means greedy decoding, which is temperature 0 here
+            if not _coerce(key, bool, value):
+                self.generate.temperature = 0.0
+            return
         section = _owner(key)
         if section is None:
             raise ConfigError(f"unknown config key '{key}'", fix=_suggest(key))
@@ -225,7 +229,8 @@ class Config:
         setattr(getattr(self, section), key, _coerce(key, f.type, value))
 
     def get(self, key: str) -> Any:
-        return getattr(getattr(self, _owner(ALIASES.get(key, key))), ALIASES.get(key, key))
+        key = canonical_key(key)
+        return getattr(getattr(self, _owner(key)), key)
 
 
 SECTIONS = [f.name for f in dataclasses.fields(Config)]
@@ -257,7 +262,21 @@ ALIASES = {
     "lr": "learning_rate",
     "evaluation_strategy": "eval_strategy",
     "lora_target_modules": "target_modules",
+    "base_model_name": "model",
+    "custom_dataset_path": "dataset",
+    "num_epochs": "num_train_epochs",
+    "use_fp16": "fp16",
+    "use_bf16": "bf16",
 }
+
+
+def canonical_key(key: str) -> str:
+    """The field a key names: itself, an alias, or the same name in lower case / with '-' for '_'
+    (the seeds' Python constants, NUM_EPOCHS = 3, and dashed flags, --learning-rate)."""
+    for k in (key, key.replace("-", "_"), key.replace("-", "_").lower()):
+        if k in _FIELDS or k in ALIASES or k == "do_sample":
+            return ALIASES.get(k, k)
+    return key
 
 
 def field_names() -> list[str]:
@@ -275,7 +294,7 @@ def _owner(key: str) -> str | None:
 
 def _suggest(key: str) -> str:
     names = list(_FIELDS) + list(ALIASES)
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key.replace("-", "_").lower(), names, n=1, cutoff=0.6)
     if close:
         return f"did you mean '{close[0]}'?"
     return "see `lorafit train --help` for the list of fields"
@@ -285,6 +304,12 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     """Turn `value` (often a string from the command line) into the field's type or explain why not."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if key == "push_to_hub":  # `push_to_hub: False` (TRL's boolean) means no upload; true needs a repo name
+        if value is False or (isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0", "")):
+            return None
+        if value is True or (isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1")):
+            raise ConfigError("'push_to_hub' names the hub repo to upload to, not a yes/no",
+                              fix="pass the repo id, e.g. --push_to_hub your-name/phi3-alpaca-lora")
     if origin in (typing.Union, types.UnionType):
         if (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))) and type(None) in args:
             return None

@@ -11,15 +11,17 @@ import shutil
 from typing import Any
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "gguf", "triton",
-            "liger-kernel", "flash-attn", "safetensors")
+            "flash-attn", "safetensors")
 HUB_URL = "https://huggingface.co"
 
-# Optional piece -> what lorafit does without it (or, for GPU-only pieces, without a CUDA GPU).
+# Optional piece -> (needs a CUDA GPU to be of use, what lorafit does without it, what it does on a CPU).
 OPTIONAL = {
-    "bitsandbytes": "no 4-bit/8-bit bases (QLoRA: --load_in_4bit), no paged or 8-bit AdamW",
-    "triton": "fused LoRA/QLoRA kernels off (--fast_kernels): the plain PyTorch reference path is used",
-    "liger-kernel": "no Liger fused RMSNorm/SwiGLU/cross-entropy: PyTorch ops are used",
-    "flash-attn": "no attn_implementation=flash_attention_2: SDPA is used (same results, a little slower)",
+    "bitsandbytes": (False, "no 4-bit/8-bit bases (QLoRA: --load_in_4bit), no paged or 8-bit AdamW",
+                     "4-bit/8-bit bases work on this CPU (slowly); paged AdamW runs unpaged"),
+    "triton": (True, "fused LoRA/QLoRA kernels off (--fast_kernels): the plain PyTorch reference path is used",
+               "fused LoRA/QLoRA kernels off (--fast_kernels): the plain PyTorch reference path is used"),
+    "flash-attn": (True, "attn_implementation flash_attention_2 falls back to SDPA (same results, a little slower)",
+                   "attn_implementation flash_attention_2 falls back to SDPA (same results)"),
 }
 
 
@@ -40,9 +42,10 @@ def doctor() -> int:
         table.add_row(name, v or "[dim]not installed[/]", "optional" if name in OPTIONAL else "")
     for row in _gpu_rows(gpus):
         table.add_row(*row)
-    for name, effect in OPTIONAL.items():
-        ok = versions[name] is not None and bool(gpus)  # all four need CUDA
-        why = "" if ok else (effect if versions[name] is None else f"installed, but no CUDA GPU: {effect}")
+    for name, (needs_gpu, missing, on_cpu) in OPTIONAL.items():
+        installed = versions[name] is not None
+        ok = installed and (bool(gpus) or not needs_gpu)
+        why = missing if not installed else "" if gpus else (on_cpu if not needs_gpu else f"installed, but no CUDA GPU: {on_cpu}")
         table.add_row(f"{name} usable", "[green]yes[/]" if ok else "[yellow]no[/]", why)
     free, total = disk_space(".")
     table.add_row("disk (this folder)", f"{free / 2**30:.1f} GiB free", f"of {total / 2**30:.1f} GiB")

@@ -196,6 +196,23 @@ def default_device(local_rank: int | None = None):
     return torch.device("cpu")
 
 
+def attention_backend(asked: str, device) -> str:
+    """flash_attention_2 needs the flash-attn package and a CUDA GPU; without them SDPA computes the same
+    attention (transformers would stop with an ImportError), so a recipe written for a GPU box still runs."""
+    if asked != "flash_attention_2":
+        return asked
+    import importlib.util
+
+    import torch
+
+    why = ("the flash-attn package is not installed" if importlib.util.find_spec("flash_attn") is None
+           else None if torch.device(device).type == "cuda" else "there is no CUDA GPU")
+    if why is None:
+        return asked
+    log.warning("attn_implementation flash_attention_2: %s, so sdpa is used (same results)", why)
+    return "sdpa"
+
+
 def load_base_model(cfg: Config, device=None, source: ModelSource | None = None):
     """The frozen base model on `device`, quantized when asked, in the run's compute dtype."""
     from transformers import AutoModelForCausalLM
@@ -205,7 +222,7 @@ def load_base_model(cfg: Config, device=None, source: ModelSource | None = None)
     quant = quantization_config(cfg)
     dtype = compute_dtype(cfg)
     kw = _hub_kwargs(cfg, src)
-    kw.update(dtype=dtype, attn_implementation=cfg.model.attn_implementation)
+    kw.update(dtype=dtype, attn_implementation=attention_backend(cfg.model.attn_implementation, device))
     if not src.gguf_file:
         kw["use_safetensors"] = True  # never unpickle a repo's .bin weights: pickle runs code
     if quant is not None:

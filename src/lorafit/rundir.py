@@ -31,7 +31,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 _PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "safetensors",
-             "gguf", "triton", "liger-kernel", "lorafit")
+             "gguf", "triton", "lorafit")
 
 
 def installed_versions(names) -> dict[str, str | None]:
