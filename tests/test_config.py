@@ -82,3 +82,12 @@ def test_push_to_hub_true_asks_for_a_repo_and_typos_suggest_lower_case_fields():
     with pytest.raises(ConfigError) as e:
         build_config(None, {"NUM_EPOCH": "3"})
     assert "num_epochs" in e.value.fix
+
+
+def test_two_names_for_one_field_must_agree(tmp_path):
+    with pytest.raises(ConfigError, match="set 'model' twice"):
+        build_config(None, {"model": "a/b", "model_name": "c/d"})
+    assert build_config(None, {"model": "a/b", "model_name": "a/b"}).model.model == "a/b"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_name: c/d\n")
+    assert build_config(recipe, {"model": "a/b"}).model.model == "a/b"      # a flag overrides the file

@@ -404,12 +404,24 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def build_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults, then the YAML file, then overrides (flags); validated before anything loads."""
     cfg = Config()
-    values = load_yaml(yaml_path) if yaml_path else {}
-    values.update(overrides or {})
-    for key, value in values.items():
-        cfg.set(key, value)
+    layers = [(f"'{yaml_path}'", load_yaml(yaml_path) if yaml_path else {}), ("the flags", overrides or {})]
+    for where, values in layers:
+        _no_two_names(values, where)
+        for key, value in values.items():
+            cfg.set(key, value)
     validate(cfg)
     return cfg
+
+
+def _no_two_names(values: dict[str, Any], where: str) -> None:
+    """Two names of one field in one place (--model and --model_name) with different values: which one was meant?"""
+    seen: dict[str, str] = {}
+    for key, value in values.items():
+        field_name = canonical_key(key)
+        other = seen.setdefault(field_name, key)
+        if other != key and values[other] != value:
+            raise ConfigError(f"{where} set '{field_name}' twice: {other}={values[other]!r} and {key}={value!r}",
+                              fix=f"keep one of '{other}' and '{key}'")
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
