@@ -112,3 +112,60 @@ def test_missing_adapter_path_is_a_user_error(tmp_path, capsys):
     (tmp_path / "empty" / "config.yaml").write_text("train: {seed: 1}\n")
     assert main(["chat", "--adapter_path", str(tmp_path / "empty"), "hi"]) == 2
     assert "no trained adapter" in capsys.readouterr().err
+
+
+def test_system_prompt_flag_overrides_the_trained_one(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """`lorafit chat --system_prompt X` prompts with X; without the flag the trained system prompt stays."""
+    from test_generate_rundir import make_run
+
+    import lorafit.chat as chat_mod
+    from lorafit.cli import main
+    from lorafit.data.templates import render_prompt
+
+    run = make_run(tmp_path / "run", tiny_model_dir("llama"), template="chatml", system_prompt="Be brief.")
+    prompts: list[str] = []
+
+    def fake_answer(session, cfg, messages, seed=None):
+        prompts.append(render_prompt(session.template, messages, session.tokenizer))
+        return ""
+
+    monkeypatch.setattr(chat_mod, "answer", fake_answer)
+    assert main(["chat", "--adapter_path", str(run), "--system_prompt", "Be a pirate.", "Hello"]) == 0
+    assert main(["chat", "--adapter_path", str(run), "Hello"]) == 0
+    assert main(["chat", "--adapter_path", str(run), "--system_prompt", "", "Hello"]) == 0
+    assert "Be a pirate." in prompts[0] and "Be brief." not in prompts[0]
+    assert "Be brief." in prompts[1]
+    assert prompts[2] == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_decoding_asks_for_no_wordpiece_cleanup(session, cfg, monkeypatch):
+    """The built-in SmolLM2 copy's tokenizer config said clean_up_tokenization_spaces=True: every chat and eval
+    printed transformers' 'Ignoring clean_up_tokenization_spaces=True for BPE tokenizer'."""
+    import logging
+
+    from lorafit.generate import eos_token_ids, generate_batch, generate_text
+
+    said: list[str] = []
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, msg, *a, **k: said.append(msg))
+    monkeypatch.setattr(session.tokenizer, "clean_up_tokenization_spaces", True)
+    tok, gen = session.tokenizer, dataclasses.replace(cfg.generate, max_new_tokens=3)
+    generate_text(session.model, tok, session.template, [{"role": "user", "content": "hello"}], gen)
+    generate_batch(session.model, tok, [tok("hello world")["input_ids"]], 3,
+                   eos_token_ids(session.model, tok, session.template), [])
+    assert not [m for m in said if "clean_up_tokenization_spaces" in m]
+
+
+def test_builtin_copy_with_cleanup_is_repaired(tmp_path, monkeypatch):
+    import json
+
+    from lorafit.model import builtin_model_dir
+
+    folder = tmp_path / "smollm2-135m-instruct"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_text("{}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"clean_up_tokenization_spaces": True, "eos_token": "x"}))
+    monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path))
+    assert builtin_model_dir() == folder
+    saved = json.loads((folder / "tokenizer_config.json").read_text())
+    assert saved == {"clean_up_tokenization_spaces": False, "eos_token": "x"}

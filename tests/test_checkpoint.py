@@ -129,3 +129,21 @@ def test_unfinished_run_needs_resume_or_overwrite(four_steps, tmp_path):
         check_output_dir(build_config(None, {"output_dir": str(run)}), run)
     assert "--resume" in str(e.value)
     check_output_dir(build_config(None, {"output_dir": str(run), "resume": "true"}), run)
+
+
+def test_resume_with_more_steps_follows_the_new_schedule(four_steps, tiny_model_dir, tmp_path, caplog):
+    """--resume --max_steps 8 on a finished 4-step cosine run: steps 5-8 use a straight 8-step run's lr
+    (the checkpoint's schedule ended at lr 0, which the first resumed step used to train with)."""
+    from lorafit.trainlog import read_metrics
+
+    def lrs(run):
+        return {r["step"]: r["lr"] for r in read_metrics(run) if "lr" in r}
+
+    run = _copy(four_steps, tmp_path / "run")
+    with caplog.at_level(logging.INFO, logger="lorafit"):
+        assert cli_main(["train", "--output_dir", str(run), "--resume", "--max_steps", "8"]) == 0
+    straight = run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path / "straight", max_steps=8))
+    resumed, want = lrs(run), lrs(straight)
+    assert sorted(resumed) == list(range(1, 9)) and resumed[5] > 0
+    assert [resumed[s] for s in range(5, 9)] == pytest.approx([want[s] for s in range(5, 9)], rel=1e-9)
+    assert "planned 4 steps, this one 8" in caplog.text  # said, not silently done

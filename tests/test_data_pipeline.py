@@ -81,6 +81,24 @@ def test_all_records_losing_their_trained_tokens_stops(tmp_path, tok):  # noqa: 
         prepare_data(make_cfg(str(path), max_seq_length=16, val_size=0), tok)
 
 
+def test_records_with_no_text_are_skipped_and_reported(tmp_path, tok, capsys, patched_tokenizer):  # noqa: F811
+    """Blank instruction and blank output: nothing but end-of-text would train; left out, counted, located."""
+    rows = [{"instruction": f"Say {i}.", "output": str(i)} for i in range(6)]
+    rows[2] = {"instruction": "", "input": "", "output": ""}
+    rows[4] = {"instruction": "  ", "output": "\n"}
+    path = _write(tmp_path / "blank.jsonl", rows)
+    data = prepare_data(make_cfg(str(path), val_size=0), tok)
+    assert len(data.train) == 4 and all(e.messages[0]["content"].strip() for e in data.train)
+    assert data.report["empty_records"] == 2
+    assert data.report["empty_record_examples"] == [f"{path}:3", f"{path}:5"]
+    assert main(["data", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 records have no text in any turn" in out and "blank.jsonl:3" in out
+    only_blank = _write(tmp_path / "all_blank.jsonl", [rows[2]])
+    assert main(["data", str(only_blank)]) == 2
+    assert "all 1 records are empty" in capsys.readouterr().err
+
+
 def test_percentiles():
     assert percentiles(list(range(1, 101))) == {"p50": 50, "p90": 90, "p95": 95, "p99": 99, "max": 100}
     assert percentiles([]) == {}

@@ -51,6 +51,24 @@ def test_folder_prefers_the_split_files(tmp_path):
     assert len(_convs(tmp_path, dataset_split="test")[0]) == 1
 
 
+def test_split_of_one_file_or_a_folder_without_it_is_a_user_error(tmp_path, capsys):
+    """--dataset_split names a hub split or a folder's split file; on one file it was silently ignored."""
+    from lorafit.cli import main
+
+    (tmp_path / "one").mkdir()
+    one = _jsonl(tmp_path / "one" / "data.jsonl", ROWS)
+    assert len(_convs(one, dataset_split="train")[0]) == 2
+    for source in (str(one), "demo"):
+        with pytest.raises(DataError, match="dataset_split 'validation' applies to hub datasets"):
+            _convs(source, dataset_split="validation")
+    with pytest.raises(DataError, match="no file for dataset_split 'validation'.*data.jsonl"):
+        _convs(one.parent, dataset_split="validation")
+    assert len(_convs(one.parent)[0]) == 2  # a folder without split names is all train
+    assert main(["data", str(one), "--dataset_split", "validation"]) == 2
+    err = capsys.readouterr().err
+    assert "dataset_split" in err and "Traceback" not in err
+
+
 def test_hub_path_through_datasets_with_a_local_folder(tmp_path, monkeypatch):
     """The hub is unreachable here: a local folder goes through the same `datasets.load_dataset` call."""
     import datasets

@@ -100,3 +100,31 @@ def test_missing_adapter_path_fails_clearly(tmp_path, capsys):
     assert main(["eval", "--adapter_path", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+
+
+def test_other_dataset_is_read_in_its_own_format(tiny_model_dir, tmp_path):
+    """A run trained on alpaca data (format, split and column_map saved) evaluates an instruction/response
+    file: the saved source settings belong to the run's data, not to --dataset, unless given again."""
+    from test_generate_rundir import make_run
+
+    from lorafit.cli import main
+    from lorafit.rundir import load_run_config
+
+    trained_on = "someorg/alpaca-style"  # a hub dataset: its split name means something there
+    run = make_run(tmp_path / "run", tiny_model_dir("llama"), template="chatml", dataset=trained_on,
+                   dataset_format="alpaca", column_map="question=instruction", dataset_split="train_sft")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{"instruction": f"What comes after {n}?", "response": str(n + 1)} for n in range(3)]))
+
+    cfg = load_run_config(run, {"dataset": str(other)})
+    assert (cfg.data.dataset_format, cfg.data.column_map, cfg.data.dataset_split) == ("auto", {}, "train")
+    assert cfg.data.template == "chatml"
+    same = load_run_config(run, {"dataset": trained_on})
+    assert (same.data.dataset_format, same.data.column_map, same.data.dataset_split) == \
+        ("alpaca", {"question": "instruction"}, "train_sft")
+    given = load_run_config(run, {"dataset_path": str(other), "dataset_format": "instruction"})
+    assert given.data.dataset_format == "instruction"
+
+    assert main(["eval", "--adapter_path", str(run), "--dataset", str(other), "--skip_base"]) == 0
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["settings"]["samples"] == 3 and saved["examples"][0]["prompt"].startswith("What comes after")

@@ -55,7 +55,7 @@ def make_run(run_dir: Path, model_dir: Path, template: str = "chatml", scale: fl
             next(p for n, p in model.named_parameters() if "lora_B" in n)[0, 0] = float("nan")
     model.save_pretrained(run_dir)
     save_config(run_dir, cfg)
-    resolve_template(template, tok, "alpaca").save(run_dir)
+    resolve_template(template, tok, "alpaca", cfg.data.system_prompt).save(run_dir)  # as training does
     return run_dir
 
 

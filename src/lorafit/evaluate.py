@@ -96,10 +96,10 @@ def evaluate(run_dir: Path, cfg: Config) -> dict:
 def eval_examples(run_dir: Path, cfg: Config) -> tuple[list[EvalExample], dict]:
     """The examples to score and a description of how they were chosen."""
     from lorafit.data.tokenize import load_conversations, split_conversations
-    from lorafit.rundir import load_run_config
+    from lorafit.rundir import load_run_config, same_source
 
     trained = load_run_config(run_dir)
-    held_out = _same_source(cfg.data.dataset, trained.data.dataset)
+    held_out = same_source(cfg.data.dataset, trained.data.dataset)
     if held_out:
         conversations, _ = load_conversations(trained)
         _, convs, _ = split_conversations(conversations, trained)
@@ -122,13 +122,6 @@ def eval_examples(run_dir: Path, cfg: Config) -> tuple[list[EvalExample], dict]:
         _status(f"note: the held-out split follows the training seed ({trained.train.seed}); "
                 f"seed {cfg.train.seed} only picks which {n} of its {total} examples are scored")
     return examples, settings
-
-
-def _same_source(a: str, b: str) -> bool:
-    if a == b:
-        return True
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def _to_example(messages: list[dict]) -> EvalExample | None:

@@ -55,7 +55,6 @@ def load_session(run_dir: Path, cfg: Config, use_adapter: bool = True) -> Sessio
 
     With use_adapter=False the base answers alone, through the same template (a fair comparison).
     """
-    from lorafit.data.templates import Template
     from lorafit.lora import load_adapter
     from lorafit.model import default_device, load_base_model, load_tokenizer, resolve_model
     from lorafit.rundir import require_adapter
@@ -63,7 +62,7 @@ def load_session(run_dir: Path, cfg: Config, use_adapter: bool = True) -> Sessio
     run_dir = Path(run_dir)
     if use_adapter:
         require_adapter(run_dir)
-    template = Template.load(run_dir)
+    template = run_template(run_dir, cfg)
     device = default_device()
     source = resolve_model(cfg)
     tokenizer = load_tokenizer(cfg, source)
@@ -73,6 +72,26 @@ def load_session(run_dir: Path, cfg: Config, use_adapter: bool = True) -> Sessio
     model.eval()
     return Session(model=model, tokenizer=tokenizer, template=template, device=device,
                    name=run_dir.resolve().name)
+
+
+def run_template(run_dir: Path, cfg: Config) -> Template:
+    """The run's template.json, with `cfg.data.system_prompt` in place of the trained one when they differ.
+
+    `cfg` is the run's config.yaml with this command's flags on top (load_run_config), and training built the
+    template from that same system_prompt, so the two differ only when --system_prompt was given now
+    ('' drops the trained one); the rest of the template (how prompts are rendered) stays the run's.
+    """
+    import dataclasses
+    import logging
+
+    from lorafit.data.templates import Template
+
+    template = Template.load(run_dir)
+    if cfg.data.system_prompt != template.system_prompt:
+        logging.getLogger("lorafit").info("system prompt: %r (trained with %r)", cfg.data.system_prompt,
+                                          template.system_prompt)
+        template = dataclasses.replace(template, system_prompt=cfg.data.system_prompt)
+    return template
 
 
 class TextStream:
@@ -184,7 +203,7 @@ def _token_loop(model, tokenizer, prompt_ids: list[int], gen: GenerateArgs, seed
             out_ids.append(token)
             seen = torch.cat([seen, seen.new_tensor([[token]])], dim=1)
             step_input = seen[:, -1:]
-            text = tokenizer.decode(out_ids, skip_special_tokens=False)
+            text = decode(tokenizer, out_ids)
             cut = _find_stop(text, stops)
             if cut is not None:
                 text, finish = text[:cut], "stop"
@@ -199,6 +218,15 @@ def _token_loop(model, tokenizer, prompt_ids: list[int], gen: GenerateArgs, seed
             yield text[emitted:]
         return GenerationResult(text=text, prompt_tokens=len(prompt_ids), completion_tokens=len(out_ids),
                                 finish_reason=finish)
+
+
+def decode(tokenizer, ids: list[int]) -> str:
+    """The text the tokens spell, special tokens included (stop strings are found in it).
+
+    Never the WordPiece clean-up ("a , b" -> "a, b"): it would change text already streamed, and on a BPE
+    tokenizer whose config asks for it (SmolLM2's does) transformers skips it with a warning on every run.
+    """
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 def _sampler(gen: GenerateArgs, generator):
@@ -301,7 +329,7 @@ def generate_batch(model, tokenizer, prompts_ids: list[list[int]], max_new_token
             if t in eos:
                 new, finish = new[:i], "stop"
                 break
-        text = tokenizer.decode(new, skip_special_tokens=False)
+        text = decode(tokenizer, new)
         cut = _find_stop(text, stops)
         if cut is not None:
             text, finish = text[:cut], "stop"

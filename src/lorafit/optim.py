@@ -71,11 +71,20 @@ def lr_factor(step: int, *, kind: str, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainArgs, total_steps: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainArgs, total_steps: int, step: int = 0):
+    """LambdaLR over `total_steps`, at optimizer step `step`: every param group's lr is then
+    learning_rate x lr_factor(step), as in a straight run of `total_steps`.
+
+    A resumed run rebuilds it rather than trusting the checkpoint's scheduler and param-group lr: those
+    hold the schedule the checkpoint was saved under, and after `--resume --max_steps 8` on a 4-step
+    cosine run that is its end, lr 0, which the first resumed step would use.
+    """
     import torch
 
     fn = partial(lr_factor, kind=t.lr_scheduler_type, warmup=warmup_steps(t, total_steps), total=total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = t.learning_rate  # LambdaLR's base lr; a checkpoint's param groups bring their own
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn, last_epoch=step - 1)
 
 
 def optimizer_state_bytes(n_trainable: int, optim: str) -> int:

@@ -20,7 +20,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from lorafit.config import Config, config_from_dict, validate
+from lorafit.config import Config, canonical_key, config_from_dict, validate
 from lorafit.errors import UserError
 
 CONFIG_FILE = "config.yaml"
@@ -87,10 +87,40 @@ def load_run_config(adapter_path: str | Path, overrides: dict[str, Any] | None =
         cfg = config_from_dict(yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {})
     except yaml.YAMLError as e:
         raise UserError(f"'{cfg_file}' is not valid YAML: {e}") from None
-    for key, value in (overrides or {}).items():
+    overrides = overrides or {}
+    given = {canonical_key(k) for k in overrides}
+    if "dataset" in given:
+        _forget_source_settings(cfg, next(v for k, v in overrides.items() if canonical_key(k) == "dataset"), given)
+    for key, value in overrides.items():
         cfg.set(key, value)
     validate(cfg)
     return cfg
+
+
+# How the run's own data file was read; another file has its own fields, splits and format.
+# (The template, how prompts are rendered, is the run's whatever the data.)
+SOURCE_SETTINGS = ("dataset_format", "dataset_split", "column_map", "dataset_text_field")
+
+
+def _forget_source_settings(cfg: Config, dataset: Any, given: set[str]) -> None:
+    """Back to the defaults (format auto) for the settings of SOURCE_SETTINGS that this command did not give,
+    when --dataset names other data than the run's."""
+    from lorafit.config import DataArgs
+
+    if same_source(str(dataset), cfg.data.dataset):
+        return
+    defaults = DataArgs()
+    for key in SOURCE_SETTINGS:
+        if key not in given:
+            setattr(cfg.data, key, getattr(defaults, key))
+
+
+def same_source(a: str, b: str) -> bool:
+    """Whether two `dataset` values name the same data (equal, or paths to one file or folder)."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def has_adapter(run_dir: Path) -> bool:

@@ -257,6 +257,7 @@ def _resolve_on_rank0_first(d: dist.Dist, fn):
 
 def _maybe_resume(r: Run) -> bool:
     """Restore the newest good checkpoint when resuming; cut logs back to it either way."""
+    from lorafit.optim import build_scheduler
     from lorafit.trainlog import truncate_after
 
     found = ckpt.latest_good(r.run_dir) if r.cfg.train.resume else None
@@ -266,6 +267,7 @@ def _maybe_resume(r: Run) -> bool:
         path, state = found
         ckpt.restore(path, r.model, r.optimizer, r.scheduler, r.scaler)
         r.pos = Position.from_state(state)
+        r.scheduler = build_scheduler(r.optimizer, r.cfg.train, r.plan.total_steps, step=r.pos.step)
         if r.d.main:
             log.info("resuming from %s (step %d, epoch %d)", path, r.pos.step, r.pos.epoch)
             r.plan.check_resume(state, r.d)

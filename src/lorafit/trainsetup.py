@@ -54,6 +54,10 @@ class Plan:
                 f"{self.total_steps:,} steps")
 
     def check_resume(self, state: dict[str, Any], d: dist.Dist) -> None:
+        if state.get("total_steps", self.total_steps) != self.total_steps:
+            log.info("the checkpoint's run planned %s steps, this one %s: the learning rate follows the %s-step "
+                     "schedule from step %s on, as a straight %s-step run's would", state["total_steps"],
+                     self.total_steps, self.total_steps, state.get("step", 0) + 1, self.total_steps)
         old = state.get("global_batch")
         if old and old != self.global_batch:
             log.warning("the checkpoint was trained with %s sequences per step, this run uses %s; "

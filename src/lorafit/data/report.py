@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from lorafit.data.tokenize import Encoded, Example, Loaded
 
 _PERCENTILES = (50, 90, 95, 99)
+_EXAMPLES = 3  # locations of skipped records shown in the report
 
 
 def data_command(cfg: Config, as_json: bool = False) -> int:
@@ -69,6 +70,8 @@ def summarize(cfg: Config, tokenizer: Any, template: Template, loaded: Loaded, e
         "tokens": tokens,
         "trained_token_share": _share(trained, tokens),
         "no_trained_token_records": sum(1 for e in kept if all(t == IGNORE for t in e.labels)),
+        "empty_records": len(loaded.empty),
+        "empty_record_examples": loaded.empty[:_EXAMPLES],
         "duplicates": duplicates,
         "dedup": d.dedup,
         "packing": d.packing,
@@ -109,6 +112,10 @@ def warnings_for(report: dict) -> list[str]:
     if report["no_trained_token_records"]:
         out.append(f"{report['no_trained_token_records']} examples have no trained token (their reply is cut off or "
                    "empty); they are skipped")
+    if report["empty_records"]:
+        n = report["empty_records"]
+        out.append(f"{n} {'record has' if n == 1 else 'records have'} no text in any turn (e.g. "
+                   f"{', '.join(report['empty_record_examples'])}); they are skipped")
     if report["duplicates"] and not report["dedup"]:
         out.append(f"{report['duplicates']} exact duplicates; --dedup drops them")
     if report["padding_share"] > 0.3 and not report["packing"]:
@@ -136,6 +143,7 @@ def print_report(report: dict) -> None:
         ("longer than max_seq_length", over),
         ("tokens trained on", f"{report['trained_token_share']:.1%} of {report['tokens']}{on_inputs}"),
         ("records with no trained token", str(report["no_trained_token_records"])),
+        ("empty records (skipped)", str(report["empty_records"])),
         ("exact duplicates", f"{report['duplicates']}" + (" (dropped)" if report["dedup"] else "")),
         ("padding share", f"{report['padding_share']:.1%} ({'packed' if report['packing'] else 'padded batches'})"),
     ]

@@ -30,11 +30,18 @@ class Record:
 
 def load_records(source: str, split: str = "train", demo_size: int = 1200) -> list[Record]:
     """All records of `source`: 'demo', a local file or folder, or a hub dataset id."""
+    path = Path(source).expanduser()
+    if (source == "demo" or path.is_file()) and split != "train":
+        # One file (or the demo set) is one split; reading it whole under another name would hide the mistake.
+        what = "the built-in demo set" if source == "demo" else f"'{source}' is one file that"
+        raise DataError(f"dataset_split '{split}' applies to hub datasets and to folders of split files; "
+                        f"{what} has no splits",
+                        fix="pass that split's own file as dataset (e.g. --dataset validation.jsonl), "
+                            "or leave dataset_split at train")
     if source == "demo":
         from lorafit.data.demo import demo_records
 
         return [Record(r, f"demo record {i}") for i, r in enumerate(demo_records(demo_size))]
-    path = Path(source).expanduser()
     if path.is_file():
         return read_file(path)
     if path.is_dir():
@@ -69,6 +76,10 @@ def read_folder(path: Path, split: str = "train") -> list[Record]:
         raise DataError(f"folder '{path}' holds no .json, .jsonl, .csv or .parquet files",
                         fix="point `dataset` at a data file, or a folder of them")
     in_split = [p for p in files if split in p.relative_to(path).as_posix()]
+    if not in_split and split != "train":  # a folder without split names is all train, as one file is
+        shown = ", ".join(p.relative_to(path).as_posix() for p in files[:6])
+        raise DataError(f"folder '{path}' has no file for dataset_split '{split}' (its files: {shown})",
+                        fix="set dataset_split to a word in one of those names, or leave it at train")
     records: list[Record] = []
     for f in in_split or files:
         records.extend(read_file(f))

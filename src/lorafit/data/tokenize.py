@@ -59,6 +59,8 @@ class Loaded:
     format: str
     digest: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    empty: list[str] = field(default_factory=list)
+    """Where the records with no text in any user or assistant turn came from (left out of `conversations`)."""
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -80,14 +82,33 @@ def _load(cfg: Config) -> Loaded:
     if not records:
         raise DataError(f"dataset '{d.dataset}' holds no records", fix="check the file or folder (and dataset_split)")
     fmt = detect_format(records, d.dataset_text_field) if d.dataset_format == "auto" else d.dataset_format
-    conversations = to_conversations(records, fmt, d.dataset_text_field)
+    conversations, empty = _drop_empty(to_conversations(records, fmt, d.dataset_text_field), records)
     if not conversations:
-        raise DataError(f"dataset '{d.dataset}' yields no conversations", fix="check the records' roles and replies")
+        raise DataError(f"dataset '{d.dataset}' yields no conversations"
+                        + (f" (all {len(empty)} records are empty, e.g. {empty[0]})" if empty else ""),
+                        fix="check the records' roles and replies")
     h = hashlib.sha256()
     for r in records:
         h.update(json.dumps(r.data, sort_keys=True, default=str, ensure_ascii=False).encode("utf-8"))
         h.update(b"\n")
-    return Loaded(conversations, fmt, h.hexdigest())
+    return Loaded(conversations, fmt, h.hexdigest(), empty=empty)
+
+
+def _drop_empty(conversations: list[list[dict]], records: list) -> tuple[list[list[dict]], list[str]]:
+    """(conversations with text in some user or assistant turn, where the others came from).
+
+    An Alpaca record with a blank instruction and a blank output would train the end-of-text token alone,
+    teaching the model to answer nothing; like the records with no trained token, such records are left
+    out and counted in the data report, rather than stopping a large dataset over a few blank rows.
+    """
+    aligned = len(conversations) == len(records)  # oasst builds its conversations from message trees
+    kept, empty = [], []
+    for i, conv in enumerate(conversations):
+        if any(m["content"].strip() or m.get("input", "").strip() for m in conv if m["role"] != "system"):
+            kept.append(conv)
+        else:
+            empty.append(records[i].where if aligned else f"conversation {i}")
+    return kept, empty
 
 
 def split_conversations(conversations: list[list[dict]], cfg: Config) -> tuple[list[list[dict]], list[list[dict]], int]:
