@@ -94,7 +94,10 @@ def test_records_with_no_text_are_skipped_and_reported(tmp_path, tok, capsys, pa
     assert main(["data", str(path)]) == 0
     out = capsys.readouterr().out
     assert "2 records have no text in any turn" in out and "blank.jsonl:3" in out
-    only_blank = _write(tmp_path / "all_blank.jsonl", [rows[2]])
+    rows[2] = {"instruction": "Say nothing.", "output": " "}            # an instruction with a blank reply: warned, kept
+    assert main(["data", str(_write(tmp_path / "blank_reply.jsonl", rows))]) == 0
+    assert "1 record has an empty reply" in capsys.readouterr().out
+    only_blank = _write(tmp_path / "all_blank.jsonl", [{"instruction": "", "input": "", "output": ""}])
     assert main(["data", str(only_blank)]) == 2
     assert "all 1 records are empty" in capsys.readouterr().err
 

@@ -70,6 +70,8 @@ def summarize(cfg: Config, tokenizer: Any, template: Template, loaded: Loaded, e
         "tokens": tokens,
         "trained_token_share": _share(trained, tokens),
         "no_trained_token_records": sum(1 for e in kept if all(t == IGNORE for t in e.labels)),
+        "empty_replies": sum(1 for c in loaded.conversations
+                             if not any(m["content"].strip() for m in c if m["role"] == "assistant")),
         "empty_records": len(loaded.empty),
         "empty_record_examples": loaded.empty[:_EXAMPLES],
         "duplicates": duplicates,
@@ -112,6 +114,10 @@ def warnings_for(report: dict) -> list[str]:
     if report["no_trained_token_records"]:
         out.append(f"{report['no_trained_token_records']} examples have no trained token (their reply is cut off or "
                    "empty); they are skipped")
+    if report.get("empty_replies"):
+        n = report["empty_replies"]
+        out.append(f"{n} {'record has' if n == 1 else 'records have'} an empty reply: they teach the model to stop "
+                   "at once (kept; drop them from the data if that is not what you want)")
     if report["empty_records"]:
         n = report["empty_records"]
         out.append(f"{n} {'record has' if n == 1 else 'records have'} no text in any turn (e.g. "
