@@ -98,3 +98,17 @@ def test_output_dir_must_be_new(tiny_model_dir, tmp_path, capsys):
     assert main(["merge", "--adapter_path", str(run), "--output_dir", str(tmp_path / "taken")]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "taken" / "x").read_text() == "keep me"
+
+
+def test_merge_takes_a_system_prompt_given_now(tiny_model_dir, tmp_path):
+    """template.json of the merged folder (what export and chat read) keeps the trained system prompt unless
+    --system_prompt is given to merge, as chat does."""
+    from lorafit.data.templates import Template
+    from lorafit.merge import merge_to_folder
+    from lorafit.rundir import load_run_config
+
+    run = make_run(tmp_path / "run", tiny_model_dir("llama"), template="chatml", system_prompt="Be brief.")
+    kept = merge_to_folder(run, tmp_path / "m1", load_run_config(run))
+    assert Template.load(kept).system_prompt == "Be brief."
+    new = merge_to_folder(run, tmp_path / "m2", load_run_config(run, {"system_prompt": "Be a pirate."}))
+    assert Template.load(new).system_prompt == "Be a pirate."

@@ -71,7 +71,7 @@ def merge(run_dir: Path, out_dir: Path, cfg: Config) -> Path:
 def merge_to_folder(run_dir: Path, out_dir: Path, cfg: Config) -> Path:
     """Merge, save into a temporary folder, verify the saved model's logits, then rename it to out_dir."""
 
-    from lorafit.data.templates import Template
+    from lorafit.generate import run_template
     from lorafit.lora import load_adapter
     from lorafit.model import load_base_model, load_tokenizer, resolve_model
     from lorafit.rundir import require_adapter
@@ -79,7 +79,7 @@ def merge_to_folder(run_dir: Path, out_dir: Path, cfg: Config) -> Path:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     require_adapter(run_dir)
     _check_output_dir(run_dir, out_dir)
-    template = Template.load(run_dir)
+    template = run_template(run_dir, cfg)  # the run's, with a --system_prompt given now in place of the trained one
     mcfg = merge_config(cfg)
     dtype = merge_dtype(cfg)
     source = resolve_model(mcfg)
@@ -205,7 +205,7 @@ def _save(model, tokenizer, template, run_dir: Path, out: Path, cfg: Config, dty
         tokenizer.chat_template = template.chat_template
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(out)
-    shutil.copy2(run_dir / "template.json", out / "template.json")
+    template.save(out)
     (out / "README.md").write_text(_readme(run_dir, cfg, template, dtype), encoding="utf-8")
 
 
