@@ -66,9 +66,8 @@ class Group:
     def prepared(self, dtype, device, version):
         if not self.packed and (version is None or version != self.version
                                 or (self.a is not None and self.a.dtype != dtype)):
-            lora = [h for h in self.heads if h.lora_A is not None]
-            self.a = torch.cat([h.lora_A.to(dtype) for h in lora]) if lora else None
-            self.b = _block_diag_b(self.heads, dtype) if lora else None
+            self.a = torch.cat([h.lora_A.to(dtype) for h in self.lora]) if self.lora else None
+            self.b = _block_diag_b(self.heads, dtype) if self.lora else None
             self.version = version
         if self._bias_key != (dtype, device) and any(h.bias is not None for h in self.heads):
             # base biases are frozen: concatenated once
@@ -76,12 +75,6 @@ class Group:
                                     torch.zeros(h.out_features, device=device)).to(dtype) for h in self.heads])
             self._bias_key = (dtype, device)
         return self.a, self.b, self.bias
-
-    def release(self) -> None:
-        """Drop cached standalone factors (a checkpointed layer needs them again only at its recompute)."""
-        if not self.packed:
-            self.version = None
-            self.a = self.b = None
 
 
 class FactorPack:
@@ -133,12 +126,6 @@ class FactorPack:
         torch.cat(self.a_src, out=self.a_buf)
         torch._foreach_copy_(self.b_dst, self.b_src)
         torch._foreach_mul_(self.b_dst, self.scales)
-
-    def unpack(self) -> None:
-        for g in self.groups:
-            g.packed = False
-            g.a = g.b = None
-            g.version = None
 
 
 def _base_weight(group: Group, in_features: int, dtype, device, pool: WeightBuffer | None) -> torch.Tensor:

@@ -71,15 +71,13 @@ class ActivationStore:
 
 class _Checkpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, fn, store, idx, rng, after, recompute):
+    def forward(ctx, x, fn, store, idx, rng, recompute):
         ctx.fn = recompute or fn
-        ctx.store, ctx.idx, ctx.device, ctx.after = store, idx, x.device, after
+        ctx.store, ctx.idx, ctx.device = store, idx, x.device
         ctx.rng = (torch.cuda.get_rng_state(x.device) if x.is_cuda else torch.get_rng_state()) if rng else None
         with torch.no_grad():
             out = fn(x)
         store.save(idx, x)
-        if after is not None:
-            after()
         return out
 
     @staticmethod
@@ -97,15 +95,12 @@ class _Checkpoint(torch.autograd.Function):
                         torch.set_rng_state(ctx.rng)
                     out = ctx.fn(x)
         torch.autograd.backward(out, dout)
-        if ctx.after is not None:
-            ctx.after()
-        return x.grad, None, None, None, None, None, None
+        return x.grad, None, None, None, None, None
 
 
-def checkpoint(fn, x: torch.Tensor, store: ActivationStore, idx: int, preserve_rng: bool, after=None,
+def checkpoint(fn, x: torch.Tensor, store: ActivationStore, idx: int, preserve_rng: bool,
                recompute=None) -> torch.Tensor:
     """fn(x) with x kept in `store` and fn recomputed in backward; x must require grad.
-    `after()` runs once the forward and again once the backward of this layer are done.
     `recompute` (default fn) is what backward reruns: the same graph, but it may skip work whose
     output value backward never reads (only the output's gradient flows back into it)."""
-    return _Checkpoint.apply(x, fn, store, idx, preserve_rng, after, recompute)
+    return _Checkpoint.apply(x, fn, store, idx, preserve_rng, recompute)
