@@ -67,12 +67,17 @@ def _lit(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
+def _plain_pieces(name: str, parts: tuple) -> tuple[str, str, str, str, str, str]:
+    """(turn separator, text before / after a user turn, reply header, reply prefix, text after the system turn)."""
+    sep, user_fmt, _input_fmt, header, reply_prefix = parts
+    before, after = user_fmt.split("{c}")
+    return sep, before, after, header, reply_prefix, "\n" if name == "raw" else "\n\n"
+
+
 def plain_jinja(name: str, parts: tuple) -> str:
     """Jinja twin of data.templates' plain renderer: system text, user turns (a separator before every turn
     after the first reply), reply header, reply prefix, reply and EOS; the header again as generation prompt."""
-    sep, user_fmt, _input_fmt, header, reply_prefix = parts
-    before, after = user_fmt.split("{c}")
-    system_end = "\n" if name == "raw" else "\n\n"
+    sep, before, after, header, reply_prefix, system_end = _plain_pieces(name, parts)
     return ("{% set ns = namespace(replied=false) %}{% for m in messages %}"
             f"{{% if m['role'] == 'system' %}}{{{{ m['content'] + {_lit(system_end)} }}}}"
             f"{{% elif m['role'] == 'user' %}}{{% if ns.replied %}}{{{{ {_lit(sep)} }}}}{{% endif %}}"
@@ -84,9 +89,7 @@ def plain_jinja(name: str, parts: tuple) -> str:
 
 def plain_go(name: str, parts: tuple, eos: str) -> str:
     """The same for Ollama: Go templates keep a variable across `range` iterations when assigned with `=`."""
-    sep, user_fmt, _input_fmt, header, reply_prefix = parts
-    before, after = user_fmt.split("{c}")
-    system_end = "\n" if name == "raw" else "\n\n"
+    sep, before, after, header, reply_prefix, system_end = _plain_pieces(name, parts)
     return ("{{ $replied := false }}{{ range .Messages }}"
             f'{{{{ if eq .Role "system" }}}}{{{{ .Content }}}}{_go_text(system_end)}'
             f'{{{{ else if eq .Role "user" }}}}{{{{ if $replied }}}}{_go_text(sep)}{{{{ end }}}}'
