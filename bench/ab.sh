@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # A/B of two lorafit source trees on the GPU machine, alternating in one call so both see the same GPU:
-#   bash bench/ab.sh OLD_TREE [ROUNDS] [SHAPES] [PROFILE_SHAPES]
+#   bash bench/ab.sh OLD_TREE [ROUNDS] [SHAPES] [PROFILE_SHAPES]   ("" profiles nothing)
 # OLD_TREE holds an older `src/` (e.g. `git archive <rev> src | tar -x -C ab_old`, left untracked so it
 # travels with the working tree); the new tree is this checkout's src/. Each round runs bench.py's lorafit
 # stack for the old tree then the new one; then the new tree is profiled at PROFILE_SHAPES (bench.py
 # --profile, with the idle-gap analysis of the busiest stream). Needs .whl-site (bitsandbytes) carried
 # and `bash bench/run.sh model` having built /tmp/phi3-llama (run.sh sets up /tmp/site the same way).
 set -uo pipefail
-OLD=$1; ROUNDS=${2:-2}; SHAPES=${3:-8x512,4x2048}; PROF=${4:-4x2048 8x512}
+OLD=$1; ROUNDS=${2:-2}; SHAPES=${3:-8x512,4x2048}; PROF=${4-4x2048 8x512}
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p /tmp/site && cp -r .whl-site/* /tmp/site/

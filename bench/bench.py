@@ -191,6 +191,41 @@ def profile(step, bs, seq):
         print(f"  cpu {e.self_cpu_time_total / 2 / 1e3:8.2f} ms  {e.count // 2:6d}x  {e.key[:80]}")
 
 
+def memory_peak(step, bs, seq, top=24):
+    """Replays one step's allocator trace (torch.cuda.memory._record_memory_history) to the moment of the
+    step's peak and prints the blocks live then, largest first, each with the innermost lorafit frames
+    that allocated it (memory held before the step, weights and optimizer state, is the base)."""
+    import torch
+    b = shape_batches(bs, seq)[0]
+    for _ in range(2):
+        step(b)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.memory._record_memory_history(max_entries=200000, stacks="python")
+    step(b)
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    live, cur, best, at_peak = {}, 0, -1, {}
+    for ev in snap["device_traces"][0]:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev
+            cur += ev["size"]
+            if cur > best:
+                best, at_peak = cur, dict(live)
+        elif ev["action"] == "free_completed" and ev["addr"] in live:
+            cur -= live.pop(ev["addr"])["size"]
+    print(f"memory {bs}x{seq}: base {base / 2**30:.2f} GiB, peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB,"
+          f" live at the step's peak {best / 2**20:.0f} MiB")
+
+    def where(ev):
+        fr = [f for f in ev.get("frames", []) if "lorafit" in f["filename"] or "bench" in f["filename"]]
+        return " < ".join(f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}" for f in fr[:3]) or "?"
+    for ev in sorted(at_peak.values(), key=lambda e: -e["size"])[:top]:
+        print(f"  {ev['size'] / 2**20:8.1f} MiB  {where(ev)[:160]}")
+
+
 def gaps(p, path="/tmp/trace.json"):
     """Where the busiest stream waits: idle time between its kernels, the largest gaps with the kernels
     around them (a gap means the host, a host sync or another stream held the work back)."""
@@ -223,6 +258,7 @@ def main() -> None:
     ap.add_argument("--real", action="store_true")
     ap.add_argument("--profile", default="", help="BSxSEQ: profile 2 steps at this shape, print the top kernels")
     ap.add_argument("--steps", type=int, default=12, help="steps per shape (the first 4 are warm-up)")
+    ap.add_argument("--memory", default="", help="BSxSEQ: what is live at one step's memory peak, largest first")
     args = ap.parse_args()
     import torch
     model = load(args.stack, args.model)
@@ -246,6 +282,8 @@ def main() -> None:
         print(json.dumps(rec), flush=True)
     if args.profile:
         profile(step, *map(int, args.profile.split("x")))
+    if args.memory:
+        memory_peak(step, *map(int, args.memory.split("x")))
     if args.real:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -66,8 +66,8 @@ def lora_grads(pm):
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "phi3"])
-@pytest.mark.parametrize("ckpt", [False, True])
-def test_fast_equals_model(model_type, ckpt):
+@pytest.mark.parametrize("ckpt, offload", [(False, True), (True, False), (True, True)])
+def test_fast_equals_model(model_type, ckpt, offload):
     pm = tiny(model_type)
     assert fast_forward_supported(pm) == (True, "ok")
     bt = batch()
@@ -75,7 +75,12 @@ def test_fast_equals_model(model_type, ckpt):
     ref.backward()
     g_ref = lora_grads(pm)
     pm.zero_grad()
-    loss, n = enable_fast_path(pm, gradient_checkpointing=ckpt)(bt)
+    fl = enable_fast_path(pm, gradient_checkpointing=ckpt, offload_activations=offload)
+    loss, n = fl(bt)
+    if ckpt:
+        # parked (offload): input, attention output, mid-layer residual and the attention's state, and the
+        # recomputation replays them (no attention forward, no o product); kept on the device: the input only
+        assert {len(v) for v in fl.store.saved.values()} == ({7} if offload else {1})
     loss.backward()
     assert n.item() == (F.pad(bt["labels"][:, 1:], (0, 1), value=-100) != -100).sum().item()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)

@@ -210,3 +210,14 @@ def test_early_stopping_counts_validations():
     seen = [pos.record_validation(v, 2, NullLog()) for v in (3.0, 2.5, 2.6, 2.4, 2.45, 2.5)]
     assert seen == [False, False, False, False, False, True]
     assert pos.best_val == 2.4
+
+
+def test_fused_adamw_steps_like_adamw(tiny_model_dir, tmp_path):
+    """--optim adamw_torch_fused is torch's fused AdamW: the same updates as the default, and the run says so."""
+    common = {"max_steps": 3, "lora_dropout": 0}
+    a = run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path / "a", **common))
+    b = run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path / "b", optim="adamw_torch_fused",
+                               **common))
+    assert losses(a) == pytest.approx(losses(b), rel=1e-5)
+    assert_same_adapter(a, b, atol=1e-6)
+    assert "adamw_torch_fused" in (b / "config.yaml").read_text()

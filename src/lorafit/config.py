@@ -130,7 +130,8 @@ class TrainArgs:
     weight_decay: float = 0.0
     """AdamW weight decay on LoRA weights."""
     optim: str = "adamw_torch"
-    """adamw_torch, paged_adamw_32bit, paged_adamw_8bit or adamw_8bit (bitsandbytes)."""
+    """adamw_torch, adamw_torch_fused (torch's fused AdamW), paged_adamw_32bit, paged_adamw_8bit or adamw_8bit
+    (bitsandbytes)."""
     adam_beta1: float = 0.9
     """AdamW beta1."""
     adam_beta2: float = 0.999

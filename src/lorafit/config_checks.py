@@ -21,7 +21,7 @@ CHOICES = {
     "template": ("auto", "alpaca", "instruction", "guanaco", "chatml", "model", "raw"),
     "truncation": ("truncate", "drop"),
     "lr_scheduler_type": ("cosine", "linear", "constant"),
-    "optim": ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"),
+    "optim": ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"),
     "eval_strategy": ("steps", "epoch", "no"),
     "save_strategy": ("steps", "epoch", "no"),
     "nan_policy": ("stop", "skip"),

@@ -5,8 +5,10 @@ same lora_A / lora_B parameters).
 Per decoder layer: fused residual-add + RMSNorm, one fused LoRA product for q/k/v (or phi3's
 qkv_proj) over the dequantized NF4 base, Triton RoPE, flash attention (varlen for packed rows),
 one fused LoRA product for o, gate/up and down each, Triton SwiGLU; each layer checkpointed
-with its input parked in pinned CPU memory; a chunked linear + cross-entropy over the labelled
-tokens only. On CPU (the test suite) the same code runs the plain-PyTorch twins.
+with its input, attention output and mid-layer residual parked in pinned CPU memory (the
+recomputation then skips the attention forward, the o product and the down product); a chunked
+linear + cross-entropy over the labelled tokens only. On CPU (the test suite) the same code runs
+the plain-PyTorch twins.
 
 Supported: llama, mistral, qwen2, phi3 with plain LoRA (no DoRA, one adapter). Anything else
 falls back to the model's own forward, with one log line saying why.
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lorafit.kernels import reference
-from lorafit.kernels.attention import attention, packed_plan
+from lorafit.kernels.attention import attention, attention_keeping, attention_replay, packed_plan
 from lorafit.kernels.lora import FactorPack, Group, Head, WeightBuffer, lora_group
 from lorafit.kernels.offload import ActivationStore, checkpoint
 
@@ -246,10 +248,12 @@ class FastLoss:
         if self.gradient_checkpointing and torch.is_grad_enabled():
             x = x.detach().requires_grad_(True)
             self.store.clear()
+            park = self.store.offload     # park more than the input only where it goes to host memory
             for i, layer in enumerate(self.layers):
-                x = checkpoint(lambda h, layer=layer: self._layer(layer, ctx, h), x, self.store, i,
+                x = checkpoint(lambda h, layer=layer: self._layer(layer, ctx, h, park=park), x, self.store, i,
                                preserve_rng=self.dropout and training,
-                               recompute=lambda h, layer=layer: self._layer(layer, ctx, h, grad_only=True))
+                               recompute=lambda h, *kept, layer=layer: self._layer(layer, ctx, h, grad_only=True,
+                                                                                    kept=kept or None))
         else:
             for layer in self.layers:
                 x = self._layer(layer, ctx, x)
@@ -260,18 +264,36 @@ class FastLoss:
         loss = ops.ce(x.index_select(0, sel), self.base.lm_head.weight, tgt.index_select(0, sel))
         return loss, n_tok
 
-    def _layer(self, ly: _Layer, c, x: torch.Tensor, grad_only: bool = False) -> torch.Tensor:
-        """One decoder layer; `grad_only` (a checkpoint's recomputation): the down product, whose output
-        value backward never reads, is skipped (~1/5 of the recomputation's matrix work)."""
+    def _layer(self, ly: _Layer, c, x: torch.Tensor, grad_only: bool = False, park: bool = False,
+               kept: tuple | None = None):
+        """One decoder layer.
+        `park` (a checkpoint's first forward): also return what the recomputation can reuse, the
+        attention output, its backward state and the mid-layer residual, when the attention kernel can
+        run its backward from them (else the plain output, and the recomputation is the usual one).
+        `grad_only` (the recomputation): products whose output value backward never reads are skipped:
+        always the down product (~1/5 of the matrix work); with `kept`, also the attention forward and
+        the o product, whose values come from the parked tensors."""
         hq, hkv, d = self.n_heads, self.n_kv, self.head_dim
+        attn = (c.batch, hq, hkv, d, self.scale)
         h = c.ops.rmsnorm(x, ly.ln1, ly.eps)
         qkv = lora_group(h, ly.qkv, self.pool, c.training)
         q, k, v = c.ops.qkv_rope(qkv, c.cos, c.sin, hq, hkv, d)
-        a = attention(q, k, v, c.batch, hq, hkv, d, self.scale, plan=c.plan, doc_ids=c.doc_ids, window=self.window)
-        o = lora_group(a, ly.o, self.pool, c.training)
-        x, h = c.ops.add_rmsnorm(x, o, ly.ln2, ly.eps)
+        state = None
+        if kept is not None:
+            a_val, mid, *state = kept
+            a = attention_replay(q, k, v, a_val, state, *attn)
+            x = lora_group(a, ly.o, self.pool, c.training, residual=x, grad_only=True, value=mid)
+            h = c.ops.rmsnorm(x, ly.ln2, ly.eps)
+        else:
+            if park:
+                a, state = attention_keeping(q, k, v, *attn, plan=c.plan, doc_ids=c.doc_ids, window=self.window)
+            else:
+                a = attention(q, k, v, *attn, plan=c.plan, doc_ids=c.doc_ids, window=self.window)
+            o = lora_group(a, ly.o, self.pool, c.training)
+            x, h = c.ops.add_rmsnorm(x, o, ly.ln2, ly.eps)
         gu = lora_group(h, ly.gate_up, self.pool, c.training)
-        return lora_group(c.ops.swiglu(gu), ly.down, self.pool, c.training, residual=x, grad_only=grad_only)
+        out = lora_group(c.ops.swiglu(gu), ly.down, self.pool, c.training, residual=x, grad_only=grad_only)
+        return (out, (a, x, *state)) if park and state is not None else out
 
     def _reference(self, batch):
         """The model's own forward (any architecture); a document mask when rows are packed."""

@@ -40,6 +40,8 @@ def build_optimizer(model: torch.nn.Module, t: TrainArgs) -> torch.optim.Optimiz
     kw = {"lr": t.learning_rate, "betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_epsilon}
     if t.optim == "adamw_torch":
         return torch.optim.AdamW(groups, **kw)
+    if t.optim == "adamw_torch_fused":       # one kernel per step instead of ~10 foreach launches per update
+        return torch.optim.AdamW(groups, **kw, fused=True)
     try:
         import bitsandbytes.optim as bnb_optim
     except ImportError:

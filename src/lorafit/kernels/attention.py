@@ -1,9 +1,17 @@
 """Causal attention that stays within each packed document, on the fastest backend present.
 
-Unpacked rows use SDPA's flash backend. Packed rows (doc_ids) use
+Unpacked rows use SDPA (which picks cuDNN's kernel on an H100). Packed rows (doc_ids) use
 torch.nn.attention.varlen.varlen_attn (flash attention over cumulative sequence lengths, no
 FLOP spent across documents or on padding) when this torch has it; otherwise SDPA with a
 (B, 1, T, T) document mask (memory-efficient backend; exact, slower). Twin: reference.attention.
+
+`attention_keeping` / `attention_replay` let a checkpointed layer skip the attention forward when
+it is recomputed: the first forward calls cuDNN's attention directly (the kernel SDPA picks for
+unpacked rows on Hopper) and hands back its log-sum-exp with the output; the recomputation
+returns the parked output and backward calls cuDNN's attention backward with it. torch's SDPA
+exposes no public way to run the backward from a saved forward, so these two call the same aten
+ops its own autograd formula calls (the schema has been stable since torch 2.5; any error in the
+forward falls back to plain attention, recomputed as before).
 """
 from __future__ import annotations
 
@@ -24,17 +32,18 @@ def _varlen():
     except ImportError:
         return None
     params = inspect.signature(varlen_attn).parameters
+    gqa = "enable_gqa" in params          # torch 2.11's varlen_attn has no enable_gqa: k, v repeated instead
     if "window_size" in params:
-        return varlen_attn, "window_size"
+        return varlen_attn, "window_size", gqa
     if "is_causal" in params:
-        return varlen_attn, "is_causal"
+        return varlen_attn, "is_causal", gqa
     return None
 
 
 def backend() -> str:
     """Which kernel packed rows get on CUDA (for benchmark records)."""
     vl = _varlen()
-    return f"varlen_attn({vl[1]})" if vl is not None else "sdpa+document mask"
+    return f"varlen_attn({vl[1]}{', gqa' if vl[2] else ''})" if vl is not None else "sdpa+document mask"
 
 
 def packed_plan(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -55,12 +64,109 @@ def attention(q, k, v, batch, n_heads, n_kv, head_dim, scale, plan=None, doc_ids
         return o.transpose(1, 2).reshape(n, n_heads * head_dim)
     vl = _varlen() if q.is_cuda else None
     if plan is not None and vl is not None and window is None:
-        fn, how = vl
+        fn, how, gqa = vl
         cu, max_len = plan
         kw = {"window_size": (-1, 0)} if how == "window_size" else {"is_causal": True}
-        if n_kv != n_heads:
+        k3, v3 = k.reshape(n, n_kv, head_dim), v.reshape(n, n_kv, head_dim)
+        if n_kv != n_heads and gqa:
             kw["enable_gqa"] = True
-        o = fn(q.view(n, n_heads, head_dim), k.reshape(n, n_kv, head_dim), v.reshape(n, n_kv, head_dim),
-               cu, cu, max_len, max_len, scale=scale, **kw)
+        elif n_kv != n_heads:
+            k3, v3 = (z.repeat_interleave(n_heads // n_kv, dim=1) for z in (k3, v3))
+        o = fn(q.view(n, n_heads, head_dim), k3, v3, cu, cu, max_len, max_len, scale=scale, **kw)
         return o.reshape(n, n_heads * head_dim)
     return reference.attention(q, k, v, batch, n_heads, n_kv, head_dim, scale, doc_ids, window)
+
+
+def _cudnn_ok(q, batch, n_heads, n_kv, head_dim, plan, doc_ids, window) -> bool:
+    t = q.shape[0] // batch
+    return (q.is_cuda and doc_ids is None and plan is None and (window is None or t <= window)
+            and q.dtype in (torch.bfloat16, torch.float16) and head_dim % 8 == 0 and head_dim <= 128
+            and n_heads % n_kv == 0 and torch.backends.cudnn.is_available())
+
+
+def attention_keeping(q, k, v, batch, n_heads, n_kv, head_dim, scale, plan=None, doc_ids=None, window=None):
+    """attention(...) and what attention_replay needs to run its backward later without the forward:
+    (o (N, H*D), state); state is None where that is not possible (then recompute as usual).
+    Unpacked rows: cuDNN's attention; packed rows: flash attention over cu_seqlens (the kernels
+    attention() itself reaches through SDPA and varlen_attn). Off CUDA the state says "twin" and the
+    replay's backward recomputes through `attention` (the same plumbing, testable on a CPU)."""
+    args = (batch, n_heads, n_kv, head_dim, scale)
+    n = q.shape[0]
+    if not q.is_cuda:
+        return attention(q, k, v, *args, plan=plan, doc_ids=doc_ids, window=window), ("twin", plan, doc_ids, window)
+    try:
+        if plan is not None and window is None and _varlen() is not None:
+            cu, max_len = plan
+            o, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+                q.view(n, n_heads, head_dim), k.reshape(n, n_kv, head_dim), v.reshape(n, n_kv, head_dim),
+                cu, cu, max_len, max_len, 0.0, True, False, scale=scale)
+            return o.reshape(n, n_heads * head_dim), ("flash", cu, max_len, lse, rng, unused)
+        if _cudnn_ok(q, batch, n_heads, n_kv, head_dim, plan, doc_ids, window):
+            qh, kh, vh = reference.heads(q, k, v, batch, n_heads, n_kv, head_dim)
+            o, lse, cu_q, cu_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                qh, kh, vh, None, True, 0.0, True, False, scale=scale)
+            return o.transpose(1, 2).reshape(n, n_heads * head_dim), ("cudnn", lse, cu_q, cu_k, max_q, max_k, seed, offset)
+    except RuntimeError as e:       # an op this torch lacks or refuses: plain attention, recomputed as before
+        _warn_once(e)
+    return attention(q, k, v, *args, plan=plan, doc_ids=doc_ids, window=window), None
+
+
+_WARNED = []
+
+
+def _warn_once(e: Exception) -> None:
+    if not _WARNED:
+        _WARNED.append(e)
+        import logging
+        logging.getLogger(__name__).warning("attention is recomputed in backward (its saved-state kernels failed: %s)",
+                                            str(e).splitlines()[0][:200])
+
+
+_SAVED = object()      # stands for a state tensor kept by save_for_backward
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, o, shape, state):
+        ctx.save_for_backward(q, k, v, o, *[s for s in state if isinstance(s, torch.Tensor)])
+        ctx.shape, ctx.state = shape, [_SAVED if isinstance(s, torch.Tensor) else s for s in state]
+        return o.view_as(o)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, *tensors = ctx.saved_tensors
+        it = iter(tensors)
+        state = [next(it) if s is _SAVED else s for s in ctx.state]
+        batch, n_heads, n_kv, head_dim, scale = ctx.shape
+        kind, *state = state
+        n = q.shape[0]
+        if kind == "twin":                     # off CUDA: recompute the attention and differentiate it
+            plan, doc_ids, window = state
+            with torch.enable_grad():
+                qkv = [z.detach().requires_grad_(True) for z in (q, k, v)]
+                out = attention(*qkv, batch, n_heads, n_kv, head_dim, scale, plan=plan, doc_ids=doc_ids, window=window)
+                return (*torch.autograd.grad(out, qkv, do), None, None, None)
+        if kind == "flash":
+            cu, max_len, lse, rng, unused = state
+            dq, dk, dv = torch.ops.aten._flash_attention_backward(
+                do.reshape(n, n_heads, head_dim), q.view(n, n_heads, head_dim), k.reshape(n, n_kv, head_dim),
+                v.reshape(n, n_kv, head_dim), o.view(n, n_heads, head_dim), lse, cu, cu, max_len, max_len, 0.0, True,
+                rng, unused, scale=scale)
+            return dq.reshape(n, -1), dk.reshape(n, -1), dv.reshape(n, -1), None, None, None
+        lse, cu_q, cu_k, max_q, max_k, seed, offset = state
+        qh, kh, vh = reference.heads(q, k, v, batch, n_heads, n_kv, head_dim)
+        t = n // batch
+        oh = o.view(batch, t, n_heads, head_dim).transpose(1, 2)
+        doh = do.reshape(batch, t, n_heads, head_dim).transpose(1, 2)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            doh, qh, kh, vh, oh, lse, seed, offset, None, cu_q, cu_k, max_q, max_k, 0.0, True, scale=scale)
+        if n_kv != n_heads:
+            dk, dv = (z.reshape(batch, n_kv, n_heads // n_kv, t, head_dim).sum(2) for z in (dk, dv))
+        flat = [z.transpose(1, 2).reshape(n, -1) for z in (dq, dk, dv)]
+        return (*flat, None, None, None)
+
+
+def attention_replay(q, k, v, o, state, batch, n_heads, n_kv, head_dim, scale):
+    """The attention output `o` parked by attention_keeping, as a function of q, k, v for autograd:
+    no forward work; backward is the attention's backward from the saved output and log-sum-exp."""
+    return _Replay.apply(q, k, v, o, (batch, n_heads, n_kv, head_dim, scale), tuple(state))

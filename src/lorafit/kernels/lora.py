@@ -152,7 +152,7 @@ def _base_weight(group: Group, in_features: int, dtype, device, pool: WeightBuff
 
 class _LoRAGroup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, group, pool, training, version, grad_only, *params):
+    def forward(ctx, x, residual, group, pool, training, version, grad_only, value, *params):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         n, d_in = x2.shape
@@ -181,8 +181,10 @@ class _LoRAGroup(torch.autograd.Function):
                 h_act = x2 @ a_cat.t()                                   # (n, sum r)
         if grad_only:
             # a recomputation whose output value nobody reads (the last product of a checkpointed layer):
-            # keep what backward needs (x, h, masks), skip the product, hand back uninitialised memory
-            y = torch.empty(n, group.out_features, dtype=dtype, device=x.device)
+            # keep what backward needs (x, h, masks), skip the product, hand back uninitialised memory,
+            # or the output's value parked by an earlier forward when a later op reads it
+            y = torch.empty(n, group.out_features, dtype=dtype, device=x.device) if value[0] is None \
+                else value[0].reshape(n, group.out_features)
         elif lora:
             # low-rank term (and residual / bias) first, then the big product accumulates onto it in
             # cuBLAS's epilogue (beta = 1): one pass over y fewer than adding the LoRA term afterwards
@@ -241,7 +243,7 @@ class _LoRAGroup(torch.autograd.Function):
                 r0 += r
                 i += 1
         dres = dy.view(*ctx.shape[:-1], dy.shape[-1]) if ctx.has_residual else None
-        return (dx.view(ctx.shape), dres, None, None, None, None, None, *grads)
+        return (dx.view(ctx.shape), dres, None, None, None, None, None, None, *grads)
 
 
 def _block_diag_b(heads: list[Head], dtype) -> torch.Tensor:
@@ -263,17 +265,18 @@ def _block_diag_b(heads: list[Head], dtype) -> torch.Tensor:
 
 def lora_group(x: torch.Tensor, heads: list[Head] | Group, pool: WeightBuffer | None = None,
                training: bool = True, version: int | None = None, residual: torch.Tensor | None = None,
-               grad_only: bool = False) -> torch.Tensor:
+               grad_only: bool = False, value: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in) -> (..., sum_out): concatenated outputs of the heads (see module docstring).
 
     `residual` (..., sum_out), if given, is added to the output inside the same product (beta = 1).
     `grad_only`: the output's VALUE is never read, only its gradient flows back (a checkpoint's
     recomputation ending in this product): the forward product is skipped and the output is
-    uninitialised memory; backward is unchanged.
+    uninitialised memory, or `value` (the output an earlier forward computed and parked, for a
+    recomputation that reads it); backward is unchanged.
     Twin: reference.lora_group (+ residual). Gradients flow to x, residual and every lora_A / lora_B."""
     group = heads if isinstance(heads, Group) else Group(heads)
     params = []
     for h in group.heads:
         if h.lora_A is not None:
             params += [h.lora_A, h.lora_B]
-    return _LoRAGroup.apply(x, residual, group, pool, training, version, grad_only, *params)
+    return _LoRAGroup.apply(x, residual, group, pool, training, version, grad_only, (value,), *params)

@@ -5,20 +5,32 @@ on a side stream (overlapping the next layer's compute); backward brings the inp
 (prefetching the previous layer's input while this one recomputes), reruns the layer with
 grad and backpropagates through it. GPU memory then holds one layer's activations instead of
 32 layer inputs (1.5 GiB at 4 x 2048 x 3072 bf16). Host buffers are allocated once and reused.
+
+A layer may park more than its input (`fn` returning (out, extras)): values its recomputation
+would otherwise produce again (lorafit parks the attention output and the mid-layer residual, so
+the recomputation skips the attention forward and the output projection). Large tensors travel
+to the host and back with the input; small ones and non-tensors stay where they are.
 """
 from __future__ import annotations
 
 import torch
 
+_PARK_MIN = 1 << 16        # elements: smaller tensors (log-sum-exp of a tiny batch, RNG seeds) stay put
+
+
+def _parkable(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_cuda and t.numel() >= _PARK_MIN
+
 
 class ActivationStore:
-    """Holds each checkpointed layer's input: on the GPU, or in pinned host memory (offload)."""
+    """Holds each checkpointed layer's parked tensors: on the GPU, or in pinned host memory (offload)."""
 
     def __init__(self, offload: bool):
         self.offload = offload
-        self.host: dict[int, torch.Tensor] = {}
-        self.saved: dict[int, torch.Tensor] = {}
-        self.ready: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
+        self.host: dict[tuple[int, int], torch.Tensor] = {}
+        self.saved: dict[int, tuple] = {}
+        self.ready: dict[int, tuple[tuple, torch.cuda.Event]] = {}
+        self.pending = None        # (device tensors being copied out, their copy's event, compute stream)
         self.stream = None
 
     def _side(self, device):
@@ -26,45 +38,75 @@ class ActivationStore:
             self.stream = torch.cuda.Stream(device=device)
         return self.stream
 
-    def save(self, idx: int, x: torch.Tensor) -> None:
-        if not (self.offload and x.is_cuda):
-            self.saved[idx] = x
+    def save(self, idx: int, items: tuple) -> None:
+        if not (self.offload and items[0].is_cuda):
+            self.saved[idx] = items
             return
-        buf = self.host.get(idx)
-        if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
-            buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-            self.host[idx] = buf
-        side = self._side(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
+        cur = torch.cuda.current_stream(items[0].device)
+        side = self._side(items[0].device)
+        side.wait_stream(cur)
+        parked, sent = [], []
         with torch.cuda.stream(side):
-            buf.copy_(x, non_blocking=True)
-        x.record_stream(side)          # the allocator keeps x alive until the copy is done
-        self.saved[idx] = buf
-
-    def _copy_in(self, host: torch.Tensor, device) -> tuple[torch.Tensor, torch.cuda.Event]:
-        side = self._side(device)
-        with torch.cuda.stream(side):
-            x = host.to(device, non_blocking=True)
+            for j, t in enumerate(items):
+                if not _parkable(t):
+                    parked.append(t)
+                    continue
+                buf = self.host.get((idx, j))
+                if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                    buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    self.host[(idx, j)] = buf
+                buf.copy_(t, non_blocking=True)
+                parked.append(buf)
+                sent.append(t)
             ev = torch.cuda.Event()
             ev.record(side)
-        return x, ev
+        self.saved[idx] = tuple(parked)
+        # The sources stay referenced until the compute stream has waited for their copy, one layer later
+        # (by then the copy is done, so the wait costs nothing). Not record_stream: that keeps every block
+        # out of reuse until the allocator sees the copy complete, and the host runs layers ahead of the GPU.
+        self._release()
+        self.pending = (sent, ev, cur)
 
-    def load(self, idx: int, device) -> torch.Tensor:
-        x = self.saved.pop(idx)
-        if x.device.type != "cpu" or torch.device(device).type != "cuda":
-            return x                   # kept on the device, or a CPU run
+    def _release(self) -> None:
+        if self.pending is not None:
+            _sources, ev, cur = self.pending
+            cur.wait_event(ev)
+            self.pending = None        # the sources may now be freed: later reuse is ordered after the copy
+
+    def _copy_in(self, items: tuple, device) -> tuple[tuple, torch.cuda.Event]:
+        # The device tensors are allocated on the compute stream, which uses and frees them, and the side
+        # stream first waits for the compute stream's queued work (their memory may be a block it just
+        # freed). No record_stream: a block the side stream has used stays unavailable until the allocator
+        # sees that stream's event complete, and with the host queueing several layers ahead of the GPU,
+        # ~20 layers' reloaded tensors (~1 GiB at 4 x 2048) sat in that state at the step's peak.
+        side = self._side(device)
+        host = [isinstance(t, torch.Tensor) and t.is_pinned() for t in items]
+        out = tuple(torch.empty_like(t, device=device) if h else t for t, h in zip(items, host))
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for y, t, h in zip(out, items, host):
+                if h:
+                    y.copy_(t, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(side)
+        return out, ev
+
+    def load(self, idx: int, device) -> tuple:
+        items = self.saved.pop(idx)
+        if not self.offload or torch.device(device).type != "cuda":
+            return items               # kept on the device, or a CPU run
+        self._release()
         if idx not in self.ready:
-            self.ready[idx] = self._copy_in(x, device)
-        y, ev = self.ready.pop(idx)
-        cur = torch.cuda.current_stream(device)
-        cur.wait_event(ev)
-        y.record_stream(cur)
+            self.ready[idx] = self._copy_in(items, device)
+        out, ev = self.ready.pop(idx)
+        torch.cuda.current_stream(device).wait_event(ev)
         prev = self.saved.get(idx - 1)
-        if prev is not None and prev.device.type == "cpu" and idx - 1 not in self.ready:
+        if prev is not None and idx - 1 not in self.ready:
             self.ready[idx - 1] = self._copy_in(prev, device)  # overlaps this layer's recompute
-        return y
+        return out
 
     def clear(self) -> None:
+        self._release()
         self.saved.clear()
         self.ready.clear()
 
@@ -77,15 +119,19 @@ class _Checkpoint(torch.autograd.Function):
         ctx.rng = (torch.cuda.get_rng_state(x.device) if x.is_cuda else torch.get_rng_state()) if rng else None
         with torch.no_grad():
             out = fn(x)
-        store.save(idx, x)
+        extras = ()
+        if isinstance(out, tuple):
+            out, extras = out
+        store.save(idx, (x, *extras))
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x = ctx.store.load(ctx.idx, ctx.device).detach().requires_grad_(True)
+        x, *extras = ctx.store.load(ctx.idx, ctx.device)
+        x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             if ctx.rng is None:
-                out = ctx.fn(x)
+                out = ctx.fn(x, *extras)
             else:
                 devices = [ctx.device] if ctx.device.type == "cuda" else []
                 with torch.random.fork_rng(devices=devices, device_type=ctx.device.type):
@@ -93,7 +139,7 @@ class _Checkpoint(torch.autograd.Function):
                         torch.cuda.set_rng_state(ctx.rng, ctx.device)
                     else:
                         torch.set_rng_state(ctx.rng)
-                    out = ctx.fn(x)
+                    out = ctx.fn(x, *extras)
         torch.autograd.backward(out, dout)
         return x.grad, None, None, None, None, None
 
@@ -102,5 +148,7 @@ def checkpoint(fn, x: torch.Tensor, store: ActivationStore, idx: int, preserve_r
                recompute=None) -> torch.Tensor:
     """fn(x) with x kept in `store` and fn recomputed in backward; x must require grad.
     `recompute` (default fn) is what backward reruns: the same graph, but it may skip work whose
-    output value backward never reads (only the output's gradient flows back into it)."""
+    output value backward never reads (only the output's gradient flows back into it).
+    fn may return (out, extras): the tuple `extras` is parked with x and backward calls
+    recompute(x, *extras), which must give the same graph using those values."""
     return _Checkpoint.apply(x, fn, store, idx, preserve_rng, recompute)

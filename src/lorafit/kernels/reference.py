@@ -102,17 +102,23 @@ def doc_causal_mask(doc_ids: torch.Tensor, window: int | None = None) -> torch.T
     return m[:, None]
 
 
+def heads(q, k, v, batch: int, n_heads: int, n_kv: int, head_dim: int):
+    """(B, H, T, D) views of q (N, H*D) and of k, v (N, Hkv*D), k and v repeated to H heads when Hkv < H."""
+    t = q.shape[0] // batch
+    qh = q.reshape(batch, t, n_heads, head_dim).transpose(1, 2)
+    kh = k.reshape(batch, t, n_kv, head_dim).transpose(1, 2)
+    vh = v.reshape(batch, t, n_kv, head_dim).transpose(1, 2)
+    if n_kv != n_heads:
+        kh, vh = (z.repeat_interleave(n_heads // n_kv, dim=1) for z in (kh, vh))
+    return qh, kh, vh
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, n_heads: int, n_kv: int,
               head_dim: int, scale: float, doc_ids: torch.Tensor | None, window: int | None = None) -> torch.Tensor:
     """Causal attention within each document; q (N, H*D), k/v (N, Hkv*D) -> (N, H*D), N = batch * T."""
     n = q.shape[0]
     t = n // batch
-    qh = q.reshape(batch, t, n_heads, head_dim).transpose(1, 2)
-    kh = k.reshape(batch, t, n_kv, head_dim).transpose(1, 2)
-    vh = v.reshape(batch, t, n_kv, head_dim).transpose(1, 2)
-    if n_kv != n_heads:
-        kh = kh.repeat_interleave(n_heads // n_kv, dim=1)
-        vh = vh.repeat_interleave(n_heads // n_kv, dim=1)
+    qh, kh, vh = heads(q, k, v, batch, n_heads, n_kv, head_dim)
     if doc_ids is None and (window is None or t <= window):
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
     else:

@@ -2,7 +2,10 @@
 
 Reading gate and up once and writing silu(gate) * up once replaces torch's silu, mul (and, in
 backward, five elementwise ops); backward writes d[gate | up] into one contiguous buffer, the
-layout the fused gate/up LoRA backward consumes, so no concat or strided copy is needed.
+layout the fused gate/up LoRA backward consumes, so no concat or strided copy is needed. That buffer
+is the saved [gate | up] itself (each element is read, then overwritten by the same program): backward
+allocates nothing, which takes 2 x tokens x intermediate bytes off the layer's backward peak
+(268 MB at 4 x 2048 on Phi-3-mini). The saved input is spent, so a second backward is an error.
 """
 from __future__ import annotations
 
@@ -51,16 +54,19 @@ class _SwiGLU(torch.autograd.Function):
         _fwd[(n, triton.cdiv(i, _BLOCK))](gu2, out, i, BLOCK=_BLOCK, num_warps=4)
         ctx.save_for_backward(gu2)
         ctx.shape = shape
+        ctx.spent = False
         return out.view(*shape[:-1], i)
 
     @staticmethod
     def backward(ctx, dout):
+        if ctx.spent:
+            raise RuntimeError("swiglu: backward ran twice; its saved input is overwritten in place (no retain_graph)")
+        ctx.spent = True
         (gu2,) = ctx.saved_tensors
         n, two_i = gu2.shape
         i = two_i // 2
-        dgu = torch.empty_like(gu2)
-        _bwd[(n, triton.cdiv(i, _BLOCK))](gu2, dout.reshape(n, i).contiguous(), dgu, i, BLOCK=_BLOCK, num_warps=4)
-        return dgu.view(ctx.shape)
+        _bwd[(n, triton.cdiv(i, _BLOCK))](gu2, dout.reshape(n, i).contiguous(), gu2, i, BLOCK=_BLOCK, num_warps=4)
+        return gu2.view(ctx.shape)
 
 
 def swiglu(gu: torch.Tensor) -> torch.Tensor:
