@@ -118,8 +118,9 @@ def check_fsdp(cfg: Config, source: str) -> None:
     if t.fp16:
         raise ConfigError(f"FSDP ({source}) trains in bf16 or float32, not fp16", fix="use --bf16 true instead of --fp16")
     if t.optim != "adamw_torch":
-        raise ConfigError(f"FSDP ({source}) needs optim adamw_torch; bitsandbytes' {t.optim} cannot step sharded "
-                          "parameters", fix="pass --optim adamw_torch")
+        raise ConfigError(f"FSDP ({source}) needs optim adamw_torch, not {t.optim} (bitsandbytes' optimizers cannot "
+                          "step sharded parameters; the fused AdamW is not tested with them)",
+                          fix="pass --optim adamw_torch")
     if t.auto_find_batch_size:
         raise ConfigError(f"FSDP ({source}) cannot probe batch sizes (an out-of-memory on one rank would stall the "
                           "others)", fix="set --per_device_train_batch_size yourself and --auto_find_batch_size false")

@@ -6,12 +6,13 @@ FLOP spent across documents or on padding) when this torch has it; otherwise SDP
 (B, 1, T, T) document mask (memory-efficient backend; exact, slower). Twin: reference.attention.
 
 `attention_keeping` / `attention_replay` let a checkpointed layer skip the attention forward when
-it is recomputed: the first forward calls cuDNN's attention directly (the kernel SDPA picks for
-unpacked rows on Hopper) and hands back its log-sum-exp with the output; the recomputation
-returns the parked output and backward calls cuDNN's attention backward with it. torch's SDPA
-exposes no public way to run the backward from a saved forward, so these two call the same aten
-ops its own autograd formula calls (the schema has been stable since torch 2.5; any error in the
-forward falls back to plain attention, recomputed as before).
+it is recomputed: the first forward calls the attention kernel directly (cuDNN's, which SDPA picks
+for unpacked rows on Hopper; flash attention's varlen op for packed rows, which varlen_attn calls)
+and hands back its log-sum-exp with the output; the recomputation returns the parked output and
+backward calls that kernel's backward with it. torch exposes no public way to run an attention
+backward from a saved forward, so these call the aten ops torch's own autograd formulas call
+(schemas checked on torch 2.11 and 2.13; an error in the forward falls back to plain attention,
+recomputed as before).
 """
 from __future__ import annotations
 
