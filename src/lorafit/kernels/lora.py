@@ -88,15 +88,14 @@ class FactorPack:
     100 MB for Phi-3-mini at r=16 on all linear layers) instead of one layer's at a time."""
 
     def __init__(self, groups: list[Group], dtype: torch.dtype, device: torch.device):
-        groups = [g for g in groups if any(h.lora_A is not None for h in g.heads)]
-        a_numel = sum(h.lora_A.numel() for g in groups for h in g.heads if h.lora_A is not None)
+        groups = [g for g in groups if g.lora]
+        a_numel = sum(h.lora_A.numel() for g in groups for h in g.lora)
         self.a_buf = torch.empty(a_numel, dtype=dtype, device=device)
         self.a_src, self.b_dst, self.b_src, self.scales, self._a_params = [], [], [], [], []
         off = 0
         for g in groups:
-            lora = [h for h in g.heads if h.lora_A is not None]
-            n = sum(h.lora_A.numel() for h in lora)
-            g.a = self.a_buf[off:off + n].view(-1, lora[0].lora_A.shape[1])
+            n = sum(h.lora_A.numel() for h in g.lora)
+            g.a = self.a_buf[off:off + n].view(-1, g.lora[0].lora_A.shape[1])
             off += n
             g.b = torch.zeros(sum(h.out_features for h in g.heads), g.a.shape[0], dtype=dtype, device=device)
             o = r0 = 0
