@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# A/B of two lorafit source trees on the GPU machine, alternating in one call so both see the same GPU:
-#   bash bench/ab.sh OLD_TREE [ROUNDS] [SHAPES] [PROFILE_SHAPES]   ("" profiles nothing)
+# A/B of lorafit source trees on the GPU machine, alternating in one call so all see the same GPU:
+#   bash bench/ab.sh "OLD_TREE [OTHER_TREE...]" [ROUNDS] [SHAPES] [PROFILE_SHAPES]   ("" profiles nothing)
 # OLD_TREE holds an older `src/` (e.g. `git archive <rev> src | tar -x -C ab_old`, left untracked so it
 # travels with the working tree); the new tree is this checkout's src/. Each round runs bench.py's lorafit
-# stack for the old tree then the new one; then the new tree is profiled at PROFILE_SHAPES (bench.py
+# stack for each tree in turn, then the new one (records labelled "new", the others by their folder);
+# then the new tree is profiled at PROFILE_SHAPES (bench.py
 # --profile, with the idle-gap analysis of the busiest stream). Needs .whl-site (bitsandbytes) carried
 # and `bash bench/run.sh model` having built /tmp/phi3-llama (run.sh sets up /tmp/site the same way).
 set -uo pipefail
@@ -13,8 +14,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p /tmp/site && cp -r .whl-site/* /tmp/site/
 MODEL=/tmp/phi3-llama
 for r in $(seq "$ROUNDS"); do
-  for tree in "$OLD" .; do
-    label=$([ "$tree" = . ] && echo new || echo old)
+  for tree in $OLD .; do
+    label=$([ "$tree" = . ] && echo new || basename "$tree")
     PYTHONPATH=/tmp/site:$PWD/$tree/src timeout 240 python3 bench/bench.py lorafit $MODEL --shapes "$SHAPES" --steps 16 2>&1 \
       | grep -E '^\{|Error' | sed "s/^{/{\"tree\": \"$label\", \"round\": $r, /" | tee -a "$OUT/ab.jsonl"
   done

@@ -142,6 +142,30 @@ def test_lora_group_grad_only_skips_the_product_but_not_the_gradients(dropout):
         torch.testing.assert_close(g_only, g)
 
 
+def test_lora_group_reused_lowrank_and_kept_weight_give_the_same_gradients():
+    """A checkpoint's recomputation reuses the first forward's x @ A^T and keeps its dequantized weight
+    for backward: same output, same gradients, and backward dequantizes nothing."""
+    heads = _heads(48, (40, 24), 4, torch.float32)
+    x, dy = leaf(13, 48, dtype=torch.float32), torch.randn(13, 64, device=DEV)
+    params = [p for h in heads for p in (h.lora_A, h.lora_B)]
+    with torch.no_grad():
+        y0, low = lora_group(x, heads, with_lowrank=True)
+    assert low.shape == (13, 8)
+    torch.testing.assert_close(low, torch.cat([x @ h.lora_A.t() for h in heads], 1))
+    y = lora_group(x, heads)
+    grads = torch.autograd.grad(y, [x, *params], dy)
+    calls = []
+    for h in heads:
+        h.dequant = lambda out, f=h.dequant: calls.append(1) or f(out)
+    y2 = lora_group(x, heads, lowrank=low, keep_weight=True)
+    n_forward = len(calls)
+    grads2 = torch.autograd.grad(y2, [x, *params], dy)
+    assert len(calls) == n_forward == 2
+    torch.testing.assert_close(y2, y0)
+    for g, g2 in zip(grads, grads2):
+        torch.testing.assert_close(g2, g)
+
+
 def test_lora_group_dropout_uses_one_mask_per_head_and_matches_reference():
     torch.manual_seed(0)
     heads = _heads(32, (16, 8), 4, torch.float32, dropout=0.5)
@@ -159,13 +183,20 @@ def test_lora_group_dropout_uses_one_mask_per_head_and_matches_reference():
 # ------------------------------------------------------------------ Triton kernels vs twins
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("residual", [False, True, "fork"])
 def test_rmsnorm_kernel(dtype, residual):
     mod = kernel("rmsnorm")
     n, c = 13, 200
     x, r = leaf(n, c, dtype=dtype), leaf(n, c, dtype=dtype)
     w = torch.randn(c, device=DEV).to(dtype)
-    if residual:
+    if residual == "fork":       # x also continues on the residual stream: both gradients summed in one pass
+        x2, y = mod.rmsnorm_fork(x, w, 1e-5)
+        x2r, yr = reference.rmsnorm_fork(x, w, 1e-5)
+        assert torch.equal(x2, x)
+        dres, dy = torch.randn_like(x2), torch.randn_like(y)
+        g = torch.autograd.grad((x2 * 1.0, y), x, (dres, dy))
+        gr = torch.autograd.grad((x2r * 1.0, yr), x, (dres, dy))
+    elif residual:
         h, y = mod.add_rmsnorm(x, r, w, 1e-5)
         hr, yr = reference.add_rmsnorm(x, r, w, 1e-5)
         dh, dy = torch.randn_like(h), torch.randn_like(y)
@@ -309,6 +340,7 @@ def test_checkpoint_parks_extras_and_recompute_reads_them():
     for i in range(3):
         z = checkpoint(first, z, store, i, preserve_rng=False, recompute=again)
     assert store.saved[0][1].device.type == "cpu" and store.saved[0][2] == 3
+    store.prefetch(2, "cuda")           # started early (as the fast path does before its last layer)
     z.sum().backward()
     gx, gw = xs.grad.clone(), w.grad.clone()
     xs.grad = w.grad = None

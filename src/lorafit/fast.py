@@ -4,10 +4,10 @@ same lora_A / lora_B parameters).
 
 Per decoder layer: fused residual-add + RMSNorm, one fused LoRA product for q/k/v (or phi3's
 qkv_proj) over the dequantized NF4 base, Triton RoPE, flash attention (varlen for packed rows),
-one fused LoRA product for o, gate/up and down each, Triton SwiGLU; each layer checkpointed
-with its input, attention output and mid-layer residual parked in pinned CPU memory (the
-recomputation then skips the attention forward, the o product and the down product); a chunked
-linear + cross-entropy over the labelled tokens only. On CPU (the test suite) the same code runs
+one fused LoRA product for o, gate/up and down each, Triton SwiGLU; each layer but the last
+checkpointed with its input, attention output, mid-layer residual and low-rank activations
+parked in pinned CPU memory (the recomputation then skips the attention forward, the o and down
+products and the x @ A^T products); a chunked linear + cross-entropy over the labelled tokens only. On CPU (the test suite) the same code runs
 the plain-PyTorch twins.
 
 Supported: llama, mistral, qwen2, phi3 with plain LoRA (no DoRA, one adapter). Anything else
@@ -176,13 +176,14 @@ def _ops(device: torch.device):
     fused forward/backward through them that way on machines without a GPU."""
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         from lorafit.kernels.cross_entropy import linear_cross_entropy_sum
-        from lorafit.kernels.rmsnorm import add_rmsnorm, rmsnorm
+        from lorafit.kernels.rmsnorm import add_rmsnorm, rmsnorm, rmsnorm_fork
         from lorafit.kernels.rope import qkv_rope
         from lorafit.kernels.swiglu import swiglu
-        return SimpleNamespace(rmsnorm=rmsnorm, add_rmsnorm=add_rmsnorm, qkv_rope=qkv_rope, swiglu=swiglu,
-                               ce=linear_cross_entropy_sum)
-    return SimpleNamespace(rmsnorm=reference.rmsnorm, add_rmsnorm=reference.add_rmsnorm, qkv_rope=reference.qkv_rope,
-                           swiglu=reference.swiglu, ce=reference.cross_entropy_sum)
+        return SimpleNamespace(rmsnorm=rmsnorm, rmsnorm_fork=rmsnorm_fork, add_rmsnorm=add_rmsnorm, qkv_rope=qkv_rope,
+                               swiglu=swiglu, ce=linear_cross_entropy_sum)
+    return SimpleNamespace(rmsnorm=reference.rmsnorm, rmsnorm_fork=reference.rmsnorm_fork,
+                           add_rmsnorm=reference.add_rmsnorm, qkv_rope=reference.qkv_rope, swiglu=reference.swiglu,
+                           ce=reference.cross_entropy_sum)
 
 
 # ---------------------------------------------------------------- the loss
@@ -244,12 +245,24 @@ class FastLoss:
         cos, sin = self.base.model.rotary_emb(x, pos)
         cos, sin = cos.reshape(b * t, -1).contiguous(), sin.reshape(b * t, -1).contiguous()
         x = x.reshape(b * t, -1)                                               # (N, C)
-        ctx = SimpleNamespace(ops=ops, cos=cos, sin=sin, batch=b, plan=plan, doc_ids=doc_ids, training=training)
+        # the low-rank activations x @ A^T are parked with a layer and reused by its recomputation,
+        # except under dropout (the recomputation draws the masks again and needs them for backward)
+        ctx = SimpleNamespace(ops=ops, cos=cos, sin=sin, batch=b, plan=plan, doc_ids=doc_ids, training=training,
+                              park_lowrank=not (self.dropout and training))
         if self.gradient_checkpointing and torch.is_grad_enabled():
             x = x.detach().requires_grad_(True)
             self.store.clear()
             park = self.store.offload     # park more than the input only where it goes to host memory
+            last = len(self.layers) - 1
             for i, layer in enumerate(self.layers):
+                if i == last and i > 0:
+                    # the last layer keeps its activations (no parking, no recomputation): its backward
+                    # comes right after the loss, when they would just have been rebuilt. Its memory is about
+                    # what a recomputed layer holds in its backward, so the step's peak does not grow. The
+                    # layer before it starts coming back from host memory now, ready for the backward.
+                    self.store.prefetch(i - 1, device)
+                    x = self._layer(layer, ctx, x)
+                    break
                 x = checkpoint(lambda h, layer=layer: self._layer(layer, ctx, h, park=park), x, self.store, i,
                                preserve_rng=self.dropout and training,
                                recompute=lambda h, *kept, layer=layer: self._layer(layer, ctx, h, grad_only=True,
@@ -258,42 +271,56 @@ class FastLoss:
             for layer in self.layers:
                 x = self._layer(layer, ctx, x)
         x = ops.rmsnorm(x, self.base.model.norm.weight, self.layers[0].eps)
-        n_tok = torch.tensor(sel.numel(), dtype=torch.int64, device=device)
-        if sel.numel() == 0:
+        # a fill kernel, not torch.tensor(n, device=...): a copy from pageable host memory waits for the
+        # GPU to finish everything queued (here the whole forward), and the GPU then idles while the
+        # host queues the loss and the first layer's backward
+        n_sel = sel.numel()
+        n_tok = torch.full((), n_sel, dtype=torch.int64, device=device)
+        if n_sel == 0:
             return x.sum().float() * 0.0, n_tok
-        loss = ops.ce(x.index_select(0, sel), self.base.lm_head.weight, tgt.index_select(0, sel))
+        if n_sel < tgt.numel():
+            x, tgt = x.index_select(0, sel), tgt.index_select(0, sel)
+        loss = ops.ce(x, self.base.lm_head.weight, tgt)
         return loss, n_tok
 
     def _layer(self, ly: _Layer, c, x: torch.Tensor, grad_only: bool = False, park: bool = False,
                kept: tuple | None = None):
         """One decoder layer.
         `park` (a checkpoint's first forward): also return what the recomputation can reuse, the
-        attention output, its backward state and the mid-layer residual, when the attention kernel can
-        run its backward from them (else the plain output, and the recomputation is the usual one).
+        attention output, its backward state, the mid-layer residual and each product's low-rank
+        activation x @ A^T, when the attention kernel can run its backward from them (else the plain
+        output, and the recomputation is the usual one).
         `grad_only` (the recomputation): products whose output value backward never reads are skipped:
-        always the down product (~1/5 of the matrix work); with `kept`, also the attention forward and
-        the o product, whose values come from the parked tensors."""
+        always the down product (~1/5 of the matrix work); with `kept`, also the attention forward, the
+        o product and the four low-rank products x @ A^T, whose values come from the parked tensors."""
         hq, hkv, d = self.n_heads, self.n_kv, self.head_dim
         attn = (c.batch, hq, hkv, d, self.scale)
-        h = c.ops.rmsnorm(x, ly.ln1, ly.eps)
-        qkv = lora_group(h, ly.qkv, self.pool, c.training)
+        # parked with the layer: attention output, mid-layer residual, the four low-rank activations, attention state
+        low = kept[2:6] if kept is not None else (None,) * 4
+        # the recomputation keeps its dequantized q/k/v and gate/up weights for the backward right after it
+        run = {"pool": self.pool, "training": c.training, "with_lowrank": True}
+        x, h = c.ops.rmsnorm_fork(x, ly.ln1, ly.eps)
+        qkv, l_qkv = lora_group(h, ly.qkv, lowrank=low[0], keep_weight=grad_only, **run)
         q, k, v = c.ops.qkv_rope(qkv, c.cos, c.sin, hq, hkv, d)
         state = None
         if kept is not None:
-            a_val, mid, *state = kept
+            a_val, mid, *state = kept[:2] + kept[6:]
             a = attention_replay(q, k, v, a_val, state, *attn)
-            x = lora_group(a, ly.o, self.pool, c.training, residual=x, grad_only=True, value=mid)
-            h = c.ops.rmsnorm(x, ly.ln2, ly.eps)
+            x, l_o = lora_group(a, ly.o, residual=x, grad_only=True, value=mid, lowrank=low[1], **run)
+            x, h = c.ops.rmsnorm_fork(x, ly.ln2, ly.eps)
         else:
             if park:
                 a, state = attention_keeping(q, k, v, *attn, plan=c.plan, doc_ids=c.doc_ids, window=self.window)
             else:
                 a = attention(q, k, v, *attn, plan=c.plan, doc_ids=c.doc_ids, window=self.window)
-            o = lora_group(a, ly.o, self.pool, c.training)
+            o, l_o = lora_group(a, ly.o, **run)
             x, h = c.ops.add_rmsnorm(x, o, ly.ln2, ly.eps)
-        gu = lora_group(h, ly.gate_up, self.pool, c.training)
-        out = lora_group(c.ops.swiglu(gu), ly.down, self.pool, c.training, residual=x, grad_only=grad_only)
-        return (out, (a, x, *state)) if park and state is not None else out
+        gu, l_gu = lora_group(h, ly.gate_up, lowrank=low[2], keep_weight=grad_only, **run)
+        out, l_down = lora_group(c.ops.swiglu(gu), ly.down, residual=x, grad_only=grad_only, lowrank=low[3], **run)
+        if not (park and state is not None):
+            return out
+        lows = (l_qkv, l_o, l_gu, l_down) if c.park_lowrank else (None,) * 4
+        return out, (a, x, *lows, *state)
 
     def _reference(self, batch):
         """The model's own forward (any architecture); a document mask when rows are packed."""

@@ -151,13 +151,14 @@ def _base_weight(group: Group, in_features: int, dtype, device, pool: WeightBuff
 
 class _LoRAGroup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, group, pool, training, version, grad_only, value, *params):
+    def forward(ctx, x, residual, group, pool, training, version, grad_only, value, lowrank, keep_weight, *params):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         n, d_in = x2.shape
         dtype = x.dtype
         a_cat, b_bd, bias = group.prepared(dtype, x.device, version)
-        w = None if grad_only else _base_weight(group, d_in, dtype, x.device, pool)
+        # keep_weight: the dequantized weight gets its own memory and backward reuses it (no second dequant)
+        w = None if grad_only else _base_weight(group, d_in, dtype, x.device, None if keep_weight else pool)
         c = None if residual is None else residual.reshape(n, -1)
         if bias is not None:
             c = bias if c is None else c + bias
@@ -165,7 +166,11 @@ class _LoRAGroup(torch.autograd.Function):
         masks, h_act = [], None
         if lora:
             use_drop = training and any(h.dropout > 0 for h in lora)
-            if use_drop:
+            if lowrank[0] is not None:
+                # x @ A^T as an earlier forward over the same x computed it (parked by a checkpoint)
+                assert not use_drop, "a low-rank activation cannot be reused under dropout (new masks)"
+                h_act = lowrank[0].reshape(n, -1)
+            elif use_drop:
                 hs, r0 = [], 0
                 for h in lora:
                     m = None
@@ -193,12 +198,15 @@ class _LoRAGroup(torch.autograd.Function):
             y = x2 @ w.t() if c is None else torch.addmm(c, x2, w.t())
         ctx.has_residual = residual is not None
         ctx.group, ctx.pool, ctx.shape, ctx.version = group, pool, shape, version
+        ctx.w = w if keep_weight else None
         ctx.save_for_backward(x2, h_act, *[m if m is not None else x2[:0] for m in masks])
         ctx.has_mask = [m is not None for m in masks]
-        return y.view(*shape[:-1], y.shape[-1])
+        h_out = h_act if h_act is not None and lowrank[0] is None else x2.new_empty(0)   # (a given one: not again)
+        ctx.mark_non_differentiable(h_out)
+        return y.view(*shape[:-1], y.shape[-1]), h_out
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, _dh_out):
         x2, h_act, *masks = ctx.saved_tensors
         group = ctx.group
         n, d_in = x2.shape
@@ -206,7 +214,8 @@ class _LoRAGroup(torch.autograd.Function):
         dy = dy.reshape(n, -1)
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
-        w = _base_weight(group, d_in, dtype, x2.device, ctx.pool)
+        w = ctx.w if ctx.w is not None else _base_weight(group, d_in, dtype, x2.device, ctx.pool)
+        ctx.w = None
         grads = []
         if not group.lora:
             dx = dy @ w                                                   # (n, in)
@@ -242,7 +251,7 @@ class _LoRAGroup(torch.autograd.Function):
                 r0 += r
                 i += 1
         dres = dy.view(*ctx.shape[:-1], dy.shape[-1]) if ctx.has_residual else None
-        return (dx.view(ctx.shape), dres, None, None, None, None, None, None, *grads)
+        return (dx.view(ctx.shape), dres, None, None, None, None, None, None, None, None, *grads)
 
 
 def _block_diag_b(heads: list[Head], dtype) -> torch.Tensor:
@@ -264,7 +273,8 @@ def _block_diag_b(heads: list[Head], dtype) -> torch.Tensor:
 
 def lora_group(x: torch.Tensor, heads: list[Head] | Group, pool: WeightBuffer | None = None,
                training: bool = True, version: int | None = None, residual: torch.Tensor | None = None,
-               grad_only: bool = False, value: torch.Tensor | None = None) -> torch.Tensor:
+               grad_only: bool = False, value: torch.Tensor | None = None, lowrank: torch.Tensor | None = None,
+               keep_weight: bool = False, with_lowrank: bool = False):
     """x (..., in) -> (..., sum_out): concatenated outputs of the heads (see module docstring).
 
     `residual` (..., sum_out), if given, is added to the output inside the same product (beta = 1).
@@ -272,10 +282,17 @@ def lora_group(x: torch.Tensor, heads: list[Head] | Group, pool: WeightBuffer | 
     recomputation ending in this product): the forward product is skipped and the output is
     uninitialised memory, or `value` (the output an earlier forward computed and parked, for a
     recomputation that reads it); backward is unchanged.
+    A checkpoint's recomputation can also skip the low-rank product x @ A^T: `with_lowrank` returns
+    (y, h) where h (..., sum r) is that product (empty without LoRA; no gradient flows into it), and
+    `lowrank` = such an h from an earlier forward over the same x is used instead of computing it
+    (not under dropout: new masks would change it). `keep_weight`: the dequantized base weight gets
+    its own memory and backward reuses it (one dequantization fewer, the weight held until then).
     Twin: reference.lora_group (+ residual). Gradients flow to x, residual and every lora_A / lora_B."""
     group = heads if isinstance(heads, Group) else Group(heads)
     params = []
     for h in group.heads:
         if h.lora_A is not None:
             params += [h.lora_A, h.lora_B]
-    return _LoRAGroup.apply(x, residual, group, pool, training, version, grad_only, (value,), *params)
+    y, h = _LoRAGroup.apply(x, residual, group, pool, training, version, grad_only, (value,), (lowrank,),
+                            keep_weight, *params)
+    return (y, h.view(*x.shape[:-1], -1) if h.numel() else None) if with_lowrank else y

@@ -100,10 +100,14 @@ class ActivationStore:
             self.ready[idx] = self._copy_in(items, device)
         out, ev = self.ready.pop(idx)
         torch.cuda.current_stream(device).wait_event(ev)
-        prev = self.saved.get(idx - 1)
-        if prev is not None and idx - 1 not in self.ready:
-            self.ready[idx - 1] = self._copy_in(prev, device)  # overlaps this layer's recompute
+        self.prefetch(idx - 1, device)     # overlaps this layer's recompute
         return out
+
+    def prefetch(self, idx: int, device) -> None:
+        """Start bringing layer idx's parked tensors back (load(idx) then waits only for what is left)."""
+        prev = self.saved.get(idx)
+        if prev is not None and idx not in self.ready and self.offload and torch.device(device).type == "cuda":
+            self.ready[idx] = self._copy_in(prev, device)
 
     def clear(self) -> None:
         self._release()

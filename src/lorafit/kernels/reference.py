@@ -25,6 +25,11 @@ def add_rmsnorm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: flo
     return h, rmsnorm(h, weight, eps)
 
 
+def rmsnorm_fork(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, rmsnorm(x)): for an x that also continues on the residual stream."""
+    return x, rmsnorm(x, weight, eps)
+
+
 def swiglu(gu: torch.Tensor) -> torch.Tensor:
     """gu (N, 2I) = [gate | up] -> silu(gate) * up, (N, I)."""
     g, u = gu.chunk(2, dim=-1)

@@ -3,6 +3,11 @@
 One program per row keeps the row in registers: the fused add + norm reads x and r once and
 writes h and y once, instead of four passes for torch's add, pow/mean, mul, mul. The weight is
 frozen under LoRA, so backward returns no weight gradient (the fast path checks that).
+
+`rmsnorm_fork` is for an x that also feeds the residual stream: it hands x back as a second
+output, so the residual's gradient arrives in the same backward and is added inside the norm's
+backward pass. Otherwise autograd sums the two gradients with a separate add (one more read of
+both and write of the sum: 2 per decoder layer, ~3 ms a step at 4 x 2048 on an H100).
 """
 from __future__ import annotations
 
@@ -53,7 +58,7 @@ def _launch_cfg(n_cols: int) -> tuple[int, int]:
 
 class _AddRMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, r, weight, eps):
+    def forward(ctx, x, r, weight, eps, fork=False):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
         n, c = x2.shape
@@ -65,17 +70,19 @@ class _AddRMSNorm(torch.autograd.Function):
         block, warps = _launch_cfg(c)
         _fwd[(n,)](x2, r2, h, y, weight, rstd, c, eps, HAS_RES=has_res, BLOCK=block, num_warps=warps)
         ctx.save_for_backward(h, weight, rstd)
-        ctx.has_res = has_res
+        ctx.has_res, ctx.two = has_res, has_res or fork
         ctx.shape = shape
         if has_res:
             return h.view(shape), y.view(shape)
+        if fork:
+            return x, y.view(shape)
         return y.view(shape)
 
     @staticmethod
     def backward(ctx, *grads):
         h, weight, rstd = ctx.saved_tensors
-        if ctx.has_res:
-            dh, dy = grads
+        if ctx.two:
+            dh, dy = grads      # dh: the gradient of x + r (add_rmsnorm) or of x itself (rmsnorm_fork)
         else:
             dh, (dy,) = None, grads
         n, c = h.shape
@@ -86,9 +93,7 @@ class _AddRMSNorm(torch.autograd.Function):
         block, warps = _launch_cfg(c)
         _bwd[(n,)](dy, dh, h, weight, rstd, dx, c, HAS_DH=has_dh, BLOCK=block, num_warps=warps)
         dx = dx.view(ctx.shape)
-        if ctx.has_res:
-            return dx, dx, None, None
-        return dx, None, None, None
+        return dx, (dx if ctx.has_res else None), None, None, None
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -99,3 +104,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rmsnorm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of reference.add_rmsnorm: (x + r, rmsnorm(x + r))."""
     return _AddRMSNorm.apply(x, r, weight, eps)
+
+
+def rmsnorm_fork(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of reference.rmsnorm_fork: (x, rmsnorm(x)), x's two gradients summed in the norm's backward."""
+    return _AddRMSNorm.apply(x, None, weight, eps, True)

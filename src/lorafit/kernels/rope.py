@@ -12,8 +12,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _rope(X, COS, SIN, Y, x_stride, y_stride, cs_stride, n_heads, head_dim: tl.constexpr, half: tl.constexpr,
-          NEG: tl.constexpr, COPY_PASS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rope(X, COS, SIN, Y, V, YV, x_stride, y_stride, v_stride, yv_stride, cs_stride, n_heads, head_dim: tl.constexpr,
+          half: tl.constexpr, NEG: tl.constexpr, COPY_PASS: tl.constexpr, HAS_V: tl.constexpr, BLOCK_H: tl.constexpr,
+          BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
@@ -35,18 +36,28 @@ def _rope(X, COS, SIN, Y, x_stride, y_stride, cs_stride, n_heads, head_dim: tl.c
         for off in range(2 * half, head_dim, BLOCK_D):
             mp = (h < n_heads) & (off + d < head_dim)
             tl.store(yb + off + d, tl.load(xb + off + d, mask=mp, other=0.0), mask=mp)
+    if HAS_V:  # a row of V (as many heads) copied into YV in the same program: the backward's dv
+        vb = V + row * v_stride + h * head_dim
+        yvb = YV + row * yv_stride + h * head_dim
+        for off in range(0, head_dim, BLOCK_D):
+            mp = (h < n_heads) & (off + d < head_dim)
+            tl.store(yvb + off + d, tl.load(vb + off + d, mask=mp, other=0.0), mask=mp)
 
 
 def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, neg: bool,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, copy: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """rotate x (N, n_heads * D) into out (or a new tensor); `copy` (src, dst), each (N, n_heads * D),
+    is copied row by row in the same launch (a strided copy_ on its own is a slow generic kernel)."""
     n, width = x.shape
     head_dim = width // n_heads
     half = cos.shape[-1] // 2
     assert x.stride(1) == 1 and cos.stride(1) == 1 and sin.stride() == cos.stride()
     y = torch.empty(n, width, dtype=x.dtype, device=x.device) if out is None else out
     assert y.stride(1) == 1
-    _rope[(n,)](x, cos, sin, y, x.stride(0), y.stride(0), cos.stride(0), n_heads, head_dim, half,
-                NEG=neg, COPY_PASS=2 * half < head_dim,
+    v, yv = copy if copy is not None else (x, y)
+    assert v.shape == x.shape and yv.shape == x.shape and v.stride(1) == 1 and yv.stride(1) == 1
+    _rope[(n,)](x, cos, sin, y, v, yv, x.stride(0), y.stride(0), v.stride(0), yv.stride(0), cos.stride(0), n_heads,
+                head_dim, half, NEG=neg, COPY_PASS=2 * half < head_dim, HAS_V=copy is not None,
                 BLOCK_H=triton.next_power_of_2(n_heads), BLOCK_D=triton.next_power_of_2(half), num_warps=4)
     return y
 
@@ -98,14 +109,16 @@ class _QKVRoPE(torch.autograd.Function):
             dqkv[:, :qw].zero_()
         else:
             _launch(_rows(dq), cos, sin, hq, neg=True, out=dqkv[:, :qw])
+        dv_out = dqkv[:, qw + kw:]
         if dk is None:
             dqkv[:, qw:qw + kw].zero_()
-        else:
-            _launch(_rows(dk), cos, sin, hkv, neg=True, out=dqkv[:, qw:qw + kw])
+        else:          # dv rides along in dk's launch (same head count)
+            _launch(_rows(dk), cos, sin, hkv, neg=True, out=dqkv[:, qw:qw + kw],
+                    copy=None if dv is None else (_rows(dv), dv_out))
         if dv is None:
-            dqkv[:, qw + kw:].zero_()
-        else:
-            dqkv[:, qw + kw:].copy_(dv)
+            dv_out.zero_()
+        elif dk is None:
+            dv_out.copy_(dv)
         return dqkv, None, None, None, None, None
 
 
