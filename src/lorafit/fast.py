@@ -7,8 +7,8 @@ qkv_proj) over the dequantized NF4 base, Triton RoPE, flash attention (varlen fo
 one fused LoRA product for o, gate/up and down each, Triton SwiGLU; each layer but the last
 checkpointed with its input, attention output, mid-layer residual and low-rank activations
 parked in pinned CPU memory (the recomputation then skips the attention forward, the o and down
-products and the x @ A^T products); a chunked linear + cross-entropy over the labelled tokens only. On CPU (the test suite) the same code runs
-the plain-PyTorch twins.
+products and the x @ A^T products); a chunked linear + cross-entropy over the labelled tokens
+only. On CPU (the test suite) the same code runs the plain-PyTorch twins.
 
 Supported: llama, mistral, qwen2, phi3 with plain LoRA (no DoRA, one adapter). Anything else
 falls back to the model's own forward, with one log line saying why.
@@ -253,20 +253,18 @@ class FastLoss:
             x = x.detach().requires_grad_(True)
             self.store.clear()
             park = self.store.offload     # park more than the input only where it goes to host memory
-            last = len(self.layers) - 1
-            for i, layer in enumerate(self.layers):
-                if i == last and i > 0:
-                    # the last layer keeps its activations (no parking, no recomputation): its backward
-                    # comes right after the loss, when they would just have been rebuilt. Its memory is about
-                    # what a recomputed layer holds in its backward, so the step's peak does not grow. The
-                    # layer before it starts coming back from host memory now, ready for the backward.
-                    self.store.prefetch(i - 1, device)
-                    x = self._layer(layer, ctx, x)
-                    break
+            *body, last = self.layers
+            for i, layer in enumerate(body):
                 x = checkpoint(lambda h, layer=layer: self._layer(layer, ctx, h, park=park), x, self.store, i,
                                preserve_rng=self.dropout and training,
                                recompute=lambda h, *kept, layer=layer: self._layer(layer, ctx, h, grad_only=True,
                                                                                     kept=kept or None))
+            # the last layer keeps its activations (no parking, no recomputation): its backward comes right
+            # after the loss, when they would just have been rebuilt. It holds about what a recomputed layer
+            # holds in its backward, so the step's peak does not grow. The layer before it starts coming
+            # back from host memory now, ready for the backward.
+            self.store.prefetch(len(body) - 1, device)
+            x = self._layer(last, ctx, x)
         else:
             for layer in self.layers:
                 x = self._layer(layer, ctx, x)
