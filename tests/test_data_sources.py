@@ -141,6 +141,15 @@ def test_oasst_follows_best_ranked_replies():
                                                                {"role": "assistant", "content": "A"}]]
 
 
+
+@pytest.mark.parametrize("role", [[], {"a": 1}, "moderator"])
+def test_oasst_role_that_is_not_a_known_string_is_a_data_error(role):
+    """(found by the property test: a list role raised TypeError instead of naming the record)"""
+    nested = {"prompt": {"role": role, "text": "Q", "replies": []}}
+    with pytest.raises(DataError, match="record 0 has role"):
+        to_conversations(_records([nested]), "oasst")
+
+
 def test_column_map_and_format_override(tmp_path):
     path = _jsonl(tmp_path / "qa.jsonl", [{"question": "q1", "answer": "a1"}])
     convs, fmt = _convs(path, column_map="question=prompt,answer=completion")

@@ -31,7 +31,7 @@ def _rank_key(msg: dict[str, Any]) -> tuple[float, str]:
 
 def _role(d: dict, where: str) -> str:
     role = d.get("role")
-    if role not in _ROLE:
+    if not isinstance(role, str) or role not in _ROLE:        # a list or dict role is a data error too
         raise DataError(f"record at {where} has role {role!r}", fix="oasst roles are prompter and assistant")
     return _ROLE[role]
 

@@ -92,7 +92,7 @@ class Template:
     @classmethod
     def from_dict(cls, d: dict) -> Template:
         known = {f.name for f in fields(cls)}
-        if not isinstance(d, dict) or d.get("name") not in TEMPLATES:
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str) or d["name"] not in TEMPLATES:
             raise DataError(f"not a lorafit template: {str(d)[:80]!r}", fix="train again to write template.json")
         return cls(**{k: v for k, v in d.items() if k in known})
 
