@@ -54,7 +54,7 @@ def make_step(stack: str, model):
     import torch
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     if stack.startswith("lorafit"):
-        from lorafit.fast import enable_fast_path
+        from lorafit.train.fast import enable_fast_path
         mode = stack.partition(":")[2] or "offload"
         fl = enable_fast_path(model, gradient_checkpointing=mode != "nockpt", offload_activations=mode == "offload")
         assert fl.fast, "fast path not taken"

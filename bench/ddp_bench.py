@@ -25,12 +25,12 @@ from types import SimpleNamespace
 
 
 def build(model_dir: str, four_bit: bool, d):
-    from lorafit import distributed as dist
-    from lorafit.config import build_config
-    from lorafit.lora import apply_lora
-    from lorafit.model import compute_dtype, load_base_model, resolve_model
-    from lorafit.train import LossModule
-    from lorafit.trainsetup import loss_path
+    from lorafit.config.load import build_config
+    from lorafit.model.load import compute_dtype, load_base_model, resolve_model
+    from lorafit.model.lora import apply_lora
+    from lorafit.train import parallel as dist
+    from lorafit.train.fast import loss_path
+    from lorafit.train.objectives.sft import LossModule
 
     cfg = build_config(None, {"model": model_dir, "load_in_4bit": four_bit, "gradient_checkpointing": True,
                               "fast_kernels": "on", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0,
@@ -51,8 +51,8 @@ def run_state(cfg, d, model, ddp, dtype):
     """The fields of train.Run that train._optimizer_step reads."""
     import torch
 
-    from lorafit.optim import build_optimizer
-    from lorafit.trainsetup import Position
+    from lorafit.train.optim import build_optimizer
+    from lorafit.train.plan import Position
 
     opt = build_optimizer(model, cfg.train)
     return SimpleNamespace(cfg=cfg, d=d, model=model, ddp=ddp, dtype=dtype, scaler=None, optimizer=opt,
@@ -87,7 +87,7 @@ def grad_check(r, b) -> float:
     """Max relative difference between DDP's averaged gradient and the hand-averaged local gradients."""
     import torch
 
-    from lorafit import distributed as dist
+    from lorafit.train import parallel as dist
 
     params = [p for p in r.model.parameters() if p.requires_grad]
     dev = {k: v.to(r.d.device) for k, v in b.items()}
@@ -115,8 +115,8 @@ def grad_check(r, b) -> float:
 def measure(r, bs: int, seq: int, steps: int, warmup: int, vocab: int) -> dict:
     import torch
 
-    from lorafit import distributed as dist
-    from lorafit.train import _optimizer_step
+    from lorafit.train import parallel as dist
+    from lorafit.train.loop import _optimizer_step
 
     cuda = r.d.device.type == "cuda"
     b = batch(bs, seq, r.d.rank, vocab)
@@ -153,7 +153,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from lorafit import distributed as dist
+    from lorafit.train import parallel as dist
 
     d = dist.setup()
     try:

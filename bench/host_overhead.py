@@ -28,7 +28,7 @@ def main() -> None:
     import transformers
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from lorafit.fast import enable_fast_path
+    from lorafit.train.fast import enable_fast_path
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

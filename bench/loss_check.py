@@ -58,7 +58,7 @@ def run(model, step_fn, data):
 
 
 def main(path: str, steps: int = 50) -> None:
-    from lorafit.fast import enable_fast_path
+    from lorafit.train.fast import enable_fast_path
     model = bench.load("lorafit", path)      # NF4 + double quant, bf16 compute, LoRA r16 a32 on all linears
     model.train()
     init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -13,21 +13,21 @@ from test_generate_rundir import REPO, llama_run  # noqa: F401  (fixture)
 
 @pytest.fixture(scope="module")
 def cfg(llama_run):  # noqa: F811
-    from lorafit.rundir import load_run_config
+    from lorafit.run_dir import load_run_config
 
     return load_run_config(llama_run, {"temperature": 0, "max_new_tokens": 6})
 
 
 @pytest.fixture(scope="module")
 def session(llama_run, cfg):  # noqa: F811
-    from lorafit.generate import load_session
+    from lorafit.infer.generate import load_session
 
     return load_session(llama_run, cfg)
 
 
 def test_one_prompt_answers_once(llama_run, cfg, session, capsys):  # noqa: F811
-    from lorafit.chat import chat
-    from lorafit.generate import generate_text
+    from lorafit.infer.chat import chat
+    from lorafit.infer.generate import generate_text
 
     chat(llama_run, cfg, prompt="hello world")
     out = capsys.readouterr()
@@ -38,7 +38,7 @@ def test_one_prompt_answers_once(llama_run, cfg, session, capsys):  # noqa: F811
 
 
 def test_base_answers_differ_from_tuned(llama_run, cfg, capsys):  # noqa: F811
-    from lorafit.chat import chat
+    from lorafit.infer.chat import chat
 
     chat(llama_run, cfg, prompt="hello world")
     tuned = capsys.readouterr().out
@@ -47,7 +47,7 @@ def test_base_answers_differ_from_tuned(llama_run, cfg, capsys):  # noqa: F811
 
 
 def _repl(session, cfg, monkeypatch, stdin: str) -> list[list[dict]]:
-    import lorafit.chat as chat_mod
+    import lorafit.infer.chat as chat_mod
 
     seen: list[list[dict]] = []
 
@@ -77,7 +77,7 @@ def test_instruction_templates_are_single_turn(session, cfg, monkeypatch):
 
 
 def test_demo_answers_every_built_in_prompt(llama_run, cfg, capsys):  # noqa: F811
-    from lorafit.chat import DEMO_PROMPTS, chat
+    from lorafit.infer.chat import DEMO_PROMPTS, chat
 
     chat(llama_run, dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, max_new_tokens=2)), demo=True)
     out = capsys.readouterr().out
@@ -85,7 +85,7 @@ def test_demo_answers_every_built_in_prompt(llama_run, cfg, capsys):  # noqa: F8
 
 
 def test_interactive_loop_over_stdin_via_main_py(llama_run, session, cfg):  # noqa: F811
-    from lorafit.generate import generate_text
+    from lorafit.infer.generate import generate_text
 
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.run(
@@ -118,7 +118,7 @@ def test_system_prompt_flag_overrides_the_trained_one(tmp_path, tiny_model_dir, 
     """`lorafit chat --system_prompt X` prompts with X; without the flag the trained system prompt stays."""
     from test_generate_rundir import make_run
 
-    import lorafit.chat as chat_mod
+    import lorafit.infer.chat as chat_mod
     from lorafit.cli import main
     from lorafit.data.templates import render_prompt
 
@@ -143,7 +143,7 @@ def test_decoding_asks_for_no_wordpiece_cleanup(session, cfg, monkeypatch):
     printed transformers' 'Ignoring clean_up_tokenization_spaces=True for BPE tokenizer'."""
     import logging
 
-    from lorafit.generate import eos_token_ids, generate_batch, generate_text
+    from lorafit.infer.generate import eos_token_ids, generate_batch, generate_text
 
     said: list[str] = []
     monkeypatch.setattr(logging.Logger, "warning_once", lambda self, msg, *a, **k: said.append(msg))
@@ -158,7 +158,7 @@ def test_decoding_asks_for_no_wordpiece_cleanup(session, cfg, monkeypatch):
 def test_builtin_copy_with_cleanup_is_repaired(tmp_path, monkeypatch):
     import json
 
-    from lorafit.model import builtin_model_dir
+    from lorafit.model.load import builtin_model_dir
 
     folder = tmp_path / "smollm2-135m-instruct"
     folder.mkdir()

@@ -25,7 +25,7 @@ def _copy(src, dst):
 
 
 def test_checkpoint_contents_verify(four_steps):
-    from lorafit.checkpoint import MANIFEST, list_checkpoints, verify
+    from lorafit.train.checkpoint import MANIFEST, list_checkpoints, verify
 
     ckpts = list_checkpoints(four_steps)
     assert [p.name for p in ckpts] == ["step-000002", "step-000004"]
@@ -55,7 +55,7 @@ def test_corrupt_checkpoint_is_skipped_and_resume_is_exact(four_steps, tmp_path,
 
 
 def test_verify_catches_partial_and_truncated(four_steps, tmp_path):
-    from lorafit.checkpoint import latest_good, verify
+    from lorafit.train.checkpoint import latest_good, verify
 
     run = _copy(four_steps, tmp_path / "run")
     c4 = run / "checkpoints" / "step-000004"
@@ -71,7 +71,7 @@ def test_verify_catches_partial_and_truncated(four_steps, tmp_path):
 
 def test_disk_full_mid_save_keeps_earlier_checkpoints(tiny_model_dir, tmp_path, monkeypatch):
     """ENOSPC while writing step 4: a clear message, step 2 whole, no half-written folder left."""
-    import lorafit.checkpoint as C
+    import lorafit.train.checkpoint as C
     from lorafit.errors import UserError
 
     real = C._torch_save
@@ -95,7 +95,7 @@ def test_disk_full_mid_save_keeps_earlier_checkpoints(tiny_model_dir, tmp_path, 
 
 
 def test_free_space_checked_before_training(tiny_model_dir, tmp_path, monkeypatch):
-    import lorafit.checkpoint as C
+    import lorafit.train.checkpoint as C
     from lorafit.errors import UserError
 
     monkeypatch.setattr(C.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 * 2**20, 10 * 2**20, 2**20))
@@ -107,7 +107,7 @@ def test_free_space_checked_before_training(tiny_model_dir, tmp_path, monkeypatc
 
 
 def test_partial_folders_are_cleaned_and_pruning_keeps_newest(tmp_path):
-    from lorafit.checkpoint import clean_partial, list_checkpoints
+    from lorafit.train.checkpoint import clean_partial, list_checkpoints
 
     root = tmp_path / "checkpoints"
     for name in (".tmp-step-000006", ".trash-step-000001-1", "step-000002", "step-000010", "notes"):
@@ -118,9 +118,9 @@ def test_partial_folders_are_cleaned_and_pruning_keeps_newest(tmp_path):
 
 
 def test_unfinished_run_needs_resume_or_overwrite(four_steps, tmp_path):
-    from lorafit.config import build_config
+    from lorafit.config.load import build_config
     from lorafit.errors import UserError
-    from lorafit.trainsetup import check_output_dir
+    from lorafit.train.run_files import check_output_dir
 
     run = _copy(four_steps, tmp_path / "run")
     for name in ("adapter_model.safetensors", "adapter_config.json"):
@@ -134,7 +134,7 @@ def test_unfinished_run_needs_resume_or_overwrite(four_steps, tmp_path):
 def test_resume_with_more_steps_follows_the_new_schedule(four_steps, tiny_model_dir, tmp_path, caplog):
     """--resume --max_steps 8 on a finished 4-step cosine run: steps 5-8 use a straight 8-step run's lr
     (the checkpoint's schedule ended at lr 0, which the first resumed step used to train with)."""
-    from lorafit.trainlog import read_metrics
+    from lorafit.train.log import read_metrics
 
     def lrs(run):
         return {r["step"]: r["lr"] for r in read_metrics(run) if "lr" in r}

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from lorafit.config import Config, build_config, field_names
+from lorafit.config.load import build_config
+from lorafit.config.schema import Config, field_names
 from lorafit.errors import ConfigError
 
 
@@ -47,9 +48,9 @@ def test_range_checks(key, value, match):
 
 def test_resume_reads_the_run_config_back(tmp_path, monkeypatch):
     """`lorafit train --output_dir RUN --resume` continues with RUN/config.yaml; flags still win."""
-    import lorafit.train as T
+    import lorafit.train.loop as T
     from lorafit.cli import main
-    from lorafit.rundir import save_config
+    from lorafit.run_dir import save_config
 
     run = tmp_path / "run"
     run.mkdir()

@@ -6,7 +6,7 @@ import torch
 from test_data_common import make_cfg, tok  # noqa: F401  (tok is a fixture)
 
 from lorafit.data.batching import make_batches, packed_attention_mask, padding_share, plan_batches
-from lorafit.data.tokenize import Example, prepare_data
+from lorafit.data.encode import Example, prepare_data
 
 
 def _examples(lengths: list[int]) -> list[Example]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafit.config import Config
+from lorafit.config.schema import Config
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (

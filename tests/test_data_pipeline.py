@@ -8,9 +8,10 @@ import pytest
 from test_data_common import make_cfg, shared_file, tok  # noqa: F401  (tok is a fixture)
 
 from lorafit.cli import main
+from lorafit.data.check import data_report
 from lorafit.data.demo import FAMILIES, demo_records
-from lorafit.data.report import data_report, percentiles
-from lorafit.data.tokenize import prepare_data
+from lorafit.data.encode import prepare_data
+from lorafit.data.report import percentiles
 from lorafit.errors import DataError
 
 REPORT_KEYS = {"records", "format", "template", "length_percentiles", "truncated_share", "trained_token_share",
@@ -111,9 +112,9 @@ def test_percentiles():
 
 @pytest.fixture
 def patched_tokenizer(monkeypatch, tok):  # noqa: F811
-    import lorafit.model
+    import lorafit.data.check
 
-    monkeypatch.setattr(lorafit.model, "load_tokenizer", lambda cfg: tok)
+    monkeypatch.setattr(lorafit.data.check, "load_tokenizer", lambda cfg: tok)
 
 
 def test_cli_data_json_and_human(capsys, patched_tokenizer):
@@ -137,12 +138,12 @@ def test_cli_data_with_a_model_folder(capsys, request):
 
 
 def test_cli_bad_data_exits_2_without_traceback_or_files(tmp_path, capsys, monkeypatch):
-    import lorafit.model
+    import lorafit.data.check
 
     def no_model(cfg):
         raise AssertionError("the tokenizer must not load for bad data")
 
-    monkeypatch.setattr(lorafit.model, "load_tokenizer", no_model)
+    monkeypatch.setattr(lorafit.data.check, "load_tokenizer", no_model)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.jsonl").write_text('{"instruction": "a", "output": "b"}\nnot json\n', encoding="utf-8")
     (tmp_path / "empty.json").write_text("[]", encoding="utf-8")

@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 from test_data_common import make_cfg, tok  # noqa: F401  (tok is a fixture)
 
 from lorafit.data.batching import plan_batches
+from lorafit.data.encode import encode_many, load_conversations
 from lorafit.data.formats import FORMATS, detect_format, to_conversations
 from lorafit.data.sources import Record
 from lorafit.data.templates import Template
-from lorafit.data.tokenize import encode_many, load_conversations
 from lorafit.errors import DataError
 
 FIELDS = ["instruction", "input", "output", "response", "prompt", "completion", "text", "messages", "conversations",

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from test_data_common import make_cfg, shared_file
 
+from lorafit.data.encode import load_conversations
 from lorafit.data.formats import detect_format, to_conversations
 from lorafit.data.sources import Record, load_hub, load_records
-from lorafit.data.tokenize import load_conversations
 from lorafit.errors import DataError
 
 ROWS = [{"instruction": "Name a color.", "input": "", "output": "Blue"},

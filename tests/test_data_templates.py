@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 from test_data_common import plain_tok, tok  # noqa: F401  (fixtures)
 
+from lorafit.data.encode import encode_conversation
 from lorafit.data.templates import CHATML, Template, encode_prompt, render_prompt, resolve_template
-from lorafit.data.tokenize import encode_conversation
 from lorafit.errors import DataError
 
 ALPACA = [{"role": "user", "content": "Add the numbers.", "input": "2 and 3"}, {"role": "assistant", "content": "5"}]

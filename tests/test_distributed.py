@@ -45,7 +45,7 @@ def runs(tiny_model_dir, tmp_path_factory):
 
 
 def _val(run: Path) -> dict[int, float]:
-    from lorafit.trainlog import read_metrics
+    from lorafit.train.log import read_metrics
 
     return {r["step"]: r["val_loss"] for r in read_metrics(run) if "val_loss" in r}
 

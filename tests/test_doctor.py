@@ -77,7 +77,7 @@ def test_flash_attention_2_without_flash_attn_falls_back_to_sdpa(caplog):
 
     import torch
 
-    from lorafit.model import attention_backend
+    from lorafit.model.load import attention_backend
 
     assert attention_backend("sdpa", torch.device("cpu")) == "sdpa"
     assert attention_backend("eager", torch.device("cpu")) == "eager"

@@ -9,8 +9,8 @@ from test_generate_rundir import llama_run  # noqa: F401  (fixture)
 
 @pytest.fixture(scope="module")
 def report(llama_run):  # noqa: F811
-    from lorafit.evaluate import evaluate
-    from lorafit.rundir import load_run_config
+    from lorafit.evaluate.run import evaluate
+    from lorafit.run_dir import load_run_config
 
     return evaluate(llama_run, load_run_config(llama_run, {"max_samples": 6}))
 
@@ -31,9 +31,9 @@ def test_eval_writes_json_markdown_and_chart(llama_run, report, capsys):  # noqa
 
 
 def test_eval_scores_only_held_out_examples(llama_run, report):  # noqa: F811
+    from lorafit.data.encode import load_conversations, split_conversations
     from lorafit.data.templates import merged_content
-    from lorafit.data.tokenize import load_conversations, split_conversations
-    from lorafit.rundir import load_run_config
+    from lorafit.run_dir import load_run_config
 
     cfg = load_run_config(llama_run)
     train, val, _ = split_conversations(load_conversations(cfg)[0], cfg)
@@ -49,10 +49,10 @@ def test_perplexity_is_over_reply_tokens(llama_run):  # noqa: F811
 
     import torch
 
-    from lorafit.data.tokenize import encode_conversation
-    from lorafit.evaluate import EvalExample, reply_perplexity
-    from lorafit.generate import load_session
-    from lorafit.rundir import load_run_config
+    from lorafit.data.encode import encode_conversation
+    from lorafit.evaluate.run import EvalExample, reply_perplexity
+    from lorafit.infer.generate import load_session
+    from lorafit.run_dir import load_run_config
 
     cfg = load_run_config(llama_run)
     s = load_session(llama_run, cfg)
@@ -65,7 +65,7 @@ def test_perplexity_is_over_reply_tokens(llama_run):  # noqa: F811
 
 
 def test_text_metrics_and_normalization():
-    from lorafit.evaluate import is_short_answer, normalize, text_metrics
+    from lorafit.evaluate.run import is_short_answer, normalize, text_metrics
 
     assert normalize("  Paris. ") == normalize("paris") == "paris"
     assert normalize("2,  5, 9!") == "2, 5, 9"
@@ -108,7 +108,7 @@ def test_other_dataset_is_read_in_its_own_format(tiny_model_dir, tmp_path):
     from test_generate_rundir import make_run
 
     from lorafit.cli import main
-    from lorafit.rundir import load_run_config
+    from lorafit.run_dir import load_run_config
 
     trained_on = "someorg/alpaca-style"  # a hub dataset: its split name means something there
     run = make_run(tmp_path / "run", tiny_model_dir("llama"), template="chatml", dataset=trained_on,

@@ -16,7 +16,7 @@ PROMPT = "what is the sum of 12 and 7? answer the question"
 
 
 def _export(folder: Path, out: Path, dtype: str, **kw) -> Path:
-    from lorafit.export import export_gguf
+    from lorafit.export.gguf import export_gguf
 
     return export_gguf(folder, out / f"model-{dtype}.gguf", dtype, kw or None)
 
@@ -103,8 +103,8 @@ def test_q8_0_reads_back_within_one_step(tiny_model_dir, tmp_path):
     import gguf
     from safetensors.torch import load_file
 
-    from lorafit.export import Q8_TOLERANCE_STEPS
-    from lorafit.gguf_arch import rope_interleave
+    from lorafit.export.arch import rope_interleave
+    from lorafit.export.gguf import Q8_TOLERANCE_STEPS
 
     folder = tiny_model_dir("llama")
     path = _export(folder, tmp_path, "q8_0")
@@ -136,7 +136,7 @@ def test_bf16_file_holds_bf16_bits(tiny_model_dir, tmp_path):
 
 def test_rope_permutation_is_llama_cpp_pairs():
     """Row r of head h in HF layout: first half x_i, second half y_i; llama.cpp wants x_0, y_0, x_1, y_1, ..."""
-    from lorafit.gguf_arch import rope_deinterleave, rope_interleave
+    from lorafit.export.arch import rope_deinterleave, rope_interleave
 
     w = torch.arange(2 * 8).float().reshape(16, 1)  # 2 heads of dim 8
     out = rope_interleave(w, 2).flatten().tolist()
@@ -148,8 +148,8 @@ def test_rope_permutation_is_llama_cpp_pairs():
 def test_verify_catches_a_wrong_layout(tiny_model_dir, tmp_path):
     from transformers import AutoConfig
 
-    from lorafit.export import _shapes, verify_gguf
-    from lorafit.gguf_arch import arch_for, tensor_plans
+    from lorafit.export.arch import arch_for, tensor_plans
+    from lorafit.export.gguf import _shapes, verify_gguf
 
     folder = tiny_model_dir("llama")
     path = _export(folder, tmp_path, "f16")
@@ -163,7 +163,7 @@ def test_verify_catches_a_wrong_layout(tiny_model_dir, tmp_path):
 
 
 def test_failed_check_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
-    from lorafit import export
+    from lorafit.export import gguf as export
 
     def broken(*args, **kwargs):
         raise RuntimeError("mismatch")
@@ -228,7 +228,7 @@ def _templates():
 @pytest.mark.parametrize("template", _templates(), ids=lambda t: f"{t.name}-{bool(t.system_prompt)}")
 def test_templates_match_training(template):
     """The GGUF's Jinja and the Modelfile's Go template both render what training rendered."""
-    from lorafit.gguf_template import chat_format, render
+    from lorafit.export.template import chat_format, render
 
     fmt = chat_format(template.to_dict(), None)
     assert fmt.go is not None and fmt.warning is None
@@ -239,7 +239,7 @@ def test_templates_match_training(template):
 
 
 def test_unsplittable_template_gets_a_plain_modelfile():
-    from lorafit.gguf_template import chat_format, modelfile
+    from lorafit.export.template import chat_format, modelfile
 
     # turns are joined by a newline, so the first turn's prefix differs from the others'
     joined = ("{% for m in messages %}{% if not loop.first %}{{ '\n' }}{% endif %}{{ m['role'] + ': ' + "
@@ -312,7 +312,7 @@ def _go_cond(cond: str, msg: dict | None, env: dict) -> bool:
 # -- errors ----------------------------------------------------------------------------------------
 
 def test_errors_name_the_problem(tiny_model_dir, tmp_path):
-    from lorafit.export import export_gguf
+    from lorafit.export.gguf import export_gguf
 
     with pytest.raises(UserError, match="does not exist"):
         export_gguf(tmp_path / "nope", tmp_path / "m.gguf", "f16")
@@ -329,7 +329,7 @@ def test_errors_name_the_problem(tiny_model_dir, tmp_path):
 def test_unsupported_architecture(tiny_tokenizer, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lorafit.export import export_gguf
+    from lorafit.export.gguf import export_gguf
 
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tiny_tokenizer))).save_pretrained(
         tmp_path / "gpt2")
@@ -358,7 +358,7 @@ def test_smollm2_exports_and_answers_the_same(tmp_path):
     the same 20-token greedy answer to a chat prompt, through the exported tokenizer and chat template."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-    from lorafit.model import builtin_model_dir
+    from lorafit.model.load import builtin_model_dir
 
     folder = builtin_model_dir()
     path = _export(folder, tmp_path, "f16")

@@ -13,7 +13,7 @@ peft = pytest.importorskip("peft")
 
 from triton_interp import INTERPRETED, OUTER_ONLY, run_in_interpreter
 
-from lorafit.fast import enable_fast_path, fast_forward_supported
+from lorafit.train.fast import enable_fast_path, fast_forward_supported
 
 TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -153,7 +153,7 @@ def test_unsupported_architecture_falls_back_with_one_log_line(caplog):
     pm.eval()
     ok, reason = fast_forward_supported(pm)
     assert not ok and "gpt2" in reason
-    with caplog.at_level(logging.WARNING, logger="lorafit.fast"):
+    with caplog.at_level(logging.WARNING, logger="lorafit.train.fast"):
         fl = enable_fast_path(pm, gradient_checkpointing=False)
     assert len([r for r in caplog.records if "fast path off" in r.message]) == 1
     bt = batch(t=16)
@@ -170,6 +170,6 @@ def test_fast_path_through_triton_kernels_in_interpreter():
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs inside test_fast_path_through_triton_kernels_in_interpreter")
 def test_in_interpreter_uses_the_triton_kernels():
-    from lorafit.fast import _ops
     from lorafit.kernels.rmsnorm import rmsnorm
+    from lorafit.train.fast import _ops
     assert _ops(torch.device("cpu")).rmsnorm is rmsnorm

@@ -36,7 +36,7 @@ FSDP = {**COMMON, "per_device_train_batch_size": 1, "max_grad_norm": 0.5, "group
 
 
 def _metrics(run: Path, key: str) -> dict[int, float]:
-    from lorafit.trainlog import read_metrics
+    from lorafit.train.log import read_metrics
 
     return {r["step"]: r[key] for r in read_metrics(run) if key in r}
 
@@ -135,7 +135,7 @@ def test_fsdp_with_4bit_is_a_config_error(tmp_path, how):
 
 
 def test_fsdp_config_checks():
-    from lorafit.config import build_config
+    from lorafit.config.load import build_config
     from lorafit.errors import ConfigError
 
     build_config(None, {"fsdp": "true", "bf16": "true"})
@@ -146,9 +146,9 @@ def test_fsdp_config_checks():
 
 
 def test_fsdp_settings_from_accelerate_env():
-    from lorafit.config import Config
-    from lorafit.distributed import Dist
-    from lorafit.fsdp import offload_requested, settings
+    from lorafit.config.schema import Config
+    from lorafit.train.fsdp import offload_requested, settings
+    from lorafit.train.parallel import Dist
 
     two, one = Dist(0, 2, 0), Dist(0, 1, 0)
     assert settings(Config(), two, env={}) is None  # DDP unless asked

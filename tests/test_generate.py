@@ -11,14 +11,14 @@ MSGS = [{"role": "user", "content": "hello world, what is the apple?"}]
 
 @pytest.fixture(scope="module")
 def session(llama_run):  # noqa: F811
-    from lorafit.generate import load_session
-    from lorafit.rundir import load_run_config
+    from lorafit.infer.generate import load_session
+    from lorafit.run_dir import load_run_config
 
     return load_session(llama_run, load_run_config(llama_run))
 
 
 def _gen(**kw):
-    from lorafit.config import GenerateArgs
+    from lorafit.config.schema import GenerateArgs
 
     return GenerateArgs(**{"max_new_tokens": 12, **kw})
 
@@ -33,7 +33,7 @@ def test_session_loads_adapter_and_template(session, llama_run):  # noqa: F811
 
 
 def test_greedy_is_deterministic_and_stream_matches(session):
-    from lorafit.generate import generate_text, stream_text
+    from lorafit.infer.generate import generate_text, stream_text
 
     s = session
     a = generate_text(s.model, s.tokenizer, s.template, MSGS, _gen(temperature=0))
@@ -48,7 +48,7 @@ def test_greedy_is_deterministic_and_stream_matches(session):
 
 
 def test_sampling_is_reproducible_with_a_seed(session):
-    from lorafit.generate import generate_text
+    from lorafit.infer.generate import generate_text
 
     s = session
     gen = _gen(temperature=1.0, top_p=0.95, top_k=0, repetition_penalty=1.2)
@@ -60,7 +60,7 @@ def test_sampling_is_reproducible_with_a_seed(session):
 
 
 def test_caller_stop_string_is_cut(session):
-    from lorafit.generate import generate_text, stream_text
+    from lorafit.infer.generate import generate_text, stream_text
 
     s = session
     full = generate_text(s.model, s.tokenizer, s.template, MSGS, _gen(temperature=0)).text
@@ -73,7 +73,7 @@ def test_caller_stop_string_is_cut(session):
 
 
 def test_eos_ends_the_reply(session):
-    from lorafit.generate import _token_loop, eos_token_ids
+    from lorafit.infer.generate import _token_loop, eos_token_ids
 
     s = session
     assert s.tokenizer.convert_tokens_to_ids("<|im_end|>") in eos_token_ids(s.model, s.tokenizer, s.template)
@@ -101,7 +101,7 @@ def _greedy_ids(s, ids, n):
 
 
 def test_partial_stop_strings_are_held_back():
-    from lorafit.generate import _find_stop, _safe_length
+    from lorafit.infer.generate import _find_stop, _safe_length
 
     stops = ["<|im_end|>", "\nInstruction:"]
     assert _safe_length("Paris<|im", stops) == len("Paris")
@@ -113,7 +113,7 @@ def test_partial_stop_strings_are_held_back():
 
 
 def test_raw_prompt_completion(session):
-    from lorafit.generate import generate_from_prompt
+    from lorafit.infer.generate import generate_from_prompt
 
     s = session
     r = generate_from_prompt(s.model, s.tokenizer, "the apple", _gen(temperature=0, max_new_tokens=5))
@@ -122,7 +122,7 @@ def test_raw_prompt_completion(session):
 
 def test_batched_greedy_matches_one_by_one(session):
     from lorafit.data.templates import encode_prompt
-    from lorafit.generate import eos_token_ids, generate_batch, generate_text
+    from lorafit.infer.generate import eos_token_ids, generate_batch, generate_text
 
     s = session
     convs = [[{"role": "user", "content": c}] for c in ("hi", "sort the number 3 and 1 please", "apple banana")]
@@ -136,7 +136,7 @@ def test_batched_greedy_matches_one_by_one(session):
 
 
 def test_concurrent_requests_do_not_interleave(session):
-    from lorafit.generate import generate_text
+    from lorafit.infer.generate import generate_text
 
     s = session
     want = generate_text(s.model, s.tokenizer, s.template, MSGS, _gen(temperature=0.8), seed=3)
@@ -154,8 +154,8 @@ def test_4bit_session_generates(tiny_model_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
     from test_generate_rundir import make_run
 
-    from lorafit.generate import generate_text, load_session
-    from lorafit.rundir import load_run_config
+    from lorafit.infer.generate import generate_text, load_session
+    from lorafit.run_dir import load_run_config
 
     run = make_run(tmp_path / "run", tiny_model_dir("qwen2"), template="alpaca", load_in_4bit=True,
                    bnb_4bit_compute_dtype="float32")

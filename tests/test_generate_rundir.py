@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_config(model_dir: Path, run_dir: Path, **fields):
-    from lorafit.config import Config, validate
+    from lorafit.config.checks import validate
+    from lorafit.config.schema import Config
 
     cfg = Config()
     cfg.model.model = str(model_dir)
@@ -37,9 +38,9 @@ def make_run(run_dir: Path, model_dir: Path, template: str = "chatml", scale: fl
     import torch
 
     from lorafit.data.templates import resolve_template
-    from lorafit.lora import apply_lora
-    from lorafit.model import load_base_model, load_tokenizer
-    from lorafit.rundir import save_config
+    from lorafit.model.load import load_base_model, load_tokenizer
+    from lorafit.model.lora import apply_lora
+    from lorafit.run_dir import save_config
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -65,7 +66,7 @@ def llama_run(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 def test_run_dir_has_what_train_writes(llama_run):
-    from lorafit.rundir import has_adapter, load_run_config
+    from lorafit.run_dir import has_adapter, load_run_config
 
     assert has_adapter(llama_run)
     assert (llama_run / "template.json").is_file()

@@ -383,7 +383,7 @@ def test_attention_replay_matches_plain_attention(packed, h, hkv, d):
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_nf4_group_dequantizes_into_buffer_like_bitsandbytes():
     bnbf = pytest.importorskip("bitsandbytes.functional")
-    from lorafit.fast import _Dequant
+    from lorafit.train.fast import _Dequant
     torch.manual_seed(0)
     layers = []
     for o in (96, 32):

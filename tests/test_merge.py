@@ -13,10 +13,10 @@ def _adapter_vs_merged(run, out):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorafit.data.templates import Template
-    from lorafit.lora import load_adapter
-    from lorafit.merge import check_inputs, merge_config
-    from lorafit.model import load_base_model
-    from lorafit.rundir import load_run_config
+    from lorafit.export.merge import check_inputs, merge_config
+    from lorafit.model.load import load_base_model
+    from lorafit.model.lora import load_adapter
+    from lorafit.run_dir import load_run_config
 
     cfg = merge_config(load_run_config(run))
     adapter = load_adapter(load_base_model(cfg, torch.device("cpu")), run).eval()
@@ -36,8 +36,8 @@ def _adapter_vs_merged(run, out):
 
 @pytest.mark.parametrize("arch", ["llama", "phi3", "qwen2"])
 def test_merged_equals_adapter_fp32(arch, tiny_model_dir, tmp_path):
-    from lorafit.merge import merge_to_folder
-    from lorafit.rundir import load_run_config
+    from lorafit.export.merge import merge_to_folder
+    from lorafit.run_dir import load_run_config
 
     run = make_run(tmp_path / "run", tiny_model_dir(arch), template="chatml")
     out = merge_to_folder(run, tmp_path / "merged", load_run_config(run))
@@ -53,8 +53,8 @@ def test_merged_equals_adapter_fp32(arch, tiny_model_dir, tmp_path):
 
 def test_merge_of_a_4bit_run_is_bf16(tiny_model_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
-    from lorafit.merge import merge_to_folder
-    from lorafit.rundir import load_run_config
+    from lorafit.export.merge import merge_to_folder
+    from lorafit.run_dir import load_run_config
 
     run = make_run(tmp_path / "run", tiny_model_dir("llama"), template="alpaca", load_in_4bit=True,
                    bnb_4bit_compute_dtype="float32")
@@ -77,11 +77,11 @@ def test_nan_adapter_is_refused_with_exit_code_3(tiny_model_dir, tmp_path, capsy
 
 
 def test_drift_is_refused_and_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
-    import lorafit.merge as merge_mod
+    import lorafit.export.merge as merge_mod
 
     run = make_run(tmp_path / "run", tiny_model_dir("qwen2"))
     monkeypatch.setitem(merge_mod.TOLERANCE, "float32", 0.0)  # any rounding now counts as drift
-    from lorafit.rundir import load_run_config
+    from lorafit.run_dir import load_run_config
 
     with pytest.raises(merge_mod.MergeCheckError, match="max abs diff") as err:
         merge_mod.merge_to_folder(run, tmp_path / "merged", load_run_config(run))
@@ -104,8 +104,8 @@ def test_merge_takes_a_system_prompt_given_now(tiny_model_dir, tmp_path):
     """template.json of the merged folder (what export and chat read) keeps the trained system prompt unless
     --system_prompt is given to merge, as chat does."""
     from lorafit.data.templates import Template
-    from lorafit.merge import merge_to_folder
-    from lorafit.rundir import load_run_config
+    from lorafit.export.merge import merge_to_folder
+    from lorafit.run_dir import load_run_config
 
     run = make_run(tmp_path / "run", tiny_model_dir("llama"), template="chatml", system_prompt="Be brief.")
     kept = merge_to_folder(run, tmp_path / "m1", load_run_config(run))

@@ -52,7 +52,7 @@ def _last_step(run: Path) -> int:
 
 
 def _resume_and_compare(run: Path, reference: Path) -> None:
-    from lorafit.checkpoint import list_checkpoints, verify
+    from lorafit.train.checkpoint import list_checkpoints, verify
 
     assert all(verify(p) is None for p in list_checkpoints(run))
     assert cli_main(["train", "--output_dir", str(run), "--resume"]) == 0  # the rest comes from run/config.yaml
@@ -99,7 +99,7 @@ def test_kill9_mid_training(tiny_model_dir, tmp_path, reference):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_saves_checkpoint_and_says_where(tiny_model_dir, tmp_path, reference, sig, capsys, monkeypatch):
     """Ctrl-C / SIGTERM: a checkpoint after the current step, a message naming it, exit code 128 + signal."""
-    from lorafit.checkpoint import list_checkpoints, verify
+    from lorafit.train.checkpoint import list_checkpoints, verify
 
     run = tmp_path / "run"
     args = train_args(tiny_model_dir("llama"), alpaca_file(), run, **{**STEPS, "save_steps": 100})

@@ -32,9 +32,9 @@ def make_run_dir(root: Path, model_dir: Path) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorafit.config import Config
+    from lorafit.config.schema import Config
     from lorafit.data.templates import resolve_template
-    from lorafit.rundir import save_config
+    from lorafit.run_dir import save_config
 
     run = root / "tiny-run"
     run.mkdir()
@@ -123,10 +123,10 @@ def test_binds_loopback_and_lists_the_run(server, client):
 
 def test_chat_matches_in_process_generation_with_the_run_template(server, client):
     """The server answers exactly what generate.py answers for the run's template, with usage counts."""
-    from lorafit.config import GenerateArgs
+    from lorafit.config.schema import GenerateArgs
     from lorafit.data.templates import encode_prompt
-    from lorafit.generate import generate_text, load_session
-    from lorafit.rundir import load_run_config
+    from lorafit.infer.generate import generate_text, load_session
+    from lorafit.run_dir import load_run_config
 
     s = load_session(server.run_dir, load_run_config(server.run_dir))
     tok, template = s.tokenizer, s.template

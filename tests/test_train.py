@@ -108,7 +108,7 @@ def test_precision_and_optimizers(tiny_model_dir, tmp_path, fields):
 
 def test_nan_policy(tiny_model_dir, tmp_path, monkeypatch):
     """A non-finite loss at step 3: 'skip' reports and skips it; 'stop' stops, keeping the checkpoint of step 2."""
-    import lorafit.train as T
+    import lorafit.train.objectives.sft as T
     from lorafit.errors import UserError
 
     calls = {"n": 0}
@@ -131,7 +131,7 @@ def test_nan_policy(tiny_model_dir, tmp_path, monkeypatch):
         run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path / "stop", max_steps=4,
                                save_strategy="steps", save_steps=2))
     assert "step-000002" in str(e.value) and "nan_policy skip" in str(e.value)
-    from lorafit.checkpoint import latest_good
+    from lorafit.train.checkpoint import latest_good
 
     path, state = latest_good(tmp_path / "stop")
     assert path.name == "step-000002" and state["step"] == 2
@@ -140,7 +140,7 @@ def test_nan_policy(tiny_model_dir, tmp_path, monkeypatch):
 
 def test_out_of_memory_message_and_auto_batch_size(tiny_model_dir, tmp_path, monkeypatch):
     """Simulated OOM for batches of more than 2 rows: a message with the knobs, or a smaller micro-batch found."""
-    import lorafit.train as T
+    import lorafit.train.loop as T
     from lorafit.errors import UserError
 
     real = T.reference_loss
@@ -189,8 +189,8 @@ def test_token_never_written(tiny_model_dir, tmp_path, monkeypatch):
 
 
 def test_schedules():
-    from lorafit.config import TrainArgs
-    from lorafit.optim import lr_factor, warmup_steps
+    from lorafit.config.schema import TrainArgs
+    from lorafit.train.optim import lr_factor, warmup_steps
 
     assert warmup_steps(TrainArgs(warmup_ratio=0.1), 95) == 10
     assert warmup_steps(TrainArgs(warmup_ratio=0.1, warmup_steps=3), 95) == 3
@@ -203,8 +203,8 @@ def test_schedules():
 
 
 def test_early_stopping_counts_validations():
-    from lorafit.trainlog import NullLog
-    from lorafit.trainsetup import Position
+    from lorafit.train.log import NullLog
+    from lorafit.train.plan import Position
 
     pos = Position()
     seen = [pos.record_validation(v, 2, NullLog()) for v in (3.0, 2.5, 2.6, 2.4, 2.45, 2.5)]

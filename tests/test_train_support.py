@@ -64,8 +64,8 @@ def one_thread():
 
 def run_train(**args):
     """Train in this process through the config builder the CLI uses; returns the run directory."""
-    from lorafit.config import build_config
-    from lorafit.train import train
+    from lorafit.config.load import build_config
+    from lorafit.train.loop import train
 
     with one_thread():
         return train(build_config(None, args))
@@ -80,7 +80,7 @@ def cli_main(argv: list[str]) -> int:
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    from lorafit.trainlog import read_metrics
+    from lorafit.train.log import read_metrics
 
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 

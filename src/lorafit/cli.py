@@ -70,7 +70,7 @@ def _split_prompt(argv: list[str], flags: tuple[str, ...]) -> tuple[list[str], s
 
 
 def _fields_help() -> str:
-    from lorafit.config import _SECTION_OF, SECTIONS, Config, field_help
+    from lorafit.config.schema import _SECTION_OF, SECTIONS, Config, field_help
 
     lines = []
     defaults = Config()
@@ -90,7 +90,7 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _run_config(adapter_path: str, overrides: dict[str, Any]):
-    from lorafit.rundir import load_run_config
+    from lorafit.run_dir import load_run_config
 
     return load_run_config(adapter_path, overrides)
 
@@ -99,16 +99,16 @@ def cmd_train(argv: list[str]) -> int:
     p = _parser("train", "Fine-tune a LoRA (or QLoRA, with --load_in_4bit) adapter.")
     p.add_argument("--config", help="recipe YAML (configs/*.yaml); flags override its fields")
     args, rest = p.parse_known_args(argv)
-    from lorafit.config import build_config
+    from lorafit.config.load import build_config
 
     overrides = parse_overrides(rest)
     cfg = build_config(args.config, overrides)
     if cfg.train.resume and (Path(cfg.train.output_dir) / "config.yaml").is_file():
         # A run describes itself: --resume starts from its saved config, with this command's settings on top.
-        from lorafit.config import load_yaml
+        from lorafit.config.load import load_yaml
 
         cfg = _run_config(cfg.train.output_dir, {**(load_yaml(args.config) if args.config else {}), **overrides})
-    from lorafit.train import train
+    from lorafit.train.loop import train
 
     train(cfg)
     return 0
@@ -118,7 +118,7 @@ def cmd_eval(argv: list[str]) -> int:
     p = _parser("eval", "Compare the base model with the tuned one on the held-out split.")
     p.add_argument("--adapter_path", required=True, help="run directory written by `lorafit train`")
     args, rest = p.parse_known_args(argv)
-    from lorafit.evaluate import evaluate
+    from lorafit.evaluate.run import evaluate
 
     evaluate(Path(args.adapter_path), _run_config(args.adapter_path, parse_overrides(rest)))
     return 0
@@ -135,7 +135,7 @@ def cmd_chat(argv: list[str]) -> int:
     argv, prompt = _split_prompt(argv, flags=("--demo", "--base", "-h", "--help"))
     args, rest = p.parse_known_args(argv)
     args.prompt = prompt
-    from lorafit.chat import chat
+    from lorafit.infer.chat import chat
 
     cfg = _run_config(args.adapter_path, parse_overrides(rest))
     chat(Path(args.adapter_path), cfg, prompt=args.prompt, demo=args.demo, use_adapter=not args.base)
@@ -147,7 +147,7 @@ def cmd_merge(argv: list[str]) -> int:
     p.add_argument("--adapter_path", required=True, help="run directory written by `lorafit train`")
     p.add_argument("--output_dir", required=True, help="folder for the merged model")
     args, rest = p.parse_known_args(argv)
-    from lorafit.merge import merge
+    from lorafit.export.merge import merge
 
     merge(Path(args.adapter_path), Path(args.output_dir), _run_config(args.adapter_path, parse_overrides(rest)))
     return 0
@@ -160,7 +160,7 @@ def cmd_export(argv: list[str]) -> int:
     p.add_argument("--output", required=True, help="the .gguf file to write")
     p.add_argument("--dtype", default="f16", choices=["f16", "bf16", "f32", "q8_0"], help="tensor type")
     args, rest = p.parse_known_args(argv)
-    from lorafit.export import export_gguf
+    from lorafit.export.gguf import export_gguf
 
     export_gguf(Path(args.adapter_path), Path(args.output), args.dtype, parse_overrides(rest))
     return 0
@@ -172,7 +172,7 @@ def cmd_serve(argv: list[str]) -> int:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     args, rest = p.parse_known_args(argv)
-    from lorafit.serve import serve
+    from lorafit.serve.http import serve
 
     cfg = _run_config(args.adapter_path, parse_overrides(rest))
     serve(Path(args.adapter_path), cfg, host=args.host, port=args.port)
@@ -185,8 +185,8 @@ def cmd_data(argv: list[str]) -> int:
     p.add_argument("--config", help="recipe YAML whose data and model settings to use")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args, rest = p.parse_known_args(argv)
-    from lorafit.config import build_config
-    from lorafit.data.report import data_command
+    from lorafit.config.load import build_config
+    from lorafit.data.check import data_command
 
     overrides = parse_overrides(rest)
     if args.source:

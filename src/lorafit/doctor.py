@@ -10,6 +10,8 @@ import platform
 import shutil
 from typing import Any
 
+from lorafit.run_dir import installed_versions
+
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "gguf", "triton",
             "flash-attn", "safetensors")
 HUB_URL = "https://huggingface.co"
@@ -60,7 +62,6 @@ def doctor() -> int:
 
 
 def package_versions() -> dict[str, str | None]:
-    from lorafit.rundir import installed_versions
 
     return installed_versions(PACKAGES)
 

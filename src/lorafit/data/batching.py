@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from lorafit.data.tokenize import Example
+from lorafit.data.records import IGNORE_INDEX
 
-IGNORE = -100
+if TYPE_CHECKING:
+    from lorafit.data.encode import Example
+
 _OPEN_ROWS = 16  # rows kept open while packing: first-fit over 16 fills rows to ~99% at 512 tokens
 _MEGABATCH = 32  # batches' worth of examples sorted together when grouping by length
 
@@ -113,7 +114,7 @@ def _collate(examples: list[Example], rows: list[list[int]], max_seq_length: int
     width = max(sum(min(len(e.input_ids), max_seq_length) for e in row) for row in pieces)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
-    labels = torch.full(shape, IGNORE, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros(shape, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
     doc_ids = torch.zeros(shape, dtype=torch.long)
@@ -125,7 +126,7 @@ def _collate(examples: list[Example], rows: list[list[int]], max_seq_length: int
                 continue
             input_ids[b, pos: pos + n] = torch.tensor(e.input_ids[:n])
             labels[b, pos: pos + n] = torch.tensor(e.labels[:n])
-            labels[b, pos] = IGNORE
+            labels[b, pos] = IGNORE_INDEX
             attention_mask[b, pos: pos + n] = 1
             position_ids[b, pos: pos + n] = torch.arange(n)
             doc_ids[b, pos: pos + n] = k

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
 
+from lorafit.data.oasst import oasst_conversations
+from lorafit.data.records import Conversation, text_field_of
 from lorafit.data.sources import Record, csv_columns
 from lorafit.errors import DataError
 
@@ -18,8 +19,6 @@ FORMATS = ("alpaca", "instruction", "guanaco", "messages", "prompt_completion", 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant",
          "prompter": "user", "bot": "assistant", "model": "assistant"}
 _GUANACO_TURN = re.compile(r"###\s*(Human|Assistant)\s*:", re.IGNORECASE)
-
-Conversation = list[dict[str, str]]
 
 
 def apply_column_map(records: list[Record], column_map: dict[str, str]) -> list[Record]:
@@ -59,7 +58,6 @@ def to_conversations(records: list[Record], fmt: str, text_field: str = "text") 
     if fmt not in FORMATS:
         raise DataError(f"unknown dataset format '{fmt}'", fix=f"use auto or one of: {', '.join(FORMATS)}")
     if fmt == "oasst":
-        from lorafit.data.oasst import oasst_conversations
 
         return oasst_conversations(records)
     _check_csv_columns(records, fmt, text_field)
@@ -85,20 +83,6 @@ def _check_csv_columns(records: list[Record], fmt: str, text_field: str) -> None
             source = records[0].where.split(" row ")[0]
             raise DataError(f"CSV file '{source}' has no column '{name}' (its columns: {', '.join(columns)})",
                             fix=f"add the column, or map one onto it: --column_map YOUR_COLUMN={name}")
-
-
-def text_field_of(data: dict[str, Any], name: str, where: str, required: bool = True) -> str:
-    """A text field of a record: str (numbers are turned into text), '' when optional and absent."""
-    if name not in data or data[name] is None:
-        if not required:
-            return ""
-        fields = ", ".join(sorted(map(str, data))) or "none"
-        raise DataError(f"record at {where} has no field '{name}' (its fields: {fields})",
-                        fix=f"add '{name}' to every record, or map a field onto it: --column_map FIELD={name}")
-    value = data[name]
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise DataError(f"field '{name}' of the record at {where} must be text, got {type(value).__name__}")
-    return str(value)
 
 
 def _alpaca(d: dict, where: str) -> Conversation:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lorafit.data.formats import Conversation, text_field_of
+from lorafit.data.records import Conversation, text_field_of
 from lorafit.data.sources import Record
 from lorafit.errors import DataError
 

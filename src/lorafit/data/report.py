@@ -6,50 +6,28 @@ padding share of the batches training would build, and one example with trained 
 """
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
-from lorafit.data.tokenize import IGNORE
+from lorafit.data.batching import plan_batches, plan_padding_share
+from lorafit.data.records import IGNORE_INDEX
 
 if TYPE_CHECKING:
-    from lorafit.config import Config
+    from lorafit.config.schema import Config
+    from lorafit.data.encode import Encoded, Example, Loaded
     from lorafit.data.templates import Template
-    from lorafit.data.tokenize import Encoded, Example, Loaded
 
 _PERCENTILES = (50, 90, 95, 99)
 _EXAMPLES = 3  # locations of skipped records shown in the report
 
 
-def data_command(cfg: Config, as_json: bool = False) -> int:
-    """Load and check the data (before the tokenizer: an empty dataset stops here), then report."""
-    from lorafit.data.tokenize import _load
-    from lorafit.model import load_tokenizer
-
-    loaded = _load(cfg)
-    report = data_report(cfg, load_tokenizer(cfg), loaded)
-    if as_json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_report(report)
-    return 0
-
-
-def data_report(cfg: Config, tokenizer: Any, loaded: Loaded | None = None) -> dict:
-    """The report's numbers for `cfg.data` with `tokenizer` (what `lorafit data --json` prints)."""
-    from lorafit.data.tokenize import _load, prepare_loaded
-
-    return prepare_loaded(cfg, tokenizer, loaded or _load(cfg)).report
-
-
 def summarize(cfg: Config, tokenizer: Any, template: Template, loaded: Loaded, encoded: list[Encoded],
               train: list[Example], val: list[Example], duplicates: int) -> dict:
-    from lorafit.data.batching import plan_batches, plan_padding_share
 
     d = cfg.data
     n = len(encoded)
     kept = [e for e in encoded if not e.dropped]
     tokens = sum(len(e.input_ids) for e in kept)
-    trained = sum(sum(1 for t in e.labels if t != IGNORE) for e in kept)
+    trained = sum(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in kept)
     lengths = [len(e.input_ids) for e in train]
     plan = plan_batches(lengths, cfg.train.per_device_train_batch_size, packing=d.packing,
                         max_seq_length=d.max_seq_length, seed=cfg.train.seed, epoch=0,
@@ -69,7 +47,7 @@ def summarize(cfg: Config, tokenizer: Any, template: Template, loaded: Loaded, e
         "dropped": sum(1 for e in encoded if e.dropped),
         "tokens": tokens,
         "trained_token_share": _share(trained, tokens),
-        "no_trained_token_records": sum(1 for e in kept if all(t == IGNORE for t in e.labels)),
+        "no_trained_token_records": sum(1 for e in kept if all(t == IGNORE_INDEX for t in e.labels)),
         "empty_replies": sum(1 for c in loaded.conversations
                              if not any(m["content"].strip() for m in c if m["role"] == "assistant")),
         "empty_records": len(loaded.empty),
@@ -101,7 +79,7 @@ def example_tokens(example: Example, tokenizer: Any) -> list[list]:
     """[[token text, trained?], ...] for one example, for display."""
     pieces = tokenizer.convert_ids_to_tokens(example.input_ids)
     texts = [tokenizer.convert_tokens_to_string([p]) if p is not None else "" for p in pieces]
-    return [[t, label != IGNORE] for t, label in zip(texts, example.labels)]
+    return [[t, label != IGNORE_INDEX] for t, label in zip(texts, example.labels)]
 
 
 def warnings_for(report: dict) -> list[str]:
@@ -129,39 +107,3 @@ def warnings_for(report: dict) -> list[str]:
     return out
 
 
-def print_report(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    console = Console()
-    table = Table(title=f"lorafit data: {report['dataset']}", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    pct = report["length_percentiles"]
-    over = (f"{report['truncated_share']:.1%} of {report['max_seq_length']} tokens "
-            f"({report['truncated']} truncated, {report['dropped']} dropped)")
-    on_inputs = " (train_on_inputs)" if report["train_on_inputs"] else ""
-    rows = [
-        ("records", f"{report['records']} ({report['train_examples']} train, {report['val_examples']} validation)"),
-        ("format / template", f"{report['format']} / {report['template']}"),
-        ("tokens per example", "  ".join(f"{k} {v}" for k, v in pct.items())),
-        ("longer than max_seq_length", over),
-        ("tokens trained on", f"{report['trained_token_share']:.1%} of {report['tokens']}{on_inputs}"),
-        ("records with no trained token", str(report["no_trained_token_records"])),
-        ("empty records (skipped)", str(report["empty_records"])),
-        ("exact duplicates", f"{report['duplicates']}" + (" (dropped)" if report["dedup"] else "")),
-        ("padding share", f"{report['padding_share']:.1%} ({'packed' if report['packing'] else 'padded batches'})"),
-    ]
-    for key, value in rows:
-        table.add_row(key, value)
-    console.print(table)
-    if report["example"]:
-        text = Text()
-        for token, trained in report["example"]:
-            text.append(token, style="bold green" if trained else "dim")
-        console.print(Text("One example (", style="bold") + Text("trained", style="bold green")
-                      + Text(" / ", style="bold") + Text("masked", style="dim") + Text("):", style="bold"))
-        console.print(text)
-    for w in warnings_for(report):
-        console.print(f"[yellow]warning:[/yellow] {w}")

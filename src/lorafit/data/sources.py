@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorafit.data.demo import demo_records
 from lorafit.errors import DataError
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -39,7 +40,6 @@ def load_records(source: str, split: str = "train", demo_size: int = 1200) -> li
                         fix="pass that split's own file as dataset (e.g. --dataset validation.jsonl), "
                             "or leave dataset_split at train")
     if source == "demo":
-        from lorafit.data.demo import demo_records
 
         return [Record(r, f"demo record {i}") for i, r in enumerate(demo_records(demo_size))]
     if path.is_file():

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafit.errors import DataError
+from lorafit.run_dir import TEMPLATE_FILE, write_json_atomic
 
 TEMPLATES = ("alpaca", "instruction", "guanaco", "chatml", "model", "raw")
 PLAIN = ("alpaca", "instruction", "guanaco", "raw")
@@ -97,7 +98,6 @@ class Template:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def save(self, run_dir: Path) -> None:
-        from lorafit.rundir import TEMPLATE_FILE, write_json_atomic
 
         write_json_atomic(Path(run_dir) / TEMPLATE_FILE, self.to_dict())
 
@@ -105,7 +105,6 @@ class Template:
     def load(cls, run_dir: Path) -> Template:
         import json
 
-        from lorafit.rundir import TEMPLATE_FILE
 
         path = Path(run_dir) / TEMPLATE_FILE
         if not path.is_file():

@@ -1,0 +1,275 @@
+"""`lorafit export`: a GGUF file (llama.cpp, Ollama) from a run directory or a merged model folder, in pure
+Python with the `gguf` package, checked tensor by tensor after writing, plus an Ollama Modelfile beside it.
+
+  export_gguf(path, output, dtype)    the command: merge a run if needed, then write_gguf
+  write_gguf(folder, output, dtype)   merged HF folder -> verified .gguf (+ Modelfile)
+  verify_gguf(path, folder, dtype)    compare every tensor of a written file with the folder's
+
+The file is written to `<output>.tmp`, verified, then renamed: a failed export leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorafit.config.load import build_config
+from lorafit.errors import UserError
+from lorafit.export.arch import TensorPlan, add_hparams, arch_for, tensor_plans
+from lorafit.export.merge import merge_to_folder
+from lorafit.export.template import chat_format, modelfile
+from lorafit.export.vocab import add_vocab
+from lorafit.run_dir import load_run_config, write_text_atomic
+
+DTYPES = ("f16", "bf16", "f32", "q8_0")
+Q8_BLOCK = 32
+# Q8_0 stores each block of 32 weights as int8 codes q = round(w / d), d = max|w| / 127, and d as f16.
+# Rounding q moves a weight by at most d / 2; storing d in f16 (relative error <= 2^-11) moves it by at most
+# 127 * d * 2^-11 = 0.062 d more. So every dequantized weight is within 0.57 d of the original.
+Q8_TOLERANCE_STEPS = 0.57
+
+
+def export_gguf(path: Path, output: Path, dtype: str = "f16", overrides: dict[str, Any] | None = None) -> Path:
+    """Write `output` (.gguf) and a Modelfile beside it from a run directory (merged first) or a merged folder."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    path, output = Path(path), Path(output)
+    _check_args(path, output, dtype)
+    if (path / "adapter_config.json").is_file():
+
+        cfg = load_run_config(path, overrides)
+        template = _read_template(path)
+        with tempfile.TemporaryDirectory(prefix=".lorafit-merge-", dir=output.parent) as tmp:
+            console.print(f"merging the adapter in {path} into its base ...")
+            folder = merge_to_folder(path, Path(tmp), cfg)
+            return write_gguf(folder, output, dtype, template=template, params=_ollama_params(cfg), console=console)
+    _require_model_folder(path)
+
+    cfg = build_config(None, overrides)
+    return write_gguf(path, output, dtype, template=_read_template(path), params=_ollama_params(cfg),
+                      console=console)
+
+
+def write_gguf(folder: Path, output: Path, dtype: str = "f16", template: dict | None = None,
+               params: dict[str, Any] | None = None, console: Any = None) -> Path:
+    """Merged HF folder -> verified GGUF at `output`, and `Modelfile` beside it. Returns `output`.
+
+    `template` is a run's template.json (its chat template goes into the file); `params` are Ollama
+    `PARAMETER`s (temperature, top_p, ...).
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+
+    folder, output = Path(folder), Path(output)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, OSError) as e:  # unknown model_type, broken config.json
+        raise UserError(f"cannot read the model config in '{folder}': {e}",
+                        fix="export a Llama/Mistral/Qwen2/Phi-3 family model folder saved by transformers") from None
+    spec = arch_for(config)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    plans = tensor_plans(config, spec, _shapes(folder))
+    tmp = output.with_name(output.name + ".tmp")
+    try:
+        writer = _new_writer(spec.gguf_arch, folder, output, dtype)
+        add_hparams(writer, config, spec)
+        vocab = add_vocab(writer, folder, tokenizer, config)
+        fmt = chat_format(template, tokenizer)
+        if fmt.jinja:
+            writer.add_chat_template(fmt.jinja)
+        _write_tensors(writer, tmp, folder, plans, dtype)
+        verify_gguf(tmp, folder, dtype, plans)
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_text_atomic(output.parent / "Modelfile", modelfile(output.name, fmt, params or {}))
+    for note in (vocab.warning, fmt.warning):
+        if note and console is not None:
+            console.print(f"[yellow]warning:[/] {note}")
+    if console is not None:
+        size = output.stat().st_size / 2**20
+        console.print(f"wrote {output} ({spec.gguf_arch}, {dtype}, {len(plans)} tensors, {size:.1f} MiB, verified) "
+                      f"and {output.parent / 'Modelfile'}")
+    return output
+
+
+def verify_gguf(gguf_path: Path, folder: Path, dtype: str, plans: list[TensorPlan] | None = None) -> None:
+    """Read the file back and compare every tensor with the folder's (same layout change, same cast).
+
+    Bit-exact for f32/f16/bf16; q8_0 within 0.57 quantization steps of each block (Q8_TOLERANCE_STEPS).
+    A mismatch is a lorafit bug: RuntimeError.
+    """
+    import gguf
+
+    if plans is None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(folder)
+        plans = tensor_plans(config, arch_for(config), _shapes(folder))
+    reader = gguf.GGUFReader(gguf_path)
+    stored = {t.name: t for t in reader.tensors}
+    if set(stored) != {p.name for p in plans}:
+        raise RuntimeError(f"GGUF tensors differ from the plan: missing {sorted({p.name for p in plans} - set(stored))}"
+                           f", extra {sorted(set(stored) - {p.name for p in plans})}")
+    for plan, source in _sources(folder, plans):
+        t = stored[plan.name]
+        if tuple(int(d) for d in reversed(t.shape)) != plan.shape:
+            raise RuntimeError(f"{plan.name}: shape {list(reversed(t.shape))} in the file, {plan.shape} expected")
+        qtype = _qtype(plan, dtype)
+        if t.tensor_type != qtype:
+            raise RuntimeError(f"{plan.name}: type {t.tensor_type.name} in the file, {qtype.name} expected")
+        got = np.asarray(t.data)
+        if qtype == gguf.GGMLQuantizationType.Q8_0:
+            _check_q8(plan.name, gguf.quants.dequantize(got, qtype).reshape(plan.shape), source.numpy())
+        elif got.tobytes() != _cast(source, qtype).tobytes():  # bit-exact (the reader gives bf16 as raw bytes)
+            raise RuntimeError(f"{plan.name}: values in the file differ from the merged model's")
+
+
+def _check_q8(name: str, got: np.ndarray, want: np.ndarray) -> None:
+    blocks = want.reshape(-1, Q8_BLOCK)
+    step = np.abs(blocks).max(axis=1, keepdims=True) / 127  # each block's quantization step d
+    err = np.abs(got.reshape(-1, Q8_BLOCK) - blocks)
+    if not np.all(err <= Q8_TOLERANCE_STEPS * step + 1e-7):
+        raise RuntimeError(f"{name}: q8_0 error {err.max():.3g} exceeds {Q8_TOLERANCE_STEPS} quantization steps")
+
+
+def _check_args(path: Path, output: Path, dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise UserError(f"unknown GGUF dtype '{dtype}'", fix=f"use one of {', '.join(DTYPES)}")
+    if not path.exists():
+        raise UserError(f"'{path}' does not exist", fix="pass a run directory (`lorafit train --output_dir`) or a "
+                                                        "merged model folder (`lorafit merge --output_dir`)")
+    if output.suffix != ".gguf":
+        raise UserError(f"output '{output}' should end in .gguf", fix=f"--output {output.with_suffix('.gguf')}")
+    if output.is_dir():
+        raise UserError(f"output '{output}' is a folder", fix="pass a file name such as out/model.gguf")
+    parent = output.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder '{parent}': {e.strerror}",
+                        fix="choose an --output in a folder you can write to") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"the output folder '{parent}' is not writable",
+                        fix="choose an --output in a folder you can write to")
+
+
+def _require_model_folder(path: Path) -> None:
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise UserError(f"'{path}' is neither a lorafit run directory (no adapter_config.json) nor a merged model "
+                        "folder (no config.json)",
+                        fix="pass the output_dir of `lorafit train`, or of `lorafit merge`")
+    if not list(path.glob("*.safetensors")):
+        raise UserError(f"'{path}' holds no *.safetensors weights",
+                        fix="save the model with `model.save_pretrained(folder)` (safetensors is the default)")
+
+
+def _read_template(folder: Path) -> dict | None:
+    path = Path(folder) / "template.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _ollama_params(cfg: Any) -> dict[str, Any]:
+    g = cfg.generate
+    return {"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k, "repeat_penalty": g.repetition_penalty,
+            "num_ctx": max(2048, cfg.data.max_seq_length)}
+
+
+def _shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118  (safe_open is not a dict)
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def _sources(folder: Path, plans: list[TensorPlan]) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
+    """Each plan with its float32 tensor, layout change applied; one tensor in memory at a time."""
+    from safetensors import safe_open
+
+    where = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            where.update(dict.fromkeys(f.keys(), file))
+    for plan in plans:
+        if plan.source is None:
+            yield plan, plan.value.float()
+            continue
+        with safe_open(where[plan.source], framework="pt") as f:
+            t = f.get_tensor(plan.source).float()
+        yield plan, plan.transform(t).contiguous() if plan.transform else t
+
+
+def _qtype(plan: TensorPlan, dtype: str):
+    """Norms, biases and other 1-D tensors stay f32 (llama.cpp adds them in f32); q8_0 needs rows of 32."""
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if len(plan.shape) == 1 or dtype == "f32":
+        return Q.F32
+    if dtype == "q8_0":
+        return Q.Q8_0 if plan.shape[-1] % Q8_BLOCK == 0 else Q.F16
+    return {"f16": Q.F16, "bf16": Q.BF16}[dtype]
+
+
+def _cast(t: torch.Tensor, qtype) -> np.ndarray:
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if qtype == Q.F32:
+        return t.numpy()
+    if qtype == Q.F16:
+        return t.to(torch.float16).numpy()
+    if qtype == Q.BF16:  # numpy has no bfloat16: the file holds its bits as uint16
+        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return gguf.quants.quantize(t.numpy(), qtype)
+
+
+def _nbytes(shape: tuple[int, ...], qtype) -> int:
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape)) // block * size
+
+
+def _new_writer(arch: str, folder: Path, output: Path, dtype: str):
+    import gguf
+
+    writer = gguf.GGUFWriter(path=None, arch=arch)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(output.stem)
+    writer.add_description(f"exported by lorafit from {folder.name}")
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    writer.add_file_type(ftype)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    return writer
+
+
+def _write_tensors(writer: Any, tmp: Path, folder: Path, plans: list[TensorPlan], dtype: str) -> None:
+    """Header and tensor index first, then each tensor's data streamed from safetensors (no full copy in RAM)."""
+    for plan in plans:
+        qtype = _qtype(plan, dtype)
+        writer.add_tensor_info(plan.name, plan.shape, np.dtype(np.float32), _nbytes(plan.shape, qtype), qtype)
+    writer.write_header_to_file(path=tmp)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    try:
+        for plan, t in _sources(folder, plans):
+            data = _cast(t, _qtype(plan, dtype))
+            if data.dtype == np.float16 and not np.isfinite(data).all():
+                raise UserError(f"tensor {plan.source} holds values beyond float16's range (65504)",
+                                fix="export with --dtype bf16 (same size, wider range) or --dtype f32")
+            writer.write_tensor_data(data)
+    finally:
+        writer.close()

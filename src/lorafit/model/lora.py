@@ -1,0 +1,132 @@
+"""LoRA on the base model: target presets per architecture, injection through PEFT, adapter I/O.
+
+PEFT does the wrapping (each LoRA layer holds its `base_layer`), so adapters save as
+`adapter_config.json` + `adapter_model.safetensors` and load unchanged with
+`peft.PeftModel.from_pretrained`. What lorafit adds is choosing the targets: the seeds write
+`q_proj, k_proj, v_proj, o_proj` for Phi-3, whose attention fuses them into `qkv_proj`, and
+a target that matches nothing would otherwise fail deep inside PEFT or, worse, silently
+train fewer layers than asked.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorafit.config.schema import Config
+from lorafit.errors import ConfigError
+from lorafit.train.fast import SUPPORTED
+
+_LLAMA = {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
+PRESETS: dict[str, dict[str, list[str]]] = {
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA, "gemma2": _LLAMA,
+    "mixtral": {"attention": _LLAMA["attention"], "mlp": ["w1", "w2", "w3"]},
+    "phi3": {"attention": ["qkv_proj", "o_proj"], "mlp": ["gate_up_proj", "down_proj"]},
+    "phi": {"attention": ["q_proj", "k_proj", "v_proj", "dense"], "mlp": ["fc1", "fc2"]},
+    "gpt2": {"attention": ["c_attn", "c_proj"], "mlp": ["c_fc"]},
+}
+# Names written for the Llama layout, mapped onto architectures that fuse or rename them.
+RENAMES: dict[str, dict[str, str]] = {
+    "phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+             "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"},
+    "phi": {"o_proj": "dense", "up_proj": "fc1", "down_proj": "fc2"},
+}
+
+
+def linear_layer_names(model) -> list[str]:
+    """Leaf names of the model's linear layers (plain, 4-bit or 8-bit), lm_head excluded."""
+    import torch
+
+    names = set()
+    for full, module in model.named_modules():
+        parts = full.split(".")
+        if any(p.startswith("lora_") for p in parts):
+            continue
+        if parts[-1] == "base_layer" and len(parts) > 1:  # already wrapped by PEFT: name its holder
+            parts = parts[:-1]
+        leaf = parts[-1]
+        if leaf == "lm_head" or not full:
+            continue
+        is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+        if is_linear or type(module).__name__ == "Conv1D":
+            names.add(leaf)
+    return sorted(names)
+
+
+def resolve_targets(model, target_modules: list[str] | str) -> list[str]:
+    """Module leaf names to wrap: a preset (attention, mlp, all-linear) or names mapped onto this model."""
+    arch = model.config.model_type
+    have = linear_layer_names(model)
+    presets = PRESETS.get(arch)
+    if isinstance(target_modules, str):
+        wanted = [t.strip() for t in target_modules.split(",") if t.strip()]
+    else:
+        wanted = list(target_modules)
+    names: list[str] = []
+    for t in wanted:
+        if t in ("all-linear", "all_linear", "all"):
+            names += have
+        elif t in ("attention", "mlp"):
+            if presets is None:
+                raise ConfigError(
+                    f"no '{t}' preset for architecture '{arch}'",
+                    fix=f"use all-linear or name modules with --target_modules; this model has: {', '.join(have)}")
+            names += presets[t]
+        else:
+            names.append(RENAMES.get(arch, {}).get(t, t))
+    names = list(dict.fromkeys(names))
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise ConfigError(
+            f"target_modules {missing} match no layer of this {arch} model",
+            fix=f"use a preset (attention, mlp, all-linear) or names from its linear layers: {', '.join(have)}")
+    return names
+
+
+def apply_lora(model, cfg: Config):
+    """Wrap the target layers with trainable LoRA (A: Kaiming-uniform, B: zeros, so the start is the base)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    lo = cfg.lora
+    targets = resolve_targets(model, lo.target_modules)
+    if (cfg.model.load_in_4bit or cfg.model.load_in_8bit) and not _fast_path_expected(model, cfg):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft_cfg = LoraConfig(r=lo.lora_r, lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout,
+                          target_modules=targets, bias=lo.lora_bias, use_rslora=lo.use_rslora,
+                          task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_cfg)
+
+
+def _fast_path_expected(model, cfg: Config) -> bool:
+    """Whether training will run lorafit's fused kernels, which keep norms, embeddings and the
+    head in the compute dtype: PEFT's k-bit preparation would upcast them to fp32 (for Phi-3-mini
+    that is ~0.4 GB more, and the head re-cast on every step)."""
+    import torch
+
+    if cfg.model.fast_kernels == "off" or not torch.cuda.is_available():
+        return False
+
+    return model.config.model_type in SUPPORTED
+
+
+def load_adapter(base_model, adapter_dir: Path, trainable: bool = False):
+    """The base with a saved adapter on top (PEFT's own loader, so any PEFT adapter works)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=trainable)
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count as their unpacked element number."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if type(p).__name__ == "Params4bit":
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

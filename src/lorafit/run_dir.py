@@ -1,0 +1,134 @@
+"""The run directory: everything a run needs to describe itself and be picked up again.
+
+Layout of `output_dir` (a.k.a. `adapter_path`):
+  adapter_config.json, adapter_model.safetensors   the final adapter, PEFT's format
+  config.yaml        resolved config (sectioned), read back by eval/chat/merge/serve/resume
+  template.json      the prompt template training used (chat, eval, serve use exactly this)
+  versions.json      package versions and the machine
+  data.json          data fingerprint and the data report's numbers
+  metrics.jsonl      one JSON object per logged step / validation
+  previews.jsonl     preview generations during training
+  checkpoints/step-000100/ ...   resumable checkpoints (see checkpoint.py)
+  tb/                TensorBoard event files
+  loss.png, eval.json, eval.md   after training / evaluation
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from lorafit.config.checks import validate
+from lorafit.config.load import config_from_dict
+from lorafit.config.schema import Config, DataArgs, canonical_key
+from lorafit.errors import UserError
+
+CONFIG_FILE = "config.yaml"
+TEMPLATE_FILE = "template.json"
+VERSIONS_FILE = "versions.json"
+DATA_FILE = "data.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "safetensors",
+             "gguf", "triton", "lorafit")
+
+
+def installed_versions(names) -> dict[str, str | None]:
+    """Installed version of each distribution in `names` (None when absent)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def package_versions() -> dict[str, Any]:
+    """What a run records in versions.json: Python, the platform and the packages that matter."""
+    return {"python": platform.python_version(), "platform": platform.platform(), **installed_versions(_PACKAGES)}
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_config(run_dir: Path, cfg: Config) -> None:
+    import yaml
+
+    write_text_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def load_run_config(adapter_path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """The config a run was trained with, with `overrides` (eval/chat flags) applied on top."""
+    import yaml
+
+    run = Path(adapter_path)
+    if not run.exists():
+        raise UserError(f"adapter path '{run}' does not exist",
+                        fix="train first (`lorafit train --output_dir DIR`) or pass the run directory it wrote")
+    cfg_file = run / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise UserError(f"'{run}' holds no {CONFIG_FILE}: it is not a lorafit run directory",
+                        fix="pass the output_dir of a `lorafit train` run")
+    try:
+        cfg = config_from_dict(yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {})
+    except yaml.YAMLError as e:
+        raise UserError(f"'{cfg_file}' is not valid YAML: {e}") from None
+    overrides = overrides or {}
+    given = {canonical_key(k) for k in overrides}
+    if "dataset" in given:
+        _forget_source_settings(cfg, next(v for k, v in overrides.items() if canonical_key(k) == "dataset"), given)
+    for key, value in overrides.items():
+        cfg.set(key, value)
+    validate(cfg)
+    return cfg
+
+
+# How the run's own data file was read; another file has its own fields, splits and format.
+# (The template, how prompts are rendered, is the run's whatever the data.)
+SOURCE_SETTINGS = ("dataset_format", "dataset_split", "column_map", "dataset_text_field")
+
+
+def _forget_source_settings(cfg: Config, dataset: Any, given: set[str]) -> None:
+    """Back to the defaults (format auto) for the settings of SOURCE_SETTINGS that this command did not give,
+    when --dataset names other data than the run's."""
+
+    if same_source(str(dataset), cfg.data.dataset):
+        return
+    defaults = DataArgs()
+    for key in SOURCE_SETTINGS:
+        if key not in given:
+            setattr(cfg.data, key, getattr(defaults, key))
+
+
+def same_source(a: str, b: str) -> bool:
+    """Whether two `dataset` values name the same data (equal, or paths to one file or folder)."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def has_adapter(run_dir: Path) -> bool:
+    return (run_dir / ADAPTER_CONFIG).is_file() and (run_dir / ADAPTER_WEIGHTS).is_file()
+
+
+def require_adapter(run_dir: Path) -> None:
+    if not has_adapter(run_dir):
+        raise UserError(f"'{run_dir}' holds no trained adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})",
+                        fix="let `lorafit train` finish, or resume it with --resume")

@@ -1,0 +1,358 @@
+"""The QLoRA training fast path: one decoder forward written for training, over the PeftModel's
+own tensors (nothing is copied or patched; the optimizer and PEFT's save_pretrained see the
+same lora_A / lora_B parameters).
+
+Per decoder layer: fused residual-add + RMSNorm, one fused LoRA product for q/k/v (or phi3's
+qkv_proj) over the dequantized NF4 base, Triton RoPE, flash attention (varlen for packed rows),
+one fused LoRA product for o, gate/up and down each, Triton SwiGLU; each layer but the last
+checkpointed with its input, attention output, mid-layer residual and low-rank activations
+parked in pinned CPU memory (the recomputation then skips the attention forward, the o and down
+products and the x @ A^T products); a chunked linear + cross-entropy over the labelled tokens
+only. On CPU (the test suite) the same code runs the plain-PyTorch twins.
+
+Supported: llama, mistral, qwen2, phi3 with plain LoRA (no DoRA, one adapter). Anything else
+falls back to the model's own forward, with one log line saying why.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lorafit.config.schema import Config
+from lorafit.data.records import IGNORE_INDEX
+from lorafit.kernels import reference
+from lorafit.kernels.attention import attention, attention_keeping, attention_replay, packed_plan
+from lorafit.kernels.lora import FactorPack, Group, Head, WeightBuffer, lora_group
+from lorafit.kernels.offload import ActivationStore, checkpoint
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = ("llama", "mistral", "qwen2", "phi3")
+
+
+# ---------------------------------------------------------------- support check
+
+def _lora_layer_cls():
+    from peft.tuners.lora import LoraLayer
+    return LoraLayer
+
+
+def _is_4bit(layer) -> bool:
+    return type(layer).__name__ == "Linear4bit" or type(getattr(layer, "weight", None)).__name__ == "Params4bit"
+
+
+def fast_forward_supported(model) -> tuple[bool, str]:
+    """(ok, reason): whether enable_fast_path can run this PeftModel's forward itself."""
+    try:
+        base = model.get_base_model()
+    except AttributeError:
+        return False, "not a PeftModel"
+    cfg = base.config
+    mt = getattr(cfg, "model_type", None)
+    if mt not in SUPPORTED:
+        return False, f"model_type {mt!r} has no fast path (supported: {', '.join(SUPPORTED)})"
+    if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
+        return False, f"hidden_act {cfg.hidden_act!r} is not SiLU"
+    for name in ("attention_dropout", "resid_pdrop", "embd_pdrop"):
+        if float(getattr(cfg, name, 0.0) or 0.0) > 0:
+            return False, f"config.{name} > 0"
+    adapters = getattr(model, "active_adapters", None) or [getattr(model, "active_adapter", "default")]
+    if len(adapters) != 1:
+        return False, "more than one active adapter"
+    lora_cls = _lora_layer_cls()
+    for name, mod in base.named_modules():
+        if not isinstance(mod, lora_cls):
+            continue
+        a = adapters[0]
+        if getattr(mod, "merged", False) or getattr(mod, "disable_adapters", False):
+            return False, f"{name}: adapter merged or disabled"
+        if mod.use_dora.get(a, False):
+            return False, f"{name}: DoRA"
+        if getattr(mod, "lora_bias", {}).get(a, False):
+            return False, f"{name}: lora_bias"
+        if a not in mod.lora_A or not isinstance(mod.lora_A[a], torch.nn.Linear):
+            return False, f"{name}: not a linear LoRA layer"
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("lm_head", "embed_tokens"):
+            return False, f"{name}: LoRA on {leaf}"
+    try:
+        _build_layers(base, adapters[0], torch.bfloat16)
+    except (AttributeError, TypeError, ValueError) as e:
+        return False, f"unexpected module layout: {e}"
+    if base.lm_head.weight.requires_grad or getattr(base.lm_head, "bias", None) is not None:
+        return False, "lm_head is trainable or has a bias"
+    return True, "ok"
+
+
+# ---------------------------------------------------------------- model description
+
+class _Dequant:
+    """Callable giving a frozen base weight (out, in) in the compute dtype, into `out` if given."""
+
+    def __init__(self, layer, dtype):
+        self.layer, self.dtype = layer, dtype
+
+        self.nf4 = None
+
+    def __call__(self, out):
+        w = self.layer.weight
+        if _is_4bit(self.layer):
+            qs = w.quant_state
+            if w.is_cuda and qs.quant_type == "nf4" and qs.dtype == self.dtype:
+                if self.nf4 is None or self.nf4.packed.data_ptr() != w.data_ptr():
+                    from lorafit.kernels.nf4 import NF4Weight
+                    self.nf4 = NF4Weight(w.data, qs)
+                return self.nf4(out)
+            import bitsandbytes.functional as bnbf
+            if out is not None and w.is_cuda and qs.dtype == out.dtype:
+                return bnbf.dequantize_4bit(w.data, qs, out=out)
+            full = bnbf.dequantize_4bit(w.data, qs).to(self.dtype)
+        else:
+            full = w if w.dtype == self.dtype else w.to(self.dtype)
+        if out is None:
+            return full
+        return out.copy_(full)
+
+
+def _head(mod, adapter: str, dtype) -> Head:
+    lora_cls = _lora_layer_cls()
+    if isinstance(mod, lora_cls):
+        base = mod.get_base_layer()
+        drop = mod.lora_dropout[adapter]
+        return Head(out_features=base.out_features, dequant=_Dequant(base, dtype), bias=base.bias,
+                    lora_A=mod.lora_A[adapter].weight, lora_B=mod.lora_B[adapter].weight,
+                    scaling=float(mod.scaling[adapter]),
+                    dropout=float(drop.p) if isinstance(drop, torch.nn.Dropout) else 0.0)
+    if not isinstance(mod, torch.nn.Linear) and not _is_4bit(mod):
+        raise TypeError(f"{type(mod).__name__} is not a linear layer")
+    return Head(out_features=mod.out_features, dequant=_Dequant(mod, dtype), bias=mod.bias)
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    eps: float
+    qkv: Group
+    o: Group
+    gate_up: Group
+    down: Group
+
+    @property
+    def groups(self) -> tuple[Group, ...]:
+        return (self.qkv, self.o, self.gate_up, self.down)
+
+
+def _build_layers(base, adapter: str, dtype) -> list[_Layer]:
+    layers = []
+    for blk in base.model.layers:
+        att, mlp = blk.self_attn, blk.mlp
+        qkv = [att.qkv_proj] if hasattr(att, "qkv_proj") else [att.q_proj, att.k_proj, att.v_proj]
+        gu = [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
+        eps = getattr(blk.input_layernorm, "variance_epsilon", None) or blk.input_layernorm.eps
+        layers.append(_Layer(ln1=blk.input_layernorm.weight, ln2=blk.post_attention_layernorm.weight, eps=float(eps),
+                             qkv=Group([_head(m, adapter, dtype) for m in qkv]),
+                             o=Group([_head(att.o_proj, adapter, dtype)]),
+                             gate_up=Group([_head(m, adapter, dtype) for m in gu]),
+                             down=Group([_head(mlp.down_proj, adapter, dtype)])))
+    return layers
+
+
+def _compute_dtype(base) -> torch.dtype:
+    for m in base.modules():
+        if _is_4bit(m):
+            return getattr(m, "compute_dtype", None) or m.weight.quant_state.dtype
+    w = base.model.layers[0].mlp.down_proj
+    w = getattr(w, "base_layer", w).weight
+    return w.dtype
+
+
+def _ops(device: torch.device):
+    """Triton kernels on CUDA, their plain-PyTorch twins elsewhere (imported here, never at import).
+    Under TRITON_INTERPRET=1 the Triton kernels run on CPU tensors too: the tests check the whole
+    fused forward/backward through them that way on machines without a GPU."""
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        from lorafit.kernels.cross_entropy import linear_cross_entropy_sum
+        from lorafit.kernels.rmsnorm import add_rmsnorm, rmsnorm, rmsnorm_fork
+        from lorafit.kernels.rope import qkv_rope
+        from lorafit.kernels.swiglu import swiglu
+        return SimpleNamespace(rmsnorm=rmsnorm, rmsnorm_fork=rmsnorm_fork, add_rmsnorm=add_rmsnorm, qkv_rope=qkv_rope,
+                               swiglu=swiglu, ce=linear_cross_entropy_sum)
+    return SimpleNamespace(rmsnorm=reference.rmsnorm, rmsnorm_fork=reference.rmsnorm_fork,
+                           add_rmsnorm=reference.add_rmsnorm, qkv_rope=reference.qkv_rope, swiglu=reference.swiglu,
+                           ce=reference.cross_entropy_sum)
+
+
+# ---------------------------------------------------------------- the loss
+
+class FastLoss:
+    """batch -> (sum of CE over labelled tokens (float32), number of labelled tokens (int64))."""
+
+    def __init__(self, peft_model, *, gradient_checkpointing: bool, offload_activations: bool = True):
+        self.model = peft_model
+        ok, reason = fast_forward_supported(peft_model)
+        self.fast = ok
+        self.gradient_checkpointing = gradient_checkpointing
+        if not ok:
+            log.warning("fast path off, using the reference (model) forward: %s", reason)
+            return
+        base = peft_model.get_base_model()
+        cfg = base.config
+        adapter = (getattr(peft_model, "active_adapters", None) or ["default"])[0]
+        self.base = base
+        self.dtype = _compute_dtype(base)
+        self.layers = _build_layers(base, adapter, self.dtype)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.scale = self.head_dim ** -0.5
+        window = getattr(cfg, "sliding_window", None)
+        if cfg.model_type == "qwen2" and not getattr(cfg, "use_sliding_window", False):
+            window = None
+        self.window = window
+        self.dropout = any(h.dropout > 0 for ly in self.layers for g in ly.groups for h in g.heads)
+        self.factors = None          # FactorPack, built on the first call (on the batch's device)
+        self.store = ActivationStore(offload=offload_activations)
+        self.pool = WeightBuffer()
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.fast:
+            return self._reference(batch)
+        ids = batch["input_ids"]
+        device = ids.device
+        # which positions carry a label: found before any layer is queued, so this step's one host sync
+        # (nonzero's size) waits for nothing, and forward and backward are then queued without a stop
+        tgt = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)     # HF's shift
+        sel = (tgt != IGNORE_INDEX).nonzero().squeeze(1)
+        if self.factors is None or not self.factors.current(device):
+            self.factors = FactorPack([g for ly in self.layers for g in ly.groups], self.dtype, device)
+        self.factors.refresh()       # the optimizer may have changed the LoRA factors since the last call
+        ops = _ops(device)
+        b, t = ids.shape
+        training = self.model.training
+        doc_ids = batch.get("doc_ids")
+        if doc_ids is None and "attention_mask" in batch and not bool(batch["attention_mask"].all()):
+            doc_ids = batch["attention_mask"]
+        plan = packed_plan(doc_ids) if doc_ids is not None and device.type == "cuda" else None
+        pos = batch.get("position_ids")
+        if pos is None:
+            pos = torch.arange(t, device=device).expand(b, t)
+        emb = self.base.model.embed_tokens
+        x = F.embedding(ids, emb.weight).to(self.dtype)                       # (B, T, C)
+        cos, sin = self.base.model.rotary_emb(x, pos)
+        cos, sin = cos.reshape(b * t, -1).contiguous(), sin.reshape(b * t, -1).contiguous()
+        x = x.reshape(b * t, -1)                                               # (N, C)
+        # the low-rank activations x @ A^T are parked with a layer and reused by its recomputation,
+        # except under dropout (the recomputation draws the masks again and needs them for backward)
+        ctx = SimpleNamespace(ops=ops, cos=cos, sin=sin, batch=b, plan=plan, doc_ids=doc_ids, training=training,
+                              park_lowrank=not (self.dropout and training))
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            x = x.detach().requires_grad_(True)
+            self.store.clear()
+            park = self.store.offload     # park more than the input only where it goes to host memory
+            *body, last = self.layers
+            for i, layer in enumerate(body):
+                x = checkpoint(lambda h, layer=layer: self._layer(layer, ctx, h, park=park), x, self.store, i,
+                               preserve_rng=self.dropout and training,
+                               recompute=lambda h, *kept, layer=layer: self._layer(layer, ctx, h, grad_only=True,
+                                                                                    kept=kept or None))
+            # the last layer keeps its activations (no parking, no recomputation): its backward comes right
+            # after the loss, when they would just have been rebuilt. It holds about what a recomputed layer
+            # holds in its backward, so the step's peak does not grow. The layer before it starts coming
+            # back from host memory now, ready for the backward.
+            self.store.prefetch(len(body) - 1, device)
+            x = self._layer(last, ctx, x)
+        else:
+            for layer in self.layers:
+                x = self._layer(layer, ctx, x)
+        x = ops.rmsnorm(x, self.base.model.norm.weight, self.layers[0].eps)
+        # a fill kernel, not torch.tensor(n, device=...): a copy from pageable host memory waits for the
+        # GPU to finish everything queued (here the whole forward), and the GPU then idles while the
+        # host queues the loss and the first layer's backward
+        n_sel = sel.numel()
+        n_tok = torch.full((), n_sel, dtype=torch.int64, device=device)
+        if n_sel == 0:
+            return x.sum().float() * 0.0, n_tok
+        if n_sel < tgt.numel():
+            x, tgt = x.index_select(0, sel), tgt.index_select(0, sel)
+        loss = ops.ce(x, self.base.lm_head.weight, tgt)
+        return loss, n_tok
+
+    def _layer(self, ly: _Layer, c, x: torch.Tensor, grad_only: bool = False, park: bool = False,
+               kept: tuple | None = None):
+        """One decoder layer.
+        `park` (a checkpoint's first forward): also return what the recomputation can reuse, the
+        attention output, its backward state, the mid-layer residual and each product's low-rank
+        activation x @ A^T, when the attention kernel can run its backward from them (else the plain
+        output, and the recomputation is the usual one).
+        `grad_only` (the recomputation): products whose output value backward never reads are skipped:
+        always the down product (~1/5 of the matrix work); with `kept`, also the attention forward, the
+        o product and the four low-rank products x @ A^T, whose values come from the parked tensors."""
+        hq, hkv, d = self.n_heads, self.n_kv, self.head_dim
+        attn = (c.batch, hq, hkv, d, self.scale)
+        # parked with the layer: attention output, mid-layer residual, the four low-rank activations, attention state
+        low = kept[2:6] if kept is not None else (None,) * 4
+        # the recomputation keeps its dequantized q/k/v and gate/up weights for the backward right after it
+        run = {"pool": self.pool, "training": c.training, "with_lowrank": True}
+        x, h = c.ops.rmsnorm_fork(x, ly.ln1, ly.eps)
+        qkv, l_qkv = lora_group(h, ly.qkv, lowrank=low[0], keep_weight=grad_only, **run)
+        q, k, v = c.ops.qkv_rope(qkv, c.cos, c.sin, hq, hkv, d)
+        state = None
+        if kept is not None:
+            a_val, mid, *state = kept[:2] + kept[6:]
+            a = attention_replay(q, k, v, a_val, state, *attn)
+            x, l_o = lora_group(a, ly.o, residual=x, grad_only=True, value=mid, lowrank=low[1], **run)
+            x, h = c.ops.rmsnorm_fork(x, ly.ln2, ly.eps)
+        else:
+            if park:
+                a, state = attention_keeping(q, k, v, *attn, plan=c.plan, doc_ids=c.doc_ids, window=self.window)
+            else:
+                a = attention(q, k, v, *attn, plan=c.plan, doc_ids=c.doc_ids, window=self.window)
+            o, l_o = lora_group(a, ly.o, **run)
+            x, h = c.ops.add_rmsnorm(x, o, ly.ln2, ly.eps)
+        gu, l_gu = lora_group(h, ly.gate_up, lowrank=low[2], keep_weight=grad_only, **run)
+        out, l_down = lora_group(c.ops.swiglu(gu), ly.down, residual=x, grad_only=grad_only, lowrank=low[3], **run)
+        if not (park and state is not None):
+            return out
+        lows = (l_qkv, l_o, l_gu, l_down) if c.park_lowrank else (None,) * 4
+        return out, (a, x, *lows, *state)
+
+    def _reference(self, batch):
+        """The model's own forward (any architecture); a document mask when rows are packed."""
+        kw = {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids")}
+        doc_ids = batch.get("doc_ids")
+        if doc_ids is not None:
+            kw["attention_mask"] = reference.doc_causal_mask(doc_ids)
+        else:
+            kw["attention_mask"] = batch.get("attention_mask")
+        logits = self.model(**kw, use_cache=False).logits
+        labels = batch["labels"]
+        tgt = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss, (tgt != IGNORE_INDEX).sum()
+
+
+def enable_fast_path(peft_model, *, gradient_checkpointing: bool, offload_activations: bool = True) -> FastLoss:
+    """A FastLoss over this PeftModel (see the module docstring); falls back with one log line if unsupported."""
+    return FastLoss(peft_model, gradient_checkpointing=gradient_checkpointing, offload_activations=offload_activations)
+
+def loss_path(cfg: Config, model, fsdp: bool = False) -> tuple[Any, str]:
+    """(FastLoss or None, why): fused kernels only when asked (on) or auto on a CUDA GPU they support."""
+    mode = cfg.model.fast_kernels
+    if mode == "off":
+        return None, "fast_kernels off"
+    if fsdp:
+        return None, f"fast_kernels {mode} overridden: the fused kernels read whole base weights, which FSDP shards"
+    if mode == "auto" and not torch.cuda.is_available():
+        return None, "no CUDA GPU, so fast_kernels auto uses the reference path"
+    ok, reason = fast_forward_supported(model)
+    if not ok:
+        return None, f"fused kernels do not support this model: {reason}"
+    fn = enable_fast_path(model, gradient_checkpointing=cfg.model.gradient_checkpointing)
+    return fn, "fused LoRA kernels"

@@ -1,0 +1,243 @@
+"""What a run tells its user while it trains: console lines, a progress bar, metrics files, trackers.
+
+Only rank 0 makes a `TrainLog`; other ranks get `NullLog`. Every optimizer step goes to
+`metrics.jsonl` (one JSON object a line, flushed, so a killed run loses at most a line and a
+resumed run can cut it back to its checkpoint) and to TensorBoard under `tb/`; the console
+shows every `logging_steps`-th step, as a rich progress bar on a terminal and as plain lines
+otherwise (CI logs, `| tee`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lorafit.run_dir import write_text_atomic
+
+log = logging.getLogger("lorafit")
+
+METRICS = "metrics.jsonl"
+PREVIEWS = "previews.jsonl"
+
+
+def setup_console() -> None:
+    """Show lorafit's INFO lines on stderr, unless the application (or pytest) configured logging itself."""
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return read_jsonl(Path(run_dir) / METRICS)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass  # the last line of a killed run may be half written
+    return out
+
+
+def truncate_after(run_dir: Path, step: int) -> None:
+    """Drop records past `step` from metrics.jsonl and previews.jsonl (a resumed run writes them again)."""
+
+    for name in (METRICS, PREVIEWS):
+        path = Path(run_dir) / name
+        if path.is_file():
+            keep = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def memory_gib(device) -> float:
+    """Peak memory so far: the GPU's allocator peak on CUDA, else the process's peak RSS."""
+    import torch
+
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    except (ImportError, OSError):
+        return float("nan")
+
+
+class NullLog:
+    """What ranks other than 0 log: nothing."""
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+
+class TrainLog:
+    def __init__(self, run_dir: Path, report_to: list[str], total_steps: int, logging_steps: int, device,
+                 config: dict[str, Any] | None = None, purge_step: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.total = total_steps
+        self.every = logging_steps
+        self.device = device
+        self.metrics = open(self.run_dir / METRICS, "a", encoding="utf-8")  # noqa: SIM115 (open for the whole run)
+        self.start = time.perf_counter()
+        self.first_step: int | None = None
+        self.window: list[dict[str, Any]] = []
+        self.trackers = _open_trackers(self.run_dir, report_to, config or {}, purge_step)
+        self.progress = self.task = None
+        if sys.stderr.isatty():
+            self._open_progress()
+
+    def _open_progress(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[info]}"), console=Console(stderr=True), transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=self.total, info="")
+
+    def step(self, rec: dict[str, Any]) -> None:
+        """One optimizer step: step, loss, lr, grad_norm, tokens, step_time."""
+        if self.first_step is None:
+            self.first_step, self.start = rec["step"] - 1, time.perf_counter() - rec["step_time"]
+        elapsed = time.perf_counter() - self.start
+        done = rec["step"] - self.first_step
+        rec = {**rec, "tokens_per_s": rec["tokens"] / max(rec["step_time"], 1e-9), "mem_gib": memory_gib(self.device),
+               "eta_s": elapsed / done * (self.total - rec["step"])}
+        self._write(rec)
+        self.window.append(rec)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=rec["step"], info=_info(rec))
+        if rec["step"] % self.every == 0 or rec["step"] == self.total:
+            self._console(rec)
+            self.window = []
+
+    def _console(self, rec: dict[str, Any]) -> None:
+        loss = sum(r["loss"] for r in self.window) / len(self.window)
+        tps = sum(r["tokens"] for r in self.window) / max(sum(r["step_time"] for r in self.window), 1e-9)
+        line = (f"step {rec['step']}/{self.total}  loss {loss:.4f}  lr {rec['lr']:.3g}  "
+                f"grad_norm {rec['grad_norm']:.3g}  {tps:,.0f} tok/s  mem {rec['mem_gib']:.2f} GiB  "
+                f"ETA {_hms(rec['eta_s'])}")
+        self.info(line)
+
+    def info(self, msg: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(msg, markup=False, highlight=False)
+        else:
+            log.info(msg)
+
+    def validation(self, step: int, loss: float, n_tokens: int) -> None:
+        ppl = math.exp(min(loss, 50.0))
+        self._write({"step": step, "val_loss": loss, "val_ppl": ppl, "val_tokens": n_tokens})
+        self.info(f"step {step}: validation loss {loss:.4f}, perplexity {ppl:.2f} ({n_tokens:,} tokens)")
+
+    def preview(self, step: int, prompt: str, text: str) -> None:
+        with open(self.run_dir / PREVIEWS, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "prompt": prompt, "text": text}, ensure_ascii=False) + "\n")
+        self.info(f"step {step} preview\n  prompt: {prompt[:200]!r}\n  reply:  {text[:400]!r}")
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        rec = {k: (round(v, 8) if isinstance(v, float) else v) for k, v in rec.items()}
+        self.metrics.write(json.dumps(rec) + "\n")
+        self.metrics.flush()
+        for t in self.trackers:
+            t.log(rec)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        for t in self.trackers:
+            t.close()
+        self.trackers = []
+        self.metrics.close()
+
+
+def _info(rec: dict[str, Any]) -> str:
+    return (f"loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  {rec['tokens_per_s']:,.0f} tok/s  "
+            f"mem {rec['mem_gib']:.2f} GiB")
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# -- trackers -----------------------------------------------------------------------------------
+
+class _TensorBoard:
+    def __init__(self, run_dir: Path, purge_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events a killed run wrote past its checkpoint, so the resumed curve has no doubles
+        self.w = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
+
+    def log(self, rec: dict[str, Any]) -> None:
+        step = rec["step"]
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mem_gib", "val_loss", "val_ppl"):
+            if key in rec and isinstance(rec[key], (int, float)) and math.isfinite(rec[key]):
+                self.w.add_scalar(("val/" if key.startswith("val") else "train/") + key, rec[key], step)
+
+    def close(self) -> None:
+        self.w.flush()
+        self.w.close()
+
+
+class _Wandb:
+    def __init__(self, run_dir: Path, config: dict[str, Any]):
+        import wandb
+
+        self.run = wandb.init(project="lorafit", name=run_dir.name, dir=str(run_dir), config=config)
+
+    def log(self, rec: dict[str, Any]) -> None:
+        self.run.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _MLflow:
+    def __init__(self, run_dir: Path, config: dict[str, Any]):
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.start_run(run_name=run_dir.name)
+        mlflow.log_params({f"{s}.{k}": str(v)[:250] for s, sec in config.items() for k, v in sec.items()})
+
+    def log(self, rec: dict[str, Any]) -> None:
+        vals = {k: float(v) for k, v in rec.items() if k != "step" and isinstance(v, (int, float))}
+        self.mlflow.log_metrics(vals, step=rec["step"])
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+def _open_trackers(run_dir: Path, report_to: list[str], config: dict[str, Any], purge_step: int | None) -> list:
+    import importlib.util
+
+    out: list = []
+    for name in dict.fromkeys(report_to):
+        if name == "none":
+            continue
+        if name != "tensorboard" and importlib.util.find_spec(name) is None:
+            log.warning("report_to %s: the package is not installed; logging to metrics.jsonl only (pip install %s)",
+                        name, name)
+            continue
+        try:
+            out.append({"tensorboard": lambda: _TensorBoard(run_dir, purge_step), "wandb": lambda: _Wandb(run_dir, config),
+                        "mlflow": lambda: _MLflow(run_dir, config)}[name]())
+        except Exception as e:  # noqa: BLE001 -- a tracker that cannot start (no login, no server) must not stop training
+            log.warning("report_to %s could not start (%s: %s); continuing without it", name, type(e).__name__, e)
+    return out

@@ -1,0 +1,161 @@
+"""The run directory: refuse to clobber it, clear it, write what eval/chat/merge/resume read back, the adapter,
+the closing summary and the hub upload."""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from lorafit.config.schema import Config
+from lorafit.errors import UserError
+from lorafit.model.lora import parameter_counts
+from lorafit.run_dir import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    DATA_FILE,
+    VERSIONS_FILE,
+    has_adapter,
+    package_versions,
+    save_config,
+    write_json_atomic,
+)
+from lorafit.train import checkpoint as ckpt
+from lorafit.train import parallel as dist
+from lorafit.train.log import memory_gib
+from lorafit.train.optim import optimizer_state_bytes
+from lorafit.train.plots import plot_loss
+from lorafit.train.state import Run
+
+log = logging.getLogger("lorafit")
+
+SUMMARY_FILE = "train_summary.json"
+
+
+_RUN_FILES = ("metrics.jsonl", "previews.jsonl", "loss.png", SUMMARY_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md")
+
+
+def check_output_dir(cfg: Config, run_dir: Path) -> None:
+    """Refuse to train over a finished or unfinished run unless told to overwrite or resume it."""
+    t = cfg.train
+    if not run_dir.exists() or t.overwrite_output_dir:
+        return
+    finished, checkpoints = has_adapter(run_dir), ckpt.list_checkpoints(run_dir)
+    if t.resume:
+        if finished and not checkpoints:
+            raise UserError(f"'{run_dir}' holds a finished run and no checkpoint: nothing to resume",
+                            fix="pass --overwrite_output_dir true to train it again, or choose another --output_dir")
+        return
+    if finished:
+        raise UserError(f"'{run_dir}' already holds a trained adapter",
+                        fix="pass --overwrite_output_dir true to replace it, --resume to continue it, "
+                            "or choose another --output_dir")
+    if checkpoints:
+        raise UserError(f"'{run_dir}' holds checkpoints of an unfinished run ({checkpoints[-1].name})",
+                        fix="add --resume to continue it, or --overwrite_output_dir true to start over")
+
+
+def prepare_output_dir(r: Run) -> None:
+    """Clear an overwritten run, drop partial checkpoints, check free space; rank 0 only."""
+
+    t = r.cfg.train
+    if r.d.main:
+        if t.overwrite_output_dir and not t.resume and r.run_dir.exists():
+            shutil.rmtree(r.run_dir / ckpt.CHECKPOINTS, ignore_errors=True)
+            shutil.rmtree(r.run_dir / "tb", ignore_errors=True)
+            for name in _RUN_FILES:
+                (r.run_dir / name).unlink(missing_ok=True)
+        ckpt.clean_partial(r.run_dir)
+        trainable, _ = parameter_counts(r.model)
+        adapter = trainable * 4 + 64 * 1024
+        kept = 0
+        if t.save_strategy != "no":
+            saves = r.plan.total_steps // t.save_steps if t.save_strategy == "steps" else \
+                math.ceil(r.plan.total_steps / r.plan.steps_per_epoch)
+            kept = min(saves, t.save_total_limit or saves) + 1  # +1: a new one is whole before the oldest goes
+        need = kept * (adapter + optimizer_state_bytes(trainable, t.optim)) + 2 * adapter + 16 * 2**20
+        ckpt.check_disk_space(r.run_dir, need)
+        r.run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier(r.d)
+
+
+def write_run_files(r: Run) -> None:
+    """config.yaml, template.json, versions.json, data.json: what eval/chat/merge and resume read back."""
+    import json
+
+
+    old = r.run_dir / DATA_FILE
+    if r.cfg.train.resume and old.is_file():
+        before = json.loads(old.read_text(encoding="utf-8")).get("fingerprint")
+        if before and before != r.data.fingerprint:
+            log.warning("the data differ from the checkpoint's run (fingerprint %s.. vs %s..); resuming anyway",
+                        before[:12], r.data.fingerprint[:12])
+    saved = copy.deepcopy(r.cfg)
+    saved.train.resume = saved.train.overwrite_output_dir = False  # how this run was set up, not how it was started
+    save_config(r.run_dir, saved)
+    r.data.template.save(r.run_dir)
+    write_json_atomic(r.run_dir / VERSIONS_FILE, package_versions())
+    write_json_atomic(old, {"fingerprint": r.data.fingerprint, "report": r.data.report})
+
+
+def save_adapter(model, run_dir: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """The final adapter at the top of run_dir in PEFT's format; written aside, then renamed into place.
+    `state`: the trainable tensors gathered whole (FSDP), instead of the model's own."""
+    tmp = run_dir / ".tmp-adapter"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": state} if state else {}))
+        for name in sorted(p.name for p in tmp.iterdir()):  # adapter_config.json last: its presence means done
+            if name != ADAPTER_CONFIG:
+                (tmp / name).replace(run_dir / name)
+        (tmp / ADAPTER_CONFIG).replace(run_dir / ADAPTER_CONFIG)
+    except OSError as e:
+        raise UserError(f"could not write the adapter to '{run_dir}': {e}",
+                        fix="free disk space, then run the same command with --resume") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_summary(r: Run, seconds: float, peaks: list[float] | None = None) -> None:
+
+    trainable, total = parameter_counts(r.model)
+    summary = {"steps": r.pos.step, "epochs": round(r.pos.epoch + r.pos.micro_in_epoch / max(r.plan.epoch_micro, 1), 3),
+               "trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1),
+               "peak_memory_gib": round(memory_gib(r.d.device), 3), "seconds": round(seconds, 1),
+               "tokens": r.pos.tokens, "tokens_per_s": round(r.pos.tokens / max(seconds, 1e-9), 1),
+               "best_val_loss": r.pos.best_val, "skipped_steps": r.pos.skipped, "world_size": r.d.world_size,
+               "fsdp": r.fsdp is not None, "peak_memory_gib_per_rank": [round(x, 3) for x in peaks or []]}
+    write_json_atomic(r.run_dir / SUMMARY_FILE, summary)
+    try:
+        plot_loss(r.run_dir)
+    except Exception as e:  # noqa: BLE001 -- a plot must never cost a finished run
+        log.warning("could not draw loss.png: %s", e)
+    mem = "GPU" if r.d.device.type == "cuda" else "process RSS"
+    if peaks and len(peaks) > 1:
+        log.info("peak memory per rank (%s): %s GiB", mem, ", ".join(f"{x:.2f}" for x in peaks))
+    log.info("done: %d steps in %.0f s, %s tokens (%.0f tok/s); trainable parameters %s of %s (%.3f%%); "
+             "peak memory %.2f GiB (%s); best validation loss %s\nadapter: %s",
+             r.pos.step, seconds, f"{r.pos.tokens:,}", summary["tokens_per_s"], f"{trainable:,}", f"{total:,}",
+             100 * summary["trainable_share"], summary["peak_memory_gib"], mem,
+             "n/a" if r.pos.best_val is None else f"{r.pos.best_val:.4f}", r.run_dir)
+
+
+def push_adapter(run_dir: Path, repo: str) -> None:
+    """Upload the saved adapter; any failure is reported after the fact, the local copy is already whole."""
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi()  # the token comes from HF_TOKEN or the login cache; it is never logged or stored by us
+        api.create_repo(repo, exist_ok=True, private=True)
+        api.upload_folder(repo_id=repo, folder_path=str(run_dir),
+                          allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md", "template.json"])
+    except Exception as e:  # noqa: BLE001 -- offline, no token, no permission, hub down: all the same to the user
+        first = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        raise UserError(f"the adapter is saved in '{run_dir}', but uploading it to the hub repo '{repo}' failed: "
+                        f"{type(e).__name__}: {first}",
+                        fix="check the network and your token (HF_TOKEN or `hf auth login`), then upload the folder "
+                            f"with `hf upload {repo} {run_dir}`") from None
+    log.info("adapter uploaded to https://huggingface.co/%s", repo)
