@@ -140,7 +140,7 @@ def test_nan_policy(tiny_model_dir, tmp_path, monkeypatch):
 
 def test_out_of_memory_message_and_auto_batch_size(tiny_model_dir, tmp_path, monkeypatch):
     """Simulated OOM for batches of more than 2 rows: a message with the knobs, or a smaller micro-batch found."""
-    import lorafit.train.loop as T
+    import lorafit.train.objectives.sft as T
     from lorafit.errors import UserError
 
     real = T.reference_loss

@@ -25,6 +25,7 @@ CHOICES = {
     "eval_strategy": ("steps", "epoch", "no"),
     "save_strategy": ("steps", "epoch", "no"),
     "nan_policy": ("stop", "skip"),
+    "method": ("sft",),
 }
 
 

@@ -107,6 +107,8 @@ class DataArgs:
 class TrainArgs:
     output_dir: str = "runs/lorafit"
     """Run directory: adapter, checkpoints, logs, resolved config. `adapter_path` is an alias."""
+    method: str = "sft"
+    """Training objective: sft (supervised fine-tuning on replies)."""
     num_train_epochs: float = 3.0
     """Passes over the training split (ignored when max_steps > 0)."""
     max_steps: int = -1

@@ -28,7 +28,6 @@ import torch
 from lorafit.config.schema import Config
 from lorafit.data.batching import make_batches
 from lorafit.data.encode import prepare_data
-from lorafit.data.records import IGNORE_INDEX
 from lorafit.errors import UserError
 from lorafit.infer.generate import generate_text
 from lorafit.model.load import compute_dtype, describe_model, load_base_model, load_tokenizer, resolve_model
@@ -40,7 +39,8 @@ from lorafit.train.fast import loss_path
 from lorafit.train.fsdp import offload_requested
 from lorafit.train.log import NullLog, TrainLog, memory_gib, setup_console, truncate_after
 from lorafit.train.memory import find_batch_size, oom_error
-from lorafit.train.objectives.sft import LossModule, reference_loss
+from lorafit.train.objectives import build_objective
+from lorafit.train.objectives.base import LossModule
 from lorafit.train.optim import build_optimizer, build_scheduler
 from lorafit.train.plan import Position, plan_steps
 from lorafit.train.run_files import (
@@ -52,7 +52,7 @@ from lorafit.train.run_files import (
     write_summary,
 )
 from lorafit.train.signals import Interrupted, StopSignals
-from lorafit.train.state import Run
+from lorafit.train.state import TrainState
 
 log = logging.getLogger("lorafit")
 
@@ -80,12 +80,13 @@ def _train(cfg: Config, d: dist.Dist) -> Path:
     # -- load: tokenizer, then data (its errors come before the model loads), then the model --
     source = _resolve_on_rank0_first(d, lambda: resolve_model(cfg))
     tokenizer = load_tokenizer(cfg, source)
-    r = Run(cfg, d, run_dir, tokenizer, prepare_data(cfg, tokenizer), dtype=compute_dtype(cfg), fsdp=sharding)
+    r = TrainState(cfg, d, run_dir, tokenizer, prepare_data(cfg, tokenizer), build_objective(cfg), dtype=compute_dtype(cfg),
+                   fsdp=sharding)
     r.model = _load_model(r, source)
 
     # -- setup: batch plan, loss path, wrapping (DDP or FSDP), optimizer, schedule, resume, run files --
     fast, why = loss_path(cfg, r.model, fsdp=r.fsdp is not None)
-    r.plan = plan_steps(cfg, r.data, d, find_batch_size(r, LossModule(r.model, None, r.dtype)))
+    r.plan = plan_steps(cfg, r.data, d, find_batch_size(r, LossModule(r.model, r.objective, None, r.dtype)))
     lines = [f"loss: {'fused kernels' if fast else 'reference PyTorch'} ({why})", *_wrap(r, fast)]
     r.optimizer = build_optimizer(r.model, t)  # after sharding: FSDP replaces the parameters
     r.scheduler = build_scheduler(r.optimizer, t, r.plan.total_steps)
@@ -114,7 +115,7 @@ def _train(cfg: Config, d: dist.Dist) -> Path:
     return run_dir
 
 
-def _load_model(r: Run, source):
+def _load_model(r: TrainState, source):
     """The base with LoRA on top, in train mode. Under FSDP each rank loads on its CPU, and fsdp.wrap moves
     only the rank's shard to its device."""
     from transformers import set_seed
@@ -131,19 +132,19 @@ def _load_model(r: Run, source):
     return model
 
 
-def _wrap(r: Run, fast) -> list[str]:
+def _wrap(r: TrainState, fast) -> list[str]:
     """Set r.ddp: the loss module under DDP (bare on one process), or FSDP's sharded root; returns log lines."""
 
     if not r.fsdp:
-        r.ddp = dist.wrap_ddp(LossModule(r.model, fast, r.dtype), r.d)
+        r.ddp = dist.wrap_ddp(LossModule(r.model, r.objective, fast, r.dtype), r.d)
         return []
-    r.ddp, lines = fsdp.wrap(LossModule(r.model, None, r.dtype), r.model, r.d, r.fsdp, r.dtype)
+    r.ddp, lines = fsdp.wrap(LossModule(r.model, r.objective, None, r.dtype), r.model, r.d, r.fsdp, r.dtype)
     if r.cfg.train.preview_steps:
         lines.append("fsdp: previews off (generation would need every rank in step)")
     return lines
 
 
-def _open_log(r: Run, resumed: bool, lines: list[str]) -> None:
+def _open_log(r: TrainState, resumed: bool, lines: list[str]) -> None:
     """Rank 0 writes the run files and logs; the other ranks stay quiet."""
 
     if not r.d.main:
@@ -169,7 +170,7 @@ def _resolve_on_rank0_first(d: dist.Dist, fn):
     return out if d.main else fn()
 
 
-def _maybe_resume(r: Run) -> bool:
+def _maybe_resume(r: TrainState) -> bool:
     """Restore the newest good checkpoint when resuming; cut logs back to it either way."""
 
     found = ckpt.latest_good(r.run_dir) if r.cfg.train.resume else None
@@ -189,7 +190,7 @@ def _maybe_resume(r: Run) -> bool:
     return found is not None
 
 
-def _loop(r: Run, signals: StopSignals) -> None:
+def _loop(r: TrainState, signals: StopSignals) -> None:
 
     cfg, d, p, pos = r.cfg, r.d, r.plan, r.pos
     delay = float(os.environ.get("LORAFIT_TEST_STEP_DELAY", "0"))  # test hook: room to inject a fault mid-run
@@ -210,27 +211,28 @@ def _loop(r: Run, signals: StopSignals) -> None:
         pos.epoch, pos.micro_in_epoch = pos.epoch + 1, 0
 
 
-def _optimizer_step(r: Run, group: list[dict[str, torch.Tensor]]) -> None:
+def _optimizer_step(r: TrainState, group: list[dict[str, torch.Tensor]]) -> None:
     d, t = r.d, r.cfg.train
     started = time.perf_counter()
-    counts = [float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group)),
-              float(sum(int(b["attention_mask"].sum()) for b in group))]
+    counts = [float(sum(r.objective.units(b) for b in group)), float(sum(_tokens(b) for b in group))]
     n_global, tokens = dist.all_reduce_sum(d, counts)
     autocast = torch.autocast(d.device.type, dtype=r.dtype, enabled=r.dtype != torch.float32)
-    ce_total = torch.zeros((), dtype=torch.float64, device=d.device)
+    totals: dict[str, torch.Tensor] = {"loss": torch.zeros((), dtype=torch.float64, device=d.device)}
     try:
         for j, batch in enumerate(group):
             batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
             sync = j == len(group) - 1 or not d.enabled  # all-reduce gradients once, on the last micro-step
             with dist.grad_sync(r.ddp, sync):
                 with autocast:
-                    ce_sum, _ = r.ddp(batch)
-                loss = ce_sum * (d.world_size / max(n_global, 1.0))
+                    loss_sum, metrics = r.ddp(batch)
+                loss = loss_sum * (d.world_size / max(n_global, 1.0))
                 (r.scaler.scale(loss) if r.scaler else loss).backward()
-            ce_total += ce_sum.detach().double()
+            for name, value in {"loss": loss_sum, **metrics}.items():
+                totals[name] = totals.get(name, 0.0) + value.detach().double()
     except torch.OutOfMemoryError:
         raise oom_error(r) from None
-    loss = dist.all_reduce_sum(d, [ce_total.item()])[0] / max(n_global, 1.0)
+    means = dict(zip(totals, (v / max(n_global, 1.0) for v in dist.all_reduce_sum(d, [float(v) for v in totals.values()]))))
+    loss = means.pop("loss")
     if r.scaler:
         r.scaler.unscale_(r.optimizer)
     params = [q for q in r.model.parameters() if q.requires_grad]  # FSDP: sharded, and the norm is global
@@ -251,10 +253,16 @@ def _optimizer_step(r: Run, group: list[dict[str, torch.Tensor]]) -> None:
     r.pos.samples += sum(_samples(b) for b in group) * d.world_size
     rec = {"step": r.pos.step, "epoch": round(r.pos.epoch + r.pos.micro_in_epoch / max(r.plan.epoch_micro, 1), 4),
            "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens),
-           "step_time": time.perf_counter() - started}
+           "step_time": time.perf_counter() - started, **means}
     if not finite:
         _non_finite(r, rec)
     r.tlog.step(rec)
+
+
+def _tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens a batch computes on (not padding)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
 
 def _samples(batch: dict[str, torch.Tensor]) -> int:
@@ -263,7 +271,7 @@ def _samples(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["input_ids"].shape[0])
 
 
-def _non_finite(r: Run, rec: dict[str, Any]) -> None:
+def _non_finite(r: TrainState, rec: dict[str, Any]) -> None:
     what = "loss" if not math.isfinite(rec["loss"]) else "gradient norm"
     good = [p.name for p in ckpt.list_checkpoints(r.run_dir)]
     if r.cfg.train.nan_policy == "skip":
@@ -278,7 +286,7 @@ def _non_finite(r: Run, rec: dict[str, Any]) -> None:
                         "set --nan_policy skip; then continue with --resume")
 
 
-def _after_step(r: Run, signals: StopSignals, epoch_end: bool) -> bool:
+def _after_step(r: TrainState, signals: StopSignals, epoch_end: bool) -> bool:
     """Validation, early stopping, previews, checkpoints and stop signals after a step; True means stop."""
     t, step = r.cfg.train, r.pos.step
     last = step >= r.plan.total_steps
@@ -297,7 +305,7 @@ def _after_step(r: Run, signals: StopSignals, epoch_end: bool) -> bool:
     return stop
 
 
-def _validate(r: Run) -> bool:
+def _validate(r: TrainState) -> bool:
     """Validation loss over all ranks' shards (sums all-reduced); True when early stopping says stop."""
 
     cfg, d = r.cfg, r.d
@@ -307,13 +315,13 @@ def _validate(r: Run) -> bool:
                                      max_seq_length=cfg.data.max_seq_length, pad_token_id=r.tokenizer.pad_token_id,
                                      seed=cfg.train.seed, epoch=0, shuffle=False) if shard else []
     # FSDP: through the sharded root, whose forward gathers the embeddings and head; it runs the reference loss
-    loss_fn = r.ddp if r.fsdp else (lambda b: reference_loss(r.model, b, r.dtype))
+    loss_fn = r.ddp if r.fsdp else LossModule(r.model, r.objective, None, r.dtype)
     r.model.eval()
     ce, n = 0.0, 0.0
     with torch.no_grad(), torch.autocast(d.device.type, dtype=r.dtype, enabled=r.dtype != torch.float32):
         for batch in r.val_batches:
-            s, k = loss_fn({k: v.to(d.device) for k, v in batch.items()})
-            ce, n = ce + float(s), n + float(k)
+            loss_sum, _ = loss_fn({k: v.to(d.device) for k, v in batch.items()})
+            ce, n = ce + float(loss_sum), n + r.objective.units(batch)
     r.model.train()
     ce, n = dist.all_reduce_sum(d, [ce, n])
     loss = ce / max(n, 1.0)
@@ -321,7 +329,7 @@ def _validate(r: Run) -> bool:
     return r.pos.record_validation(loss, cfg.train.early_stopping_patience, r.tlog)
 
 
-def _previews(r: Run) -> None:
+def _previews(r: TrainState) -> None:
     """Greedy answers to the preview prompts, to the console and previews.jsonl."""
 
     gen = dataclasses.replace(r.cfg.generate, temperature=0.0)
@@ -334,7 +342,7 @@ def _previews(r: Run) -> None:
         r.model.train()
 
 
-def _preview_messages(r: Run) -> list[list[dict]]:
+def _preview_messages(r: TrainState) -> list[list[dict]]:
     if r.cfg.train.preview_prompts:
         return [[{"role": "user", "content": p}] for p in r.cfg.train.preview_prompts]
     pool = r.data.val or r.data.train  # default: the first two held-out prompts
@@ -348,7 +356,7 @@ def _preview_messages(r: Run) -> list[list[dict]]:
     return out
 
 
-def _save_checkpoint(r: Run) -> Path:
+def _save_checkpoint(r: TrainState) -> Path:
     """Rank 0 writes; every rank learns whether it worked, so all stop together on a failed write."""
 
     path = error = None

@@ -8,12 +8,12 @@ import torch
 from lorafit.data.batching import make_batches
 from lorafit.errors import UserError
 from lorafit.train import parallel as dist
-from lorafit.train.state import Run
+from lorafit.train.state import TrainState
 
 log = logging.getLogger("lorafit")
 
 
-def oom_error(r: Run) -> UserError:
+def oom_error(r: TrainState) -> UserError:
     c = r.cfg
     shape = f"micro-batch {r.plan.micro_batch if r.plan else c.train.per_device_train_batch_size}, " \
             f"max_seq_length {c.data.max_seq_length}, gradient_checkpointing {c.model.gradient_checkpointing}, " \
@@ -24,7 +24,7 @@ def oom_error(r: Run) -> UserError:
                          " or let --auto_find_batch_size pick the micro-batch")
 
 
-def find_batch_size(r: Run, loss_module) -> int:
+def find_batch_size(r: TrainState, loss_module) -> int:
     """The largest micro-batch (halving from the configured one) whose widest batch survives forward+backward."""
 
     c = r.cfg
@@ -38,8 +38,8 @@ def find_batch_size(r: Run, loss_module) -> int:
         widest = max(batches, key=lambda b: b["input_ids"].numel())
         try:
             with torch.autocast(r.d.device.type, dtype=r.dtype, enabled=r.dtype != torch.float32):
-                ce, n = loss_module({k: v.to(r.d.device) for k, v in widest.items()})
-            (ce / n.clamp(min=1)).backward()
+                loss_sum, _ = loss_module({k: v.to(r.d.device) for k, v in widest.items()})
+            (loss_sum / max(loss_module.objective.units(widest), 1)).backward()
             fits = True
         except torch.OutOfMemoryError:
             fits = False

@@ -28,7 +28,7 @@ from lorafit.train import parallel as dist
 from lorafit.train.log import memory_gib
 from lorafit.train.optim import optimizer_state_bytes
 from lorafit.train.plots import plot_loss
-from lorafit.train.state import Run
+from lorafit.train.state import TrainState
 
 log = logging.getLogger("lorafit")
 
@@ -58,7 +58,7 @@ def check_output_dir(cfg: Config, run_dir: Path) -> None:
                         fix="add --resume to continue it, or --overwrite_output_dir true to start over")
 
 
-def prepare_output_dir(r: Run) -> None:
+def prepare_output_dir(r: TrainState) -> None:
     """Clear an overwritten run, drop partial checkpoints, check free space; rank 0 only."""
 
     t = r.cfg.train
@@ -82,7 +82,7 @@ def prepare_output_dir(r: Run) -> None:
     dist.barrier(r.d)
 
 
-def write_run_files(r: Run) -> None:
+def write_run_files(r: TrainState) -> None:
     """config.yaml, template.json, versions.json, data.json: what eval/chat/merge and resume read back."""
     import json
 
@@ -119,7 +119,7 @@ def save_adapter(model, run_dir: Path, state: dict[str, torch.Tensor] | None = N
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_summary(r: Run, seconds: float, peaks: list[float] | None = None) -> None:
+def write_summary(r: TrainState, seconds: float, peaks: list[float] | None = None) -> None:
 
     trainable, total = parameter_counts(r.model)
     summary = {"steps": r.pos.step, "epochs": round(r.pos.epoch + r.pos.micro_in_epoch / max(r.plan.epoch_micro, 1), 3),

@@ -1,4 +1,4 @@
-"""The training run's state, passed explicitly to the loop's helpers."""
+"""The training run's state, one typed object passed explicitly to the loop's helpers."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,29 +8,36 @@ from typing import Any
 import torch
 
 from lorafit.config.schema import Config
+from lorafit.data.encode import PreparedData
 from lorafit.train import parallel as dist
-from lorafit.train.plan import Position
+from lorafit.train.fsdp import Settings as FsdpSettings
+from lorafit.train.log import NullLog, TrainLog
+from lorafit.train.objectives.base import Objective
+from lorafit.train.plan import Plan, Position
 
 
 @dataclass
-class Run:
-    """Everything the loop's helpers share."""
+class TrainState:
+    """What the loop and its helpers share; set up top to bottom in `train()`, then only `pos` changes."""
 
     cfg: Config
     d: dist.Dist
     run_dir: Path
     tokenizer: Any
-    data: Any
-    model: Any = None
-    ddp: Any = None
-    """The module each micro-step calls: the LossModule, DDP-wrapped, or FSDP's sharded root."""
-    fsdp: Any = None
-    """fsdp.Settings when FSDP shards the model, else None."""
-    optimizer: Any = None
-    scheduler: Any = None
-    scaler: Any = None
-    tlog: Any = None
-    plan: Any = None
-    pos: Position = field(default_factory=Position)
+    """A transformers tokenizer."""
+    data: PreparedData
+    objective: Objective
     dtype: torch.dtype = torch.float32
-    val_batches: list | None = None
+    fsdp: FsdpSettings | None = None
+    """Set when FSDP shards the model."""
+    model: Any = None
+    """The PEFT model (LoRA on the base)."""
+    ddp: torch.nn.Module | None = None
+    """The module each micro-step calls: the LossModule, DDP-wrapped, or FSDP's sharded root."""
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    scaler: torch.amp.GradScaler | None = None
+    tlog: TrainLog | NullLog | None = None
+    plan: Plan | None = None
+    pos: Position = field(default_factory=Position)
+    val_batches: list[dict[str, torch.Tensor]] | None = None

@@ -1,1 +1,12 @@
-"""train/objectives"""
+"""Training objectives, one small module each (base.py says what an objective is); `build_objective` picks one."""
+from __future__ import annotations
+
+from lorafit.config.schema import Config
+from lorafit.train.objectives.base import Objective
+from lorafit.train.objectives.sft import SFT
+
+
+def build_objective(cfg: Config) -> Objective:
+    """The objective `--method` names (config checks have already refused unknown names)."""
+    objectives = {"sft": SFT}
+    return objectives[cfg.train.method]()

@@ -6,21 +6,28 @@ import torch.nn.functional as F
 
 from lorafit.data.batching import packed_attention_mask
 from lorafit.data.records import IGNORE_INDEX
+from lorafit.train.objectives.base import Batch, Metrics
 
 
-class LossModule(torch.nn.Module):
-    """batch -> (sum of token cross-entropies, labelled tokens); DDP wraps this, so either path syncs."""
+class SFT:
+    """Cross-entropy of the reply tokens (prompt tokens carry IGNORE_INDEX), summed; units are labelled tokens."""
 
-    def __init__(self, model, fast_loss=None, mask_dtype=torch.float32):
-        super().__init__()
-        self.model = model
-        self.fast_loss = fast_loss
-        self.mask_dtype = mask_dtype
+    name = "sft"
 
-    def forward(self, batch: dict[str, torch.Tensor]):
-        if self.fast_loss is not None:
-            return self.fast_loss(batch)
-        return reference_loss(self.model, batch, self.mask_dtype)
+    def units(self, batch: Batch) -> int:
+        return labelled_tokens(batch["labels"])
+
+    def loss(self, model, batch: Batch, fast_loss, mask_dtype: torch.dtype) -> tuple[torch.Tensor, Metrics]:
+        if fast_loss is not None:
+            ce, _ = fast_loss(batch)
+        else:
+            ce, _ = reference_loss(model, batch, mask_dtype)
+        return ce, {}
+
+
+def labelled_tokens(labels: torch.Tensor) -> int:
+    """Tokens that are targets: label t+1 is predicted at position t, so the first label never is."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 # Architectures whose logits are exactly lm_head(decoder output): no soft-capping or logit scale.
