@@ -30,7 +30,9 @@ def build(model_dir: str, four_bit: bool, d):
     from lorafit.model.lora import apply_lora
     from lorafit.train import parallel as dist
     from lorafit.train.fast import loss_path
-    from lorafit.train.objectives.sft import LossModule
+    from lorafit.model.arch import fused_path_choice
+    from lorafit.train.objectives.base import LossModule
+    from lorafit.train.objectives.sft import SFT
 
     cfg = build_config(None, {"model": model_dir, "load_in_4bit": four_bit, "gradient_checkpointing": True,
                               "fast_kernels": "on", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0,
@@ -39,23 +41,27 @@ def build(model_dir: str, four_bit: bool, d):
     import torch
 
     torch.manual_seed(0)  # LoRA init (DDP broadcasts rank 0's anyway)
-    model = apply_lora(load_base_model(cfg, d.device, resolve_model(cfg)), cfg)
+    base = load_base_model(cfg, d.device, resolve_model(cfg))
+    fused, why = fused_path_choice(cfg, base.config.model_type, fsdp=False, cuda=d.device.type == "cuda")
+    model = apply_lora(base, cfg, fused=fused)
     model.train()
-    fast, why = loss_path(cfg, model)
+    fast, why = loss_path(model, fused, why, cfg.model.gradient_checkpointing)
     dtype = compute_dtype(cfg)
-    ddp = dist.wrap_ddp(LossModule(model, fast, dtype), d)
+    ddp = dist.wrap_ddp(LossModule(model, SFT(), fast, dtype), d)
     return cfg, model, fast, why, dtype, ddp
 
 
 def run_state(cfg, d, model, ddp, dtype):
-    """The fields of train.Run that train._optimizer_step reads."""
+    """The fields of TrainState that train/loop.py's _optimizer_step reads."""
     import torch
 
     from lorafit.train.optim import build_optimizer
     from lorafit.train.plan import Position
 
     opt = build_optimizer(model, cfg.train)
-    return SimpleNamespace(cfg=cfg, d=d, model=model, ddp=ddp, dtype=dtype, scaler=None, optimizer=opt,
+    from lorafit.train.objectives.sft import SFT
+
+    return SimpleNamespace(cfg=cfg, d=d, model=model, ddp=ddp, dtype=dtype, scaler=None, optimizer=opt, objective=SFT(),
                            scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), pos=Position(),
                            plan=SimpleNamespace(epoch_micro=1, micro_batch=0), tlog=LastStep())
 
@@ -88,13 +94,14 @@ def grad_check(r, b) -> float:
     import torch
 
     from lorafit.train import parallel as dist
+    from lorafit.train.objectives.sft import labelled_tokens
 
     params = [p for p in r.model.parameters() if p.requires_grad]
     dev = {k: v.to(r.d.device) for k, v in b.items()}
     autocast = torch.autocast(r.d.device.type, dtype=r.dtype, enabled=r.dtype != torch.float32)
     with autocast, (r.ddp.no_sync() if r.d.enabled else nullcontext()):
-        ce, n = r.ddp(dev)
-        (ce / n).backward()
+        ce, _ = r.ddp(dev)
+        (ce / labelled_tokens(b["labels"])).backward()
     local = [p.grad.detach().clone() for p in params]
     r.optimizer.zero_grad(set_to_none=True)
     if r.d.enabled:
@@ -103,8 +110,8 @@ def grad_check(r, b) -> float:
             tdist.all_reduce(t)
             t /= r.d.world_size
     with autocast:
-        ce, n = r.ddp(dev)
-        (ce / n).backward()
+        ce, _ = r.ddp(dev)
+        (ce / labelled_tokens(b["labels"])).backward()
     num = sum(float((p.grad - t).float().norm()) ** 2 for p, t in zip(params, local))
     den = sum(float(t.float().norm()) ** 2 for t in local)
     r.optimizer.zero_grad(set_to_none=True)

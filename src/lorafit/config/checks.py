@@ -84,6 +84,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("'bf16' and 'fp16' are both on", fix="choose one precision: --bf16 true or --fp16 true")
     if m.load_in_4bit and m.load_in_8bit:
         raise ConfigError("'load_in_4bit' and 'load_in_8bit' are both on", fix="choose one quantization")
+    if m.load_in_8bit and m.fast_kernels == "on":
+        raise ConfigError("'fast_kernels on' cannot run an 8-bit base: the fused kernels read NF4 (4-bit) or 16-bit "
+                          "base weights", fix="use --load_in_4bit for the fused path, or --fast_kernels auto/off")
     if d.val_size < 0 or (d.val_size >= 1 and not float(d.val_size).is_integer()):
         raise ConfigError(f"'val_size' must be a fraction in [0, 1) or a whole count, got {d.val_size}")
     if d.max_examples is not None and d.max_examples < 1:

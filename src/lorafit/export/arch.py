@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from lorafit.errors import UserError
+from lorafit.model.arch import FAMILIES
 
 
 @dataclass(frozen=True)
@@ -27,12 +28,7 @@ class ArchSpec:
     qwen2 and phi3 use llama.cpp's NEOX rope, which is rotate-half already."""
 
 
-ARCHS = {
-    "llama": ArchSpec("llama", "llama", permute_qk=True),
-    "mistral": ArchSpec("mistral", "llama", permute_qk=True),  # llama.cpp runs Mistral as llama
-    "qwen2": ArchSpec("qwen2", "qwen2", permute_qk=False),
-    "phi3": ArchSpec("phi3", "phi3", permute_qk=False),
-}
+ARCHS = {f.model_type: ArchSpec(f.model_type, f.gguf_arch, f.permute_qk) for f in FAMILIES.values() if f.gguf_arch}
 
 
 @dataclass

@@ -13,22 +13,7 @@ from pathlib import Path
 
 from lorafit.config.schema import Config
 from lorafit.errors import ConfigError
-from lorafit.train.fast import SUPPORTED
-
-_LLAMA = {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
-PRESETS: dict[str, dict[str, list[str]]] = {
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA, "gemma2": _LLAMA,
-    "mixtral": {"attention": _LLAMA["attention"], "mlp": ["w1", "w2", "w3"]},
-    "phi3": {"attention": ["qkv_proj", "o_proj"], "mlp": ["gate_up_proj", "down_proj"]},
-    "phi": {"attention": ["q_proj", "k_proj", "v_proj", "dense"], "mlp": ["fc1", "fc2"]},
-    "gpt2": {"attention": ["c_attn", "c_proj"], "mlp": ["c_fc"]},
-}
-# Names written for the Llama layout, mapped onto architectures that fuse or rename them.
-RENAMES: dict[str, dict[str, str]] = {
-    "phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-             "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"},
-    "phi": {"o_proj": "dense", "up_proj": "fc1", "down_proj": "fc2"},
-}
+from lorafit.model.arch import family
 
 
 def linear_layer_names(model) -> list[str]:
@@ -55,7 +40,7 @@ def resolve_targets(model, target_modules: list[str] | str) -> list[str]:
     """Module leaf names to wrap: a preset (attention, mlp, all-linear) or names mapped onto this model."""
     arch = model.config.model_type
     have = linear_layer_names(model)
-    presets = PRESETS.get(arch)
+    fam = family(arch)
     if isinstance(target_modules, str):
         wanted = [t.strip() for t in target_modules.split(",") if t.strip()]
     else:
@@ -65,13 +50,13 @@ def resolve_targets(model, target_modules: list[str] | str) -> list[str]:
         if t in ("all-linear", "all_linear", "all"):
             names += have
         elif t in ("attention", "mlp"):
-            if presets is None:
+            if fam is None:
                 raise ConfigError(
                     f"no '{t}' preset for architecture '{arch}'",
                     fix=f"use all-linear or name modules with --target_modules; this model has: {', '.join(have)}")
-            names += presets[t]
+            names += getattr(fam, t)
         else:
-            names.append(RENAMES.get(arch, {}).get(t, t))
+            names.append(fam.renames.get(t, t) if fam else t)
     names = list(dict.fromkeys(names))
     missing = [n for n in names if n not in have]
     if missing:
@@ -81,13 +66,17 @@ def resolve_targets(model, target_modules: list[str] | str) -> list[str]:
     return names
 
 
-def apply_lora(model, cfg: Config):
-    """Wrap the target layers with trainable LoRA (A: Kaiming-uniform, B: zeros, so the start is the base)."""
+def apply_lora(model, cfg: Config, fused: bool = False):
+    """Wrap the target layers with trainable LoRA (A: Kaiming-uniform, B: zeros, so the start is the base).
+
+    `fused`: training runs lorafit's fused kernels (model/arch.py's fused_path_choice), which keep norms,
+    embeddings and the head in the compute dtype; PEFT's k-bit preparation would upcast them to fp32 (for
+    Phi-3-mini ~0.4 GB more, and the head re-cast on every step), so it is skipped then."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     lo = cfg.lora
     targets = resolve_targets(model, lo.target_modules)
-    if (cfg.model.load_in_4bit or cfg.model.load_in_8bit) and not _fast_path_expected(model, cfg):
+    if (cfg.model.load_in_4bit or cfg.model.load_in_8bit) and not fused:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -98,18 +87,6 @@ def apply_lora(model, cfg: Config):
                           target_modules=targets, bias=lo.lora_bias, use_rslora=lo.use_rslora,
                           task_type="CAUSAL_LM")
     return get_peft_model(model, peft_cfg)
-
-
-def _fast_path_expected(model, cfg: Config) -> bool:
-    """Whether training will run lorafit's fused kernels, which keep norms, embeddings and the
-    head in the compute dtype: PEFT's k-bit preparation would upcast them to fp32 (for Phi-3-mini
-    that is ~0.4 GB more, and the head re-cast on every step)."""
-    import torch
-
-    if cfg.model.fast_kernels == "off" or not torch.cuda.is_available():
-        return False
-
-    return model.config.model_type in SUPPORTED
 
 
 def load_adapter(base_model, adapter_dir: Path, trainable: bool = False):

@@ -19,21 +19,19 @@ import logging
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from lorafit.config.schema import Config
 from lorafit.data.records import IGNORE_INDEX
 from lorafit.kernels import reference
 from lorafit.kernels.attention import attention, attention_keeping, attention_replay, packed_plan
 from lorafit.kernels.lora import FactorPack, Group, Head, WeightBuffer, lora_group
 from lorafit.kernels.offload import ActivationStore, checkpoint
+from lorafit.model.arch import family, fused_families
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("llama", "mistral", "qwen2", "phi3")
 
 
 # ---------------------------------------------------------------- support check
@@ -55,8 +53,8 @@ def fast_forward_supported(model) -> tuple[bool, str]:
         return False, "not a PeftModel"
     cfg = base.config
     mt = getattr(cfg, "model_type", None)
-    if mt not in SUPPORTED:
-        return False, f"model_type {mt!r} has no fast path (supported: {', '.join(SUPPORTED)})"
+    if not (family(mt) and family(mt).fused_path):
+        return False, f"model_type {mt!r} has no fast path (supported: {', '.join(fused_families())})"
     if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
         return False, f"hidden_act {cfg.hidden_act!r} is not SiLU"
     for name in ("attention_dropout", "resid_pdrop", "embd_pdrop"):
@@ -78,6 +76,8 @@ def fast_forward_supported(model) -> tuple[bool, str]:
             return False, f"{name}: lora_bias"
         if a not in mod.lora_A or not isinstance(mod.lora_A[a], torch.nn.Linear):
             return False, f"{name}: not a linear LoRA layer"
+        if type(mod.base_layer).__name__ == "Linear8bitLt":
+            return False, f"{name}: an 8-bit base layer (the kernels read NF4 or 16-bit weights)"
         leaf = name.rsplit(".", 1)[-1]
         if leaf in ("lm_head", "embed_tokens"):
             return False, f"{name}: LoRA on {leaf}"
@@ -342,17 +342,12 @@ def enable_fast_path(peft_model, *, gradient_checkpointing: bool, offload_activa
     """A FastLoss over this PeftModel (see the module docstring); falls back with one log line if unsupported."""
     return FastLoss(peft_model, gradient_checkpointing=gradient_checkpointing, offload_activations=offload_activations)
 
-def loss_path(cfg: Config, model, fsdp: bool = False) -> tuple[Any, str]:
-    """(FastLoss or None, why): fused kernels only when asked (on) or auto on a CUDA GPU they support."""
-    mode = cfg.model.fast_kernels
-    if mode == "off":
-        return None, "fast_kernels off"
-    if fsdp:
-        return None, f"fast_kernels {mode} overridden: the fused kernels read whole base weights, which FSDP shards"
-    if mode == "auto" and not torch.cuda.is_available():
-        return None, "no CUDA GPU, so fast_kernels auto uses the reference path"
+def loss_path(model, fused: bool, why: str, gradient_checkpointing: bool) -> tuple[FastLoss | None, str]:
+    """(FastLoss or None, why), given model/arch.py's fused_path_choice for this run; the wrapped model has the
+    last word (dropout, DoRA, a LoRA on the head... fall back to the reference path, saying why)."""
+    if not fused:
+        return None, why
     ok, reason = fast_forward_supported(model)
     if not ok:
         return None, f"fused kernels do not support this model: {reason}"
-    fn = enable_fast_path(model, gradient_checkpointing=cfg.model.gradient_checkpointing)
-    return fn, "fused LoRA kernels"
+    return enable_fast_path(model, gradient_checkpointing=gradient_checkpointing), why

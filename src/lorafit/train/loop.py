@@ -30,6 +30,7 @@ from lorafit.data.batching import make_batches
 from lorafit.data.encode import prepare_data
 from lorafit.errors import UserError
 from lorafit.infer.generate import generate_text
+from lorafit.model.arch import fused_path_choice
 from lorafit.model.load import compute_dtype, describe_model, load_base_model, load_tokenizer, resolve_model
 from lorafit.model.lora import apply_lora, parameter_counts
 from lorafit.train import checkpoint as ckpt
@@ -85,7 +86,7 @@ def _train(cfg: Config, d: dist.Dist) -> Path:
     r.model = _load_model(r, source)
 
     # -- setup: batch plan, loss path, wrapping (DDP or FSDP), optimizer, schedule, resume, run files --
-    fast, why = loss_path(cfg, r.model, fsdp=r.fsdp is not None)
+    fast, why = loss_path(r.model, r.fused, r.fused_why, cfg.model.gradient_checkpointing)
     r.plan = plan_steps(cfg, r.data, d, find_batch_size(r, LossModule(r.model, r.objective, None, r.dtype)))
     lines = [f"loss: {'fused kernels' if fast else 'reference PyTorch'} ({why})", *_wrap(r, fast)]
     r.optimizer = build_optimizer(r.model, t)  # after sharding: FSDP replaces the parameters
@@ -118,8 +119,7 @@ def _train(cfg: Config, d: dist.Dist) -> Path:
 def _load_model(r: TrainState, source):
     """The base with LoRA on top, in train mode. Under FSDP each rank loads on its CPU, and fsdp.wrap moves
     only the rank's shard to its device."""
-    from transformers import set_seed
-
+    from transformers import set_seed  # heavy: transformers loads on first use
 
     if r.fsdp and r.fsdp.activation_checkpointing:
         r.cfg.model.gradient_checkpointing = True
@@ -127,7 +127,9 @@ def _load_model(r: TrainState, source):
     base = load_base_model(r.cfg, torch.device("cpu") if r.fsdp else r.d.device, source)
     if r.fsdp and r.fsdp.rank0_loads:
         fsdp.sync_from_rank0(base, r.d)
-    model = apply_lora(base, r.cfg)
+    r.fused, r.fused_why = fused_path_choice(r.cfg, base.config.model_type, fsdp=r.fsdp is not None,
+                                             cuda=r.d.device.type == "cuda")
+    model = apply_lora(base, r.cfg, fused=r.fused)
     model.train()
     return model
 

@@ -32,6 +32,9 @@ class TrainState:
     """Set when FSDP shards the model."""
     model: Any = None
     """The PEFT model (LoRA on the base)."""
+    fused: bool = False
+    """Whether training runs the fused kernels (model/arch.py's fused_path_choice) and why (or why not)."""
+    fused_why: str = ""
     ddp: torch.nn.Module | None = None
     """The module each micro-step calls: the LossModule, DDP-wrapped, or FSDP's sharded root."""
     optimizer: torch.optim.Optimizer | None = None

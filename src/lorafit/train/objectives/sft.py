@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from lorafit.data.batching import packed_attention_mask
 from lorafit.data.records import IGNORE_INDEX
+from lorafit.model.arch import family
 from lorafit.train.objectives.base import Batch, Metrics
 
 
@@ -30,14 +31,11 @@ def labelled_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-# Architectures whose logits are exactly lm_head(decoder output): no soft-capping or logit scale.
-_PLAIN_HEAD = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "phi", "gemma")
-
-
 def _decoder_and_head(model):
     """(decoder, lm_head) of a causal LM whose logits are a plain linear map, else None."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(lm.config, "model_type", None) not in _PLAIN_HEAD or not hasattr(lm, "get_decoder"):
+    fam = family(getattr(lm.config, "model_type", None))
+    if not (fam and fam.plain_head) or not hasattr(lm, "get_decoder"):
         return None
     return lm.get_decoder(), lm.get_output_embeddings()
 
