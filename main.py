@@ -19,7 +19,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ADAPTER_PATH = "checkpoints/lora_phi3"
 DEFAULT_RECIPE = ROOT / "configs" / "phi3_alpaca.yaml"
-BARE_FLAGS = ("--demo", "--base", "-h", "--help")
 
 
 def lorafit_argv(argv: list[str]) -> list[str]:
@@ -30,7 +29,6 @@ def lorafit_argv(argv: list[str]) -> list[str]:
     p.add_argument("--seed", type=int, default=None, help="seed for training / the validation sample (default: 42)")
     p.add_argument("--config", default=None, help=f"train recipe (default: {DEFAULT_RECIPE.relative_to(ROOT)})")
     args, rest = p.parse_known_args(argv)
-    rest = join_values(rest) if args.command == "chat" else rest
     seed = ["--seed", str(args.seed if args.seed is not None else 42)]
     if args.command == "train":
         return ["train", "--config", args.config or str(DEFAULT_RECIPE), "--output_dir", args.adapter_path,
@@ -41,31 +39,6 @@ def lorafit_argv(argv: list[str]) -> list[str]:
         return ["eval", "--adapter_path", args.adapter_path, *seed, *rest]
     prompt, flags = ([rest[0]], rest[1:]) if rest and not rest[0].startswith("--") else ([], rest)
     return ["chat", *prompt, "--adapter_path", args.adapter_path, *(seed if args.seed is not None else []), *flags]
-
-
-def join_values(rest: list[str]) -> list[str]:
-    """Put chat's PROMPT first and write `--key value` as `--key=value` where the value has no '-'.
-
-    `lorafit chat --adapter_path D --max_new_tokens 64 "Hi"` hands "64" to argparse's PROMPT positional;
-    joined, or with the prompt first, it cannot. Values holding '-' (paths, negative numbers) stay
-    apart because lorafit's `--key=value` parsing turns '-' into '_' throughout (a cli.py bug).
-    """
-    flags, positionals, i = [], [], 0
-    while i < len(rest):
-        tok = rest[i]
-        if not tok.startswith("--"):
-            positionals.append(tok)
-            i += 1
-            continue
-        has_value = "=" not in tok and tok not in BARE_FLAGS and i + 1 < len(rest) and not rest[i + 1].startswith("--")
-        if has_value and "-" not in rest[i + 1]:
-            flags.append(f"{tok}={rest[i + 1]}")
-        elif has_value:
-            flags += [tok, rest[i + 1]]
-        else:
-            flags.append(tok)
-        i += 2 if has_value else 1
-    return positionals + flags
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -153,19 +153,3 @@ def test_decoding_asks_for_no_wordpiece_cleanup(session, cfg, monkeypatch):
     generate_batch(session.model, tok, [tok("hello world")["input_ids"]], 3,
                    eos_token_ids(session.model, tok, session.template), [])
     assert not [m for m in said if "clean_up_tokenization_spaces" in m]
-
-
-def test_builtin_copy_with_cleanup_is_repaired(tmp_path, monkeypatch):
-    import json
-
-    from lorafit.model.load import builtin_model_dir
-
-    folder = tmp_path / "smollm2-135m-instruct"
-    folder.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        (folder / name).write_text("{}")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"clean_up_tokenization_spaces": True, "eos_token": "x"}))
-    monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path))
-    assert builtin_model_dir() == folder
-    saved = json.loads((folder / "tokenizer_config.json").read_text())
-    assert saved == {"clean_up_tokenization_spaces": False, "eos_token": "x"}

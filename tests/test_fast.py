@@ -2,7 +2,6 @@
 
 On CPU the fast path runs the plain-PyTorch twins, so this checks the wiring (projections,
 splits, RoPE, document masks, checkpointing, label shift) against transformers itself."""
-import logging
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ peft = pytest.importorskip("peft")
 
 from triton_interp import INTERPRETED, OUTER_ONLY, run_in_interpreter
 
-from lorafit.train.fast import enable_fast_path, fast_forward_supported
+from lorafit.train.fast import enable_fast_path, fast_forward_supported, loss_path
 
 TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -146,19 +145,16 @@ def test_dropout_is_reproduced_in_recompute():
         assert fl(bt)[0].item() == pytest.approx(hf_loss(pm, bt).item(), rel=1e-5)
 
 
-def test_unsupported_architecture_falls_back_with_one_log_line(caplog):
+def test_unsupported_architecture_takes_the_reference_path_and_says_why():
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=97, n_positions=64)
     pm = peft.get_peft_model(transformers.GPT2LMHeadModel(cfg), peft.LoraConfig(r=2, target_modules=["c_attn"]))
-    pm.eval()
     ok, reason = fast_forward_supported(pm)
     assert not ok and "gpt2" in reason
-    with caplog.at_level(logging.WARNING, logger="lorafit.train.fast"):
-        fl = enable_fast_path(pm, gradient_checkpointing=False)
-    assert len([r for r in caplog.records if "fast path off" in r.message]) == 1
-    bt = batch(t=16)
-    loss, _n = fl(bt)
-    torch.testing.assert_close(loss, hf_loss(pm, bt))
+    fast, why = loss_path(pm, True, "fused LoRA kernels", gradient_checkpointing=False)
+    assert fast is None and "gpt2" in why
+    with pytest.raises(ValueError, match="gpt2"):
+        enable_fast_path(pm, gradient_checkpointing=False)
 
 
 @pytest.mark.skipif(**OUTER_ONLY)

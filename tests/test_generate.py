@@ -101,15 +101,15 @@ def _greedy_ids(s, ids, n):
 
 
 def test_partial_stop_strings_are_held_back():
-    from lorafit.infer.generate import _find_stop, _safe_length
+    from lorafit.infer.generate import _safe_length, cut_at_stop
 
     stops = ["<|im_end|>", "\nInstruction:"]
     assert _safe_length("Paris<|im", stops) == len("Paris")
     assert _safe_length("Paris\nInstr", stops) == len("Paris")
     assert _safe_length("Paris is", stops) == len("Paris is")
     assert _safe_length("caf\ufffd", stops) == 3
-    assert _find_stop("a<|im_end|>b\nInstruction:", stops) == 1
-    assert _find_stop("abc", stops) is None
+    assert cut_at_stop("a<|im_end|>b\nInstruction:", stops) == ("a", True)
+    assert cut_at_stop("abc", stops) == ("abc", False)
 
 
 def test_raw_prompt_completion(session):

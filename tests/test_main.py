@@ -1,4 +1,4 @@
-"""main.py: the first seed's `python main.py train|eval|chat` as a thin layer over lorafit's CLI."""
+"""main.py: `python main.py train|eval|chat` (the Phi-3 Alpaca README's entry point) over lorafit's CLI."""
 from __future__ import annotations
 
 import importlib.util
@@ -33,10 +33,13 @@ def test_options_and_extra_flags_pass_through(main_py):
     assert argv[7:] == ["--model", "smollm2-135m", "--dataset", "demo", "--max_steps", "5", "--packing"]
     assert main_py.lorafit_argv(["eval", "--adapter_path", "a", "--seed", "3", "--max_samples", "9"]) == [
         "eval", "--adapter_path", "a", "--seed", "3", "--max_samples", "9"]
-    # the chat prompt goes first, so argparse never mistakes a flag's value for it (or the reverse)
-    assert main_py.lorafit_argv(["chat", "--max_new_tokens", "64", "--model", "/a-b", "Hi there", "--base"]) == [
-        "chat", "Hi there", "--adapter_path", "checkpoints/lora_phi3", "--max_new_tokens=64", "--model", "/a-b",
-        "--base"]
+    # the chat prompt may stand anywhere: a word after --key is its value, never the prompt
+    from lorafit.cli import _split_prompt
+
+    argv = main_py.lorafit_argv(["chat", "--max_new_tokens", "64", "--model", "/a-b", "Hi there", "--base"])
+    rest, prompt = _split_prompt(argv[1:], flags=("--demo", "--base", "-h", "--help"))
+    assert prompt == "Hi there"
+    assert rest == ["--adapter_path", "checkpoints/lora_phi3", "--max_new_tokens", "64", "--model", "/a-b", "--base"]
 
 
 def test_missing_adapter_path_exits_2_without_traceback(tmp_path):

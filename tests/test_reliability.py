@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,13 +19,14 @@ from test_train_support import (
     alpaca_file,
     assert_same_adapter,
     cli_main,
-    lorafit_cmd,
     losses,
     run_train,
     subprocess_env,
     to_argv,
     train_args,
 )
+
+from lorafit.train import loop
 
 STEPS = {"max_steps": 8, "save_strategy": "steps", "save_steps": 2}
 
@@ -60,16 +62,17 @@ def _resume_and_compare(run: Path, reference: Path) -> None:
     assert_same_adapter(run, reference)
 
 
-def _popen(args: dict[str, str], **env) -> subprocess.Popen:
-    return subprocess.Popen(lorafit_cmd("train", *to_argv(args)), env=subprocess_env(**env),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def _popen(args: dict[str, str], *faults: str) -> subprocess.Popen:
+    """`lorafit train` in a subprocess, through tests/faults.py (which makes the faults injectable)."""
+    cmd = [sys.executable, str(Path(__file__).with_name("faults.py")), *faults, "train", *to_argv(args)]
+    return subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def test_kill9_during_checkpoint_write(tiny_model_dir, tmp_path, reference):
     """SIGKILL while step 6's checkpoint is half written: only a .tmp folder is left; resume from step 4."""
     run = tmp_path / "run"
     tmp6 = run / "checkpoints" / ".tmp-step-000006"
-    proc = _popen(train_args(tiny_model_dir("llama"), alpaca_file(), run, **STEPS), LORAFIT_TEST_SLOW_SAVE="6:300")
+    proc = _popen(train_args(tiny_model_dir("llama"), alpaca_file(), run, **STEPS), "--slow-save", "6:300")
     try:
         _wait_for(lambda: (tmp6 / "adapter_model.safetensors").is_file(), proc)
         proc.send_signal(signal.SIGKILL)
@@ -85,7 +88,7 @@ def test_kill9_during_checkpoint_write(tiny_model_dir, tmp_path, reference):
 def test_kill9_mid_training(tiny_model_dir, tmp_path, reference):
     """SIGKILL between checkpoints (metrics already past the last one): resume cuts the logs back and redoes them."""
     run = tmp_path / "run"
-    proc = _popen(train_args(tiny_model_dir("llama"), alpaca_file(), run, **STEPS), LORAFIT_TEST_STEP_DELAY="0.5")
+    proc = _popen(train_args(tiny_model_dir("llama"), alpaca_file(), run, **STEPS), "--step-delay", "0.5")
     try:
         _wait_for(lambda: _last_step(run) >= 3, proc)
         proc.send_signal(signal.SIGKILL)
@@ -108,7 +111,10 @@ def test_signal_saves_checkpoint_and_says_where(tiny_model_dir, tmp_path, refere
         _wait_for(lambda: _last_step(run) >= 2, None)
         os.kill(os.getpid(), sig)
 
-    monkeypatch.setenv("LORAFIT_TEST_STEP_DELAY", "0.3")  # 8 tiny steps would otherwise be over in a blink
+    import faults  # tests/ is on sys.path
+
+    monkeypatch.setattr(loop, "_optimizer_step", loop._optimizer_step)  # undone after the test
+    faults.delay_steps(0.3)  # 8 tiny steps would otherwise be over in a blink
     sender = threading.Thread(target=send_when_training, daemon=True)
     sender.start()
     code = cli_main(["train", *to_argv(args)])

@@ -10,10 +10,8 @@ import platform
 import shutil
 from typing import Any
 
-from lorafit.run_dir import installed_versions
+from lorafit.run_dir import PACKAGES, installed_versions
 
-PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "gguf", "triton",
-            "flash-attn", "safetensors")
 HUB_URL = "https://huggingface.co"
 
 # Optional piece -> (needs a CUDA GPU to be of use, what lorafit does without it, what it does on a CPU).

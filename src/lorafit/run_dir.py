@@ -32,8 +32,9 @@ DATA_FILE = "data.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
-_PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "safetensors",
-             "gguf", "triton", "lorafit")
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "safetensors", "gguf",
+            "triton", "flash-attn", "lorafit")
+"""The distributions whose versions a run records (versions.json) and `lorafit doctor` shows."""
 
 
 def installed_versions(names) -> dict[str, str | None]:
@@ -51,7 +52,7 @@ def installed_versions(names) -> dict[str, str | None]:
 
 def package_versions() -> dict[str, Any]:
     """What a run records in versions.json: Python, the platform and the packages that matter."""
-    return {"python": platform.python_version(), "platform": platform.platform(), **installed_versions(_PACKAGES)}
+    return {"python": platform.python_version(), "platform": platform.platform(), **installed_versions(PACKAGES)}
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

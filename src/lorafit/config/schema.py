@@ -1,7 +1,7 @@
 """Typed run configuration: dataclasses, YAML loading, `--FIELD VALUE` overrides (checks: config_checks.py).
 
 Field names follow Hugging Face's `TrainingArguments`, `LoraConfig` and `BitsAndBytesConfig`
-(the names the seeds use), so a recipe reads the same here as in a TRL script. Every field
+(the names TRL scripts and tutorials use), so a recipe reads the same here as in a TRL script. Every field
 name is unique across sections, so a YAML file may be flat (`lora_r: 16`) or sectioned
 (`lora: {lora_r: 16}`) and every field is reachable as a flag of the same name.
 """
@@ -245,7 +245,7 @@ for _section, _cls in _SECTION_TYPES.items():
         _FIELDS[_f.name] = _f
         _SECTION_OF[_f.name] = _section
 
-# Names the seeds and peer tools use for the same settings.
+# Names that TRL scripts, tutorials and peer tools use for the same settings.
 ALIASES = {
     "adapter_path": "output_dir",
     "model_name": "model",
@@ -273,7 +273,7 @@ ALIASES = {
 
 def canonical_key(key: str) -> str:
     """The field a key names: itself, an alias, or the same name in lower case / with '-' for '_'
-    (the seeds' Python constants, NUM_EPOCHS = 3, and dashed flags, --learning-rate)."""
+    (Python-constant spellings, NUM_EPOCHS = 3, and dashed flags, --learning-rate)."""
     for k in (key, key.replace("-", "_"), key.replace("-", "_").lower()):
         if k in _FIELDS or k in ALIASES or k == "do_sample":
             return ALIASES.get(k, k)

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 
 from lorafit.data.oasst import oasst_conversations
-from lorafit.data.records import Conversation, text_field_of
+from lorafit.data.records import Conversation, last_reply, text_field_of
 from lorafit.data.sources import Record, csv_columns
 from lorafit.errors import DataError
 
@@ -151,7 +151,7 @@ def _messages(d: dict, where: str) -> Conversation:
 
 def _finish(conv: Conversation, where: str, what: str) -> Conversation:
     """Drop turns after the last assistant reply (nothing would train on them); require one reply."""
-    last = max((i for i, m in enumerate(conv) if m["role"] == "assistant"), default=-1)
+    last = last_reply(conv)
     if last < 0:
         raise DataError(f"record at {where} has no {what}, so nothing in it would train",
                         fix="every record needs at least one assistant reply")

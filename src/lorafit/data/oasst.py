@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lorafit.data.records import Conversation, text_field_of
+from lorafit.data.records import Conversation, last_reply, text_field_of
 from lorafit.data.sources import Record
 from lorafit.errors import DataError
 
@@ -80,5 +80,4 @@ def _from_nested(r: Record) -> Conversation:
 
 
 def _trim(conv: Conversation) -> Conversation:
-    last = max((i for i, m in enumerate(conv) if m["role"] == "assistant"), default=-1)
-    return conv[: last + 1]
+    return conv[: last_reply(conv) + 1]

@@ -24,3 +24,8 @@ def text_field_of(data: dict[str, Any], name: str, where: str, required: bool = 
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise DataError(f"field '{name}' of the record at {where} must be text, got {type(value).__name__}")
     return str(value)
+
+
+def last_reply(conv: Conversation) -> int:
+    """Index of the last assistant turn, -1 when there is none."""
+    return max((i for i, m in enumerate(conv) if m["role"] == "assistant"), default=-1)

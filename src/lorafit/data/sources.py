@@ -10,16 +10,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lorafit.data.demo import demo_records
 from lorafit.errors import DataError
+from lorafit.hub import looks_like_hub_id
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -46,7 +45,7 @@ def load_records(source: str, split: str = "train", demo_size: int = 1200) -> li
         return read_file(path)
     if path.is_dir():
         return read_folder(path, split)
-    if _HUB_ID.match(source) and not source.startswith((".", "~", "/")) and Path(source).suffix not in SUFFIXES:
+    if looks_like_hub_id(source) and Path(source).suffix not in SUFFIXES:
         return load_hub(source, split)
     raise DataError(f"dataset '{source}' does not exist",
                     fix="pass an existing file or folder (json, jsonl, csv, parquet), a hub id (org/name), or `demo`")

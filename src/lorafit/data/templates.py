@@ -197,11 +197,21 @@ class Template:
 
 
 def _render_without_tokenizer(source: str, messages: list[dict], add_generation_prompt: bool, t: Template) -> str:
+    return render_jinja(source, messages, add_generation_prompt, eos=t.eos_token or "")
+
+
+def render_jinja(source: str, messages: list[dict], add_generation_prompt: bool, bos: str = "", eos: str = "") -> str:
+    """Render a chat template the way transformers' `apply_chat_template` does: sandboxed (a template file
+    from a hub repo is code we do not trust), trim_blocks and lstrip_blocks, `raise_exception` available."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
     return env.from_string(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                          eos_token=t.eos_token or "", bos_token="")
+                                          bos_token=bos, eos_token=eos)
 
 
 def resolve_template(name: str, tokenizer: Any, data_format: str, system_prompt: str | None = None) -> Template:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorafit.data.encode import encode_conversation, load_conversations, split_conversations
-from lorafit.data.records import IGNORE_INDEX
+from lorafit.data.records import IGNORE_INDEX, last_reply
 from lorafit.data.templates import encode_prompt, merged_content
 from lorafit.errors import UserError
 from lorafit.infer.generate import eos_token_ids, generate_batch, load_session
@@ -125,8 +125,8 @@ def eval_examples(run_dir: Path, cfg: Config) -> tuple[list[EvalExample], dict]:
 
 
 def _to_example(messages: list[dict]) -> EvalExample | None:
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None or last == 0 or not messages[last]["content"].strip():
+    last = last_reply(messages)
+    if last <= 0 or not messages[last]["content"].strip():
         return None
     return EvalExample(prompt=messages[:last], reference=messages[last]["content"])
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorafit.data.templates import PLAIN_PARTS, PLAIN_STOPS
+from lorafit.data.templates import PLAIN_PARTS, PLAIN_STOPS, render_jinja
 
 
 @dataclass
@@ -114,16 +114,8 @@ def _with_default_system(jinja: str, system: str | None) -> str:
 
 def render(jinja: str, messages: list[dict[str, str]], add_generation_prompt: bool,
            bos: str = "", eos: str = "") -> str:
-    """Render the way transformers' `apply_chat_template` does (sandboxed, trim_blocks, lstrip_blocks)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise ValueError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(jinja).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=bos, eos_token=eos)
+    """Render the way transformers' `apply_chat_template` does."""
+    return render_jinja(jinja, messages, add_generation_prompt, bos=bos, eos=eos)
 
 
 @dataclass

@@ -203,10 +203,9 @@ def _token_loop(model, tokenizer, prompt_ids: list[int], gen: GenerateArgs, seed
             out_ids.append(token)
             seen = torch.cat([seen, seen.new_tensor([[token]])], dim=1)
             step_input = seen[:, -1:]
-            text = decode(tokenizer, out_ids)
-            cut = _find_stop(text, stops)
-            if cut is not None:
-                text, finish = text[:cut], "stop"
+            text, stopped = cut_at_stop(decode(tokenizer, out_ids), stops)
+            if stopped:
+                finish = "stop"
                 break
             safe = _safe_length(text, stops)
             if safe > emitted:
@@ -261,9 +260,10 @@ def _sampler(gen: GenerateArgs, generator):
     return pick
 
 
-def _find_stop(text: str, stops: list[str]) -> int | None:
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """(text up to the first stop string, whether one was found)."""
     hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else None
+    return (text[:min(hits)], True) if hits else (text, False)
 
 
 def _safe_length(text: str, stops: list[str]) -> int:
@@ -329,9 +329,7 @@ def generate_batch(model, tokenizer, prompts_ids: list[list[int]], max_new_token
             if t in eos:
                 new, finish = new[:i], "stop"
                 break
-        text = decode(tokenizer, new)
-        cut = _find_stop(text, stops)
-        if cut is not None:
-            text, finish = text[:cut], "stop"
+        text, stopped = cut_at_stop(decode(tokenizer, new), stops)
+        finish = "stop" if stopped else finish
         results.append(GenerationResult(text, len(ids), len(new), finish))
     return results

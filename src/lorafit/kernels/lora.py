@@ -12,7 +12,7 @@ nn.Dropout modules do; with p = 0 no mask exists and the A's stay concatenated.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -33,7 +33,6 @@ class Head:
 class WeightBuffer:
     """One flat buffer reused for every dequantized weight (on a single stream, reuse is ordered)."""
     buf: torch.Tensor | None = None
-    pinned: dict = field(default_factory=dict)
 
     def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The flat buffer, at least `numel` long."""
@@ -46,8 +45,8 @@ class Group:
     """Heads sharing one input, with their compute-dtype LoRA factors: a = [A_0; A_1; ...] (sum r, in) and
     b = the block-diagonal [s_0 B_0, s_1 B_1, ...] (sum out, sum r).
 
-    Standalone, a group casts and concatenates its factors when `version` changes (the caller bumps it
-    whenever the optimizer may have changed them). Inside a FactorPack the factors are views of the
+    Standalone, a group casts and concatenates its factors on every call (the optimizer may have changed
+    them). Inside a FactorPack the factors are views of the
     pack's persistent buffers, refreshed for all groups at once, and the group does no work itself."""
 
     def __init__(self, heads: list[Head]):
@@ -58,17 +57,14 @@ class Group:
         scales = {h.scaling for h in self.lora}
         self.scaling = scales.pop() if len(scales) == 1 else None     # one scaling for all heads (the usual case)
         self.w_views = None
-        self.version = None
         self.packed = False
         self.a = self.b = self.bias = None
         self._bias_key = None
 
-    def prepared(self, dtype, device, version):
-        if not self.packed and (version is None or version != self.version
-                                or (self.a is not None and self.a.dtype != dtype)):
+    def prepared(self, dtype, device):
+        if not self.packed:
             self.a = torch.cat([h.lora_A.to(dtype) for h in self.lora]) if self.lora else None
             self.b = _block_diag_b(self.heads, dtype) if self.lora else None
-            self.version = version
         if self._bias_key != (dtype, device) and any(h.bias is not None for h in self.heads):
             # base biases are frozen: concatenated once
             self.bias = torch.cat([(h.bias if h.bias is not None else
@@ -151,12 +147,12 @@ def _base_weight(group: Group, in_features: int, dtype, device, pool: WeightBuff
 
 class _LoRAGroup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, group, pool, training, version, grad_only, value, lowrank, keep_weight, *params):
+    def forward(ctx, x, residual, group, pool, training, grad_only, value, lowrank, keep_weight, *params):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         n, d_in = x2.shape
         dtype = x.dtype
-        a_cat, b_bd, bias = group.prepared(dtype, x.device, version)
+        a_cat, b_bd, bias = group.prepared(dtype, x.device)
         # keep_weight: the dequantized weight gets its own memory and backward reuses it (no second dequant)
         w = None if grad_only else _base_weight(group, d_in, dtype, x.device, None if keep_weight else pool)
         c = None if residual is None else residual.reshape(n, -1)
@@ -197,7 +193,7 @@ class _LoRAGroup(torch.autograd.Function):
         else:
             y = x2 @ w.t() if c is None else torch.addmm(c, x2, w.t())
         ctx.has_residual = residual is not None
-        ctx.group, ctx.pool, ctx.shape, ctx.version = group, pool, shape, version
+        ctx.group, ctx.pool, ctx.shape = group, pool, shape
         ctx.w = w if keep_weight else None
         ctx.save_for_backward(x2, h_act, *[m if m is not None else x2[:0] for m in masks])
         ctx.has_mask = [m is not None for m in masks]
@@ -220,7 +216,7 @@ class _LoRAGroup(torch.autograd.Function):
         if not group.lora:
             dx = dy @ w                                                   # (n, in)
         else:
-            a_cat, b_bd, _ = group.prepared(dtype, x2.device, ctx.version)
+            a_cat, b_bd, _ = group.prepared(dtype, x2.device)
             dh = dy @ b_bd                                                # (n, sum r), scaling folded in
             if not ctx.has_mask:
                 dx = dh @ a_cat                                           # low-rank first, then beta = 1
@@ -251,7 +247,7 @@ class _LoRAGroup(torch.autograd.Function):
                 r0 += r
                 i += 1
         dres = dy.view(*ctx.shape[:-1], dy.shape[-1]) if ctx.has_residual else None
-        return (dx.view(ctx.shape), dres, None, None, None, None, None, None, None, None, *grads)
+        return (dx.view(ctx.shape), dres, None, None, None, None, None, None, None, *grads)
 
 
 def _block_diag_b(heads: list[Head], dtype) -> torch.Tensor:
@@ -272,7 +268,7 @@ def _block_diag_b(heads: list[Head], dtype) -> torch.Tensor:
 
 
 def lora_group(x: torch.Tensor, heads: list[Head] | Group, pool: WeightBuffer | None = None,
-               training: bool = True, version: int | None = None, residual: torch.Tensor | None = None,
+               training: bool = True, residual: torch.Tensor | None = None,
                grad_only: bool = False, value: torch.Tensor | None = None, lowrank: torch.Tensor | None = None,
                keep_weight: bool = False, with_lowrank: bool = False):
     """x (..., in) -> (..., sum_out): concatenated outputs of the heads (see module docstring).
@@ -293,6 +289,6 @@ def lora_group(x: torch.Tensor, heads: list[Head] | Group, pool: WeightBuffer | 
     for h in group.heads:
         if h.lora_A is not None:
             params += [h.lora_A, h.lora_B]
-    y, h = _LoRAGroup.apply(x, residual, group, pool, training, version, grad_only, (value,), (lowrank,),
+    y, h = _LoRAGroup.apply(x, residual, group, pool, training, grad_only, (value,), (lowrank,),
                             keep_weight, *params)
     return (y, h.view(*x.shape[:-1], -1) if h.numel() else None) if with_lowrank else y

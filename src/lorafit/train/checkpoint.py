@@ -85,7 +85,6 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, state: d
     try:
         tmp.mkdir()
         model.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": whole[0]} if whole else {}))
-        _test_slow_save(state["step"])
         _torch_save({"optimizer": whole[1] if whole else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
         _torch_save(rng_state(), tmp / "rng.pt")
@@ -149,16 +148,6 @@ def _manifest(folder: Path) -> dict[str, Any]:
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     return {"format": 1, "files": files}
-
-
-def _test_slow_save(step: int) -> None:
-    """Test hook: LORAFIT_TEST_SLOW_SAVE=SECONDS (every save) or STEP:SECONDS sleeps mid-write."""
-    spec = os.environ.get("LORAFIT_TEST_SLOW_SAVE")
-    if not spec:
-        return
-    at, _, secs = spec.rpartition(":")
-    if not at or int(at) == step:
-        time.sleep(float(secs))
 
 
 # -- loading ------------------------------------------------------------------------------------

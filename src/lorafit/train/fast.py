@@ -15,7 +15,6 @@ falls back to the model's own forward, with one log line saying why.
 """
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -30,7 +29,6 @@ from lorafit.kernels.lora import FactorPack, Group, Head, WeightBuffer, lora_gro
 from lorafit.kernels.offload import ActivationStore, checkpoint
 from lorafit.model.arch import family, fused_families
 
-log = logging.getLogger(__name__)
 
 
 
@@ -197,11 +195,9 @@ class FastLoss:
     def __init__(self, peft_model, *, gradient_checkpointing: bool, offload_activations: bool = True):
         self.model = peft_model
         ok, reason = fast_forward_supported(peft_model)
-        self.fast = ok
-        self.gradient_checkpointing = gradient_checkpointing
         if not ok:
-            log.warning("fast path off, using the reference (model) forward: %s", reason)
-            return
+            raise ValueError(f"the fused path cannot run this model: {reason}")  # loss_path checks first
+        self.gradient_checkpointing = gradient_checkpointing
         base = peft_model.get_base_model()
         cfg = base.config
         adapter = (getattr(peft_model, "active_adapters", None) or ["default"])[0]
@@ -222,8 +218,6 @@ class FastLoss:
         self.pool = WeightBuffer()
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.fast:
-            return self._reference(batch)
         ids = batch["input_ids"]
         device = ids.device
         # which positions carry a label: found before any layer is queued, so this step's one host sync
@@ -323,24 +317,11 @@ class FastLoss:
         lows = (l_qkv, l_o, l_gu, l_down) if c.park_lowrank else (None,) * 4
         return out, (a, x, *lows, *state)
 
-    def _reference(self, batch):
-        """The model's own forward (any architecture); a document mask when rows are packed."""
-        kw = {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids")}
-        doc_ids = batch.get("doc_ids")
-        if doc_ids is not None:
-            kw["attention_mask"] = reference.doc_causal_mask(doc_ids)
-        else:
-            kw["attention_mask"] = batch.get("attention_mask")
-        logits = self.model(**kw, use_cache=False).logits
-        labels = batch["labels"]
-        tgt = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss, (tgt != IGNORE_INDEX).sum()
-
 
 def enable_fast_path(peft_model, *, gradient_checkpointing: bool, offload_activations: bool = True) -> FastLoss:
-    """A FastLoss over this PeftModel (see the module docstring); falls back with one log line if unsupported."""
+    """A FastLoss over this PeftModel (see the module docstring); ValueError if fast_forward_supported says no."""
     return FastLoss(peft_model, gradient_checkpointing=gradient_checkpointing, offload_activations=offload_activations)
+
 
 def loss_path(model, fused: bool, why: str, gradient_checkpointing: bool) -> tuple[FastLoss | None, str]:
     """(FastLoss or None, why), given model/arch.py's fused_path_choice for this run; the wrapped model has the

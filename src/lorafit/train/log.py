@@ -74,13 +74,6 @@ def memory_gib(device) -> float:
         return float("nan")
 
 
-class NullLog:
-    """What ranks other than 0 log: nothing."""
-
-    def __getattr__(self, name):
-        return lambda *a, **k: None
-
-
 class TrainLog:
     def __init__(self, run_dir: Path, report_to: list[str], total_steps: int, logging_steps: int, device,
                  config: dict[str, Any] | None = None, purge_step: int | None = None):
@@ -176,6 +169,16 @@ def _hms(seconds: float) -> str:
 
 
 # -- trackers -----------------------------------------------------------------------------------
+
+
+class NullLog:
+    """What ranks other than 0 log: nothing. It has TrainLog's methods, each doing nothing, and no others
+    (a misspelt method fails on every rank, not only on rank 0)."""
+
+
+for _name in [n for n in vars(TrainLog) if not n.startswith("_") and callable(getattr(TrainLog, n))]:
+    setattr(NullLog, _name, lambda self, *args, **kwargs: None)
+
 
 class _TensorBoard:
     def __init__(self, run_dir: Path, purge_step: int | None):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from lorafit.config.schema import Config
 from lorafit.data.batching import make_batches
 from lorafit.data.encode import prepare_data
+from lorafit.data.records import last_reply
 from lorafit.errors import UserError
 from lorafit.infer.generate import generate_text
 from lorafit.model.arch import fused_path_choice
@@ -195,7 +195,6 @@ def _maybe_resume(r: TrainState) -> bool:
 def _loop(r: TrainState, signals: StopSignals) -> None:
 
     cfg, d, p, pos = r.cfg, r.d, r.plan, r.pos
-    delay = float(os.environ.get("LORAFIT_TEST_STEP_DELAY", "0"))  # test hook: room to inject a fault mid-run
     while pos.step < p.total_steps:
         batches = make_batches(r.data.train, p.micro_batch, packing=cfg.data.packing,
                                max_seq_length=cfg.data.max_seq_length, pad_token_id=r.tokenizer.pad_token_id,
@@ -205,7 +204,6 @@ def _loop(r: TrainState, signals: StopSignals) -> None:
         for i in range(start, len(batches), p.accumulation):
             group = batches[i: i + p.accumulation]
             _optimizer_step(r, group)
-            time.sleep(delay)
             pos.micro_in_epoch += len(group) * d.world_size
             stop = _after_step(r, signals, epoch_end=i + p.accumulation >= len(batches))
             if stop or pos.step >= p.total_steps:
@@ -350,9 +348,8 @@ def _preview_messages(r: TrainState) -> list[list[dict]]:
     pool = r.data.val or r.data.train  # default: the first two held-out prompts
     out = []
     for ex in pool[:2]:
-        msgs = list(ex.messages)
-        while msgs and msgs[-1]["role"] == "assistant":
-            msgs.pop()
+        last = last_reply(ex.messages)
+        msgs = ex.messages[:last] if last >= 0 else list(ex.messages)  # the conversation before its last reply
         if msgs:
             out.append(msgs)
     return out

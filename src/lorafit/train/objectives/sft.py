@@ -57,11 +57,18 @@ def reference_loss(model, batch: dict[str, torch.Tensor], mask_dtype=torch.float
               "use_cache": False}
     split = _decoder_and_head(model)
     if split is None:
-        logits = model(**inputs).logits[:, :-1]  # (B, T-1, V)
-        ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                             ignore_index=IGNORE_INDEX, reduction="sum")
-        return ce, keep.sum()
+        return labelled_ce_sum(model(**inputs).logits, batch["labels"])
     decoder, head = split
     hidden = decoder(**inputs).last_hidden_state[:, :-1]  # (B, T-1, C)
     logits = head(hidden[keep])  # (N, V), N labelled tokens
     return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), keep.sum()
+
+
+def labelled_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy summed over labelled tokens, their number): logits (B, T, V) of positions 0..T-1 predict
+    labels (B, T) of positions 1..T, as Hugging Face shifts them; IGNORE_INDEX labels train nothing."""
+    target = labels[:, 1:]                       # (B, T-1)
+    logits = logits[:, :-1].float()              # (B, T-1, V)
+    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE_INDEX,
+                         reduction="sum")
+    return ce, (target != IGNORE_INDEX).sum()
