@@ -112,7 +112,7 @@ def grad_check(r, b) -> float:
     with autocast:
         ce, _ = r.ddp(dev)
         (ce / labelled_tokens(b["labels"])).backward()
-    num = sum(float((p.grad - t).float().norm()) ** 2 for p, t in zip(params, local))
+    num = sum(float((p.grad - t).float().norm()) ** 2 for p, t in zip(params, local, strict=True))
     den = sum(float(t.float().norm()) ** 2 for t in local)
     r.optimizer.zero_grad(set_to_none=True)
     dist.barrier(r.d)

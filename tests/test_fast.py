@@ -4,13 +4,11 @@ On CPU the fast path runs the plain-PyTorch twins, so this checks the wiring (pr
 splits, RoPE, document masks, checkpointing, label shift) against transformers itself."""
 import logging
 
+import peft
 import pytest
 import torch
 import torch.nn.functional as F
-
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
+import transformers
 from triton_interp import INTERPRETED, OUTER_ONLY, run_in_interpreter
 
 from lorafit.train.fast import enable_fast_path, fast_forward_supported

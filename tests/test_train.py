@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_support import alpaca_file, assert_same_adapter, losses, run_train, train_args
+from helpers import alpaca_file, alpaca_records, assert_same_adapter, losses, run_train, train_args
 
 # Recorded once from a run checked by hand (tiny llama, seed 7, 5 steps of 4 sequences, lr 2e-4, cosine).
 PINNED = {1: 6.3976672, 2: 6.4185188, 3: 6.450975, 4: 6.465332, 5: 6.4376352}
@@ -196,7 +196,8 @@ def test_schedules():
     assert warmup_steps(TrainArgs(warmup_ratio=0.1, warmup_steps=3), 95) == 3
     cos = [lr_factor(s, kind="cosine", warmup=2, total=10) for s in range(10)]
     assert cos[:2] == pytest.approx([1 / 3, 2 / 3]) and cos[2] == 1.0
-    assert all(a >= b for a, b in itertools.pairwise(cos[2:])) and cos[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert all(a >= b for a, b in itertools.pairwise(cos[2:]))
+    assert cos[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
     lin = [lr_factor(s, kind="linear", warmup=0, total=4) for s in range(4)]
     assert lin == pytest.approx([1, 0.75, 0.5, 0.25])
     assert [lr_factor(s, kind="constant", warmup=1, total=4) for s in range(4)] == [0.5, 1, 1, 1]
@@ -221,3 +222,8 @@ def test_fused_adamw_steps_like_adamw(tiny_model_dir, tmp_path):
     assert losses(a) == pytest.approx(losses(b), rel=1e-5)
     assert_same_adapter(a, b, atol=1e-6)
     assert "adamw_torch_fused" in (b / "config.yaml").read_text()
+
+
+def test_alpaca_records_are_distinct():
+    recs = alpaca_records()
+    assert len({json.dumps(r) for r in recs}) == len(recs)
