@@ -1,6 +1,7 @@
 """The package's shape, read from its source with `ast`: no import cycles (an import inside a function
 counts, one under `if TYPE_CHECKING:` does not), kernels/ stands apart from the rest of lorafit, files stay
-under 500 lines, and importing the CLI (or asking it for --help) loads no torch.
+under 500 lines, importing the CLI (or asking it for --help) loads no torch, and no test module imports
+another.
 
 Each check is a function over a source tree, so the tests at the bottom plant a violation in a small
 tree under tmp_path and watch the check report it."""
@@ -147,6 +148,16 @@ def test_files_stay_under_500_lines():
 def test_importing_the_cli_and_its_help_load_no_torch():
     assert heavy_modules_loaded(SRC, "import lorafit.cli") == []
     assert heavy_modules_loaded(SRC, HELP) == []
+
+
+def test_no_test_module_imports_another():
+    """Shared fixtures live in conftest.py and shared functions in helpers.py: importing a test module would
+    collect its tests twice and turn its fixtures into F811 noise."""
+    tests = Path(__file__).parent
+    bad = sorted(f"{p.name} imports {name}" for p in tests.glob("*.py")
+                 for name in imported_names(ast.parse(p.read_text(encoding="utf-8")), p.stem, False)
+                 if name.split(".")[0].startswith("test_") or name.split(".")[0] == "conftest")
+    assert bad == []
 
 
 # -- each check on a planted violation -----------------------------------------------------------------------
