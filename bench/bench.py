@@ -104,7 +104,7 @@ def shape_batches(bs, seq, steps=12):
 def real_records():
     lens = [int(x) for x in (HERE / "alpaca_lengths.txt").read_text().split()]
     prompts = [int(x) for x in (HERE / "alpaca_prompt_lengths.txt").read_text().split()]
-    return list(zip(lens, prompts))
+    return list(zip(lens, prompts, strict=False))
 
 
 def padded_batches(records, bs=8, pad_id=32000):

@@ -26,11 +26,11 @@ from types import SimpleNamespace
 
 def build(model_dir: str, four_bit: bool, d):
     from lorafit.config.load import build_config
+    from lorafit.model.arch import fused_path_choice
     from lorafit.model.load import compute_dtype, load_base_model, resolve_model
     from lorafit.model.lora import apply_lora
     from lorafit.train import parallel as dist
     from lorafit.train.fast import loss_path
-    from lorafit.model.arch import fused_path_choice
     from lorafit.train.objectives.base import LossModule
     from lorafit.train.objectives.sft import SFT
 
@@ -112,7 +112,7 @@ def grad_check(r, b) -> float:
     with autocast:
         ce, _ = r.ddp(dev)
         (ce / labelled_tokens(b["labels"])).backward()
-    num = sum(float((p.grad - t).float().norm()) ** 2 for p, t in zip(params, local))
+    num = sum(float((p.grad - t).float().norm()) ** 2 for p, t in zip(params, local, strict=True))
     den = sum(float(t.float().norm()) ** 2 for t in local)
     r.optimizer.zero_grad(set_to_none=True)
     dist.barrier(r.d)

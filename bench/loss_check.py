@@ -78,9 +78,10 @@ def main(path: str, steps: int = 50) -> None:
         s, n = fl(b)
         return s / n
     fast_l = run(model, fast, data)
-    rel = [abs(a - b) / abs(b) for a, b in zip(fast_l, hf)]
+    rel = [abs(a - b) / abs(b) for a, b in zip(fast_l, hf, strict=True)]
     print(json.dumps({"check": "loss_50_steps", "data": source, "steps": steps, "hf_first": round(hf[0], 4),
-                          "hf_last": round(hf[-1], 4), "fast_first": round(fast_l[0], 4), "fast_last": round(fast_l[-1], 4),
+                          "hf_last": round(hf[-1], 4), "fast_first": round(fast_l[0], 4),
+                          "fast_last": round(fast_l[-1], 4),
                           "mean_rel_diff": round(sum(rel) / len(rel), 6), "max_rel_diff": round(max(rel), 6),
                           "hf": [round(x, 4) for x in hf], "fast": [round(x, 4) for x in fast_l]}), flush=True)
 

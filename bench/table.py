@@ -33,8 +33,7 @@ def main(*paths: str) -> None:
                 target = "met" if xb >= 3 else "not met"
             elif xu is not None:
                 target = "met" if xu >= 1.25 and xm <= 1.1 else "not met"
-        f = lambda v: "" if v is None else f"{v:.2f}"
-        print(f"| {stack} | {shape} | {r['tok_s']:,} | {r['peak_gib']} | {f(xb)} | {f(xu)} | {f(xm)} | {target} |")
+        print(f"| {stack} | {shape} | {r['tok_s']:,} | {r['peak_gib']} | {_x(xb)} | {_x(xu)} | {_x(xm)} | {target} |")
     for r in rows:
         if "error" in r:
             print(f"\nerror: {r['stack']} {r['shape']}: {r['error']}")
@@ -44,11 +43,16 @@ def main(*paths: str) -> None:
                   f"fast {r['fast_first']} -> {r['fast_last']})")
 
 
+def _x(v: float | None) -> str:
+    return "" if v is None else f"{v:.2f}"
+
+
 def ddp_table(rows: list[dict]) -> None:
     if not rows:
         return
     one = {r["shape"]: r for r in rows if r["world"] == 1}
-    print("| GPUs | shape per GPU | tokens/s (all GPUs) | tokens/s per GPU | step s | peak GiB per GPU | x 1 GPU | target |")
+    print("| GPUs | shape per GPU | tokens/s (all GPUs) | tokens/s per GPU | step s | peak GiB per GPU | x 1 GPU "
+          "| target |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in sorted(rows, key=lambda r: (r["shape"], r["world"])):
         base = one.get(r["shape"])

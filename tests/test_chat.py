@@ -8,24 +8,24 @@ import subprocess
 import sys
 
 import pytest
-from test_generate_rundir import REPO, llama_run  # noqa: F401  (fixture)
+from helpers import REPO, make_run
 
 
 @pytest.fixture(scope="module")
-def cfg(llama_run):  # noqa: F811
+def cfg(llama_run):
     from lorafit.run_dir import load_run_config
 
     return load_run_config(llama_run, {"temperature": 0, "max_new_tokens": 6})
 
 
 @pytest.fixture(scope="module")
-def session(llama_run, cfg):  # noqa: F811
+def session(llama_run, cfg):
     from lorafit.infer.generate import load_session
 
     return load_session(llama_run, cfg)
 
 
-def test_one_prompt_answers_once(llama_run, cfg, session, capsys):  # noqa: F811
+def test_one_prompt_answers_once(llama_run, cfg, session, capsys):
     from lorafit.infer.chat import chat
     from lorafit.infer.generate import generate_text
 
@@ -37,7 +37,7 @@ def test_one_prompt_answers_once(llama_run, cfg, session, capsys):  # noqa: F811
     assert "template chatml" in out.err  # status lines go to stderr, the answer alone to stdout
 
 
-def test_base_answers_differ_from_tuned(llama_run, cfg, capsys):  # noqa: F811
+def test_base_answers_differ_from_tuned(llama_run, cfg, capsys):
     from lorafit.infer.chat import chat
 
     chat(llama_run, cfg, prompt="hello world")
@@ -76,7 +76,7 @@ def test_instruction_templates_are_single_turn(session, cfg, monkeypatch):
     assert [[m["content"] for m in msgs] for msgs in seen] == [["first"], ["second"]]
 
 
-def test_demo_answers_every_built_in_prompt(llama_run, cfg, capsys):  # noqa: F811
+def test_demo_answers_every_built_in_prompt(llama_run, cfg, capsys):
     from lorafit.infer.chat import DEMO_PROMPTS, chat
 
     chat(llama_run, dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, max_new_tokens=2)), demo=True)
@@ -84,7 +84,7 @@ def test_demo_answers_every_built_in_prompt(llama_run, cfg, capsys):  # noqa: F8
     assert [line for line in out.splitlines() if line.startswith(">>> ")] == [f">>> {p}" for p in DEMO_PROMPTS]
 
 
-def test_interactive_loop_over_stdin_via_main_py(llama_run, session, cfg):  # noqa: F811
+def test_interactive_loop_over_stdin_via_main_py(llama_run, session, cfg):
     from lorafit.infer.generate import generate_text
 
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
@@ -116,7 +116,6 @@ def test_missing_adapter_path_is_a_user_error(tmp_path, capsys):
 
 def test_system_prompt_flag_overrides_the_trained_one(tmp_path, tiny_model_dir, monkeypatch, capsys):
     """`lorafit chat --system_prompt X` prompts with X; without the flag the trained system prompt stays."""
-    from test_generate_rundir import make_run
 
     import lorafit.infer.chat as chat_mod
     from lorafit.cli import main

@@ -7,7 +7,7 @@ import logging
 import shutil
 
 import pytest
-from test_train_support import alpaca_file, assert_same_adapter, cli_main, losses, run_train, train_args
+from helpers import alpaca_file, assert_same_adapter, cli_main, losses, run_train, train_args
 
 
 @pytest.fixture(scope="module")

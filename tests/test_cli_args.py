@@ -22,6 +22,7 @@ def test_chat_parser_leaves_override_values_to_the_config(monkeypatch, tmp_path)
 
     seen = {}
     monkeypatch.setattr(cli, "_run_config", lambda path, overrides: seen.setdefault("overrides", overrides))
-    monkeypatch.setattr(lorafit.infer.chat, "chat", lambda run_dir, cfg, prompt, demo, use_adapter: seen.update(prompt=prompt))
+    monkeypatch.setattr(lorafit.infer.chat, "chat",
+                        lambda run_dir, cfg, prompt, demo, use_adapter: seen.update(prompt=prompt))
     assert cli.cmd_chat(["--adapter_path", str(tmp_path), "--temperature", "0", "What is 2 + 2?"]) == 0
     assert seen == {"overrides": {"temperature": "0"}, "prompt": "What is 2 + 2?"}

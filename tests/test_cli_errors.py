@@ -10,7 +10,7 @@ import json
 import subprocess
 
 import pytest
-from test_train_support import cli_main, lorafit_cmd, run_cli, subprocess_env, to_argv, train_args
+from helpers import cli_main, lorafit_cmd, run_cli, subprocess_env, to_argv, train_args
 
 CONFIG_CASES = [
     ({"lora_alpah": "8"}, ["unknown config key 'lora_alpah'", "did you mean 'lora_alpha'"]),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_data_common import make_cfg, tok  # noqa: F401  (tok is a fixture)
+from helpers import make_cfg
 
 from lorafit.data.batching import make_batches, packed_attention_mask, padding_share, plan_batches
 from lorafit.data.encode import Example, prepare_data
@@ -57,8 +57,8 @@ def test_batches_are_deterministic_in_seed_and_epoch():
     a = make_batches(ex, 4, seed=3, epoch=1, **kw)
     b = make_batches(ex, 4, seed=3, epoch=1, **kw)
     c = make_batches(ex, 4, seed=3, epoch=2, **kw)
-    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
-    assert any(not torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, c))
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b, strict=True))
+    assert any(not torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, c, strict=True))
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -98,7 +98,7 @@ def _tiny_llama(vocab: int, impl: str):
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("train_on_inputs", [False, True])
-def test_packed_loss_equals_token_weighted_loss_one_by_one(tok, impl, train_on_inputs):  # noqa: F811
+def test_packed_loss_equals_token_weighted_loss_one_by_one(tok, impl, train_on_inputs):
     prepared = prepare_data(make_cfg("demo", demo_size=40, train_on_inputs=train_on_inputs), tok)
     examples = prepared.train[:6]
     width = sum(len(e.input_ids) for e in examples[:4]) + 3  # two rows, the second padded
@@ -128,7 +128,7 @@ def _summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int
     return loss.item(), int((shift_labels != -100).sum())
 
 
-def test_single_packed_row_loss_through_model_labels(tok):  # noqa: F811
+def test_single_packed_row_loss_through_model_labels(tok):
     """The model's own loss on one packed row (mean over its trained tokens) matches, too."""
     prepared = prepare_data(make_cfg("demo", demo_size=30), tok)
     examples = prepared.train[:4]
@@ -140,4 +140,4 @@ def test_single_packed_row_loss_through_model_labels(tok):  # noqa: F811
                        position_ids=b["position_ids"], labels=b["labels"]).loss.item()
         parts = [(model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss.item(),
                   sum(1 for t in e.labels[1:] if t != -100)) for e in examples]
-    assert packed == pytest.approx(sum(l * n for l, n in parts) / sum(n for _, n in parts), abs=1e-5)
+    assert packed == pytest.approx(sum(loss * n for loss, n in parts) / sum(n for _, n in parts), abs=1e-5)

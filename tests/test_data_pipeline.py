@@ -5,7 +5,7 @@ import json
 import re
 
 import pytest
-from test_data_common import make_cfg, shared_file, tok  # noqa: F401  (tok is a fixture)
+from helpers import make_cfg, shared_file
 
 from lorafit.cli import main
 from lorafit.data.check import data_report
@@ -27,7 +27,7 @@ def _prompts(examples):
     return [json.dumps(e.messages[0]) for e in examples]
 
 
-def test_split_is_the_same_every_time_and_follows_the_seed(tok):  # noqa: F811
+def test_split_is_the_same_every_time_and_follows_the_seed(tok):
     cfg = make_cfg("demo", demo_size=100, val_size=0.1)
     a, b = prepare_data(cfg, tok), prepare_data(cfg, tok)
     assert len(a.val) == 10 and len(a.train) == 90
@@ -38,7 +38,7 @@ def test_split_is_the_same_every_time_and_follows_the_seed(tok):  # noqa: F811
     assert not set(_prompts(a.val)) & set(_prompts(a.train))
 
 
-def test_val_count_cap_and_no_shuffle(tok):  # noqa: F811
+def test_val_count_cap_and_no_shuffle(tok):
     p = prepare_data(make_cfg("demo", demo_size=60, val_size=7, max_examples=40), tok)
     assert len(p.val) == 7 and len(p.train) == 33
     ordered = prepare_data(make_cfg("demo", demo_size=30, val_size=0, shuffle=False), tok)
@@ -47,7 +47,7 @@ def test_val_count_cap_and_no_shuffle(tok):  # noqa: F811
         prepare_data(make_cfg("demo", demo_size=10, val_size=10), tok)
 
 
-def test_dedup_counts_and_drops_duplicates(tmp_path, tok):  # noqa: F811
+def test_dedup_counts_and_drops_duplicates(tmp_path, tok):
     rows = [{"instruction": f"Say {i % 4}.", "output": str(i % 4)} for i in range(10)]
     path = _write(tmp_path / "d.jsonl", rows)
     kept = prepare_data(make_cfg(str(path), val_size=0), tok)
@@ -56,11 +56,11 @@ def test_dedup_counts_and_drops_duplicates(tmp_path, tok):  # noqa: F811
     assert deduped.report["duplicates"] == 6 and len(deduped.train) == 4
 
 
-def test_report_numbers(tmp_path, tok):  # noqa: F811
+def test_report_numbers(tmp_path, tok):
     rows = [{"instruction": "Repeat: " + "la " * (5 * i), "output": "ok " * i} for i in range(1, 21)]
     path = _write(tmp_path / "r.jsonl", rows)
     report = data_report(make_cfg(str(path), max_seq_length=48, val_size=0), tok)
-    assert REPORT_KEYS <= set(report)
+    assert set(report) >= REPORT_KEYS
     assert report["records"] == 20 and report["format"] == "alpaca" and report["template"] == "model"
     pct = report["length_percentiles"]
     assert pct["p50"] <= pct["p90"] <= pct["p95"] <= pct["p99"] <= pct["max"]
@@ -76,13 +76,13 @@ def test_report_numbers(tmp_path, tok):  # noqa: F811
     json.dumps(report)  # JSON-serializable as it is
 
 
-def test_all_records_losing_their_trained_tokens_stops(tmp_path, tok):  # noqa: F811
+def test_all_records_losing_their_trained_tokens_stops(tmp_path, tok):
     path = _write(tmp_path / "long.jsonl", [{"instruction": "word " * 300, "output": "x"}] * 3)
     with pytest.raises(DataError, match="no training example"):
         prepare_data(make_cfg(str(path), max_seq_length=16, val_size=0), tok)
 
 
-def test_records_with_no_text_are_skipped_and_reported(tmp_path, tok, capsys, patched_tokenizer):  # noqa: F811
+def test_records_with_no_text_are_skipped_and_reported(tmp_path, tok, capsys, patched_tokenizer):
     """Blank instruction and blank output: nothing but end-of-text would train; left out, counted, located."""
     rows = [{"instruction": f"Say {i}.", "output": str(i)} for i in range(6)]
     rows[2] = {"instruction": "", "input": "", "output": ""}
@@ -95,7 +95,7 @@ def test_records_with_no_text_are_skipped_and_reported(tmp_path, tok, capsys, pa
     assert main(["data", str(path)]) == 0
     out = capsys.readouterr().out
     assert "2 records have no text in any turn" in out and "blank.jsonl:3" in out
-    rows[2] = {"instruction": "Say nothing.", "output": " "}            # an instruction with a blank reply: warned, kept
+    rows[2] = {"instruction": "Say nothing.", "output": " "}  # an instruction with a blank reply: warned, kept
     assert main(["data", str(_write(tmp_path / "blank_reply.jsonl", rows))]) == 0
     assert "1 record has an empty reply" in capsys.readouterr().out
     only_blank = _write(tmp_path / "all_blank.jsonl", [{"instruction": "", "input": "", "output": ""}])
@@ -111,7 +111,7 @@ def test_percentiles():
 # -- `lorafit data` ---------------------------------------------------------------------------------
 
 @pytest.fixture
-def patched_tokenizer(monkeypatch, tok):  # noqa: F811
+def patched_tokenizer(monkeypatch, tok):
     import lorafit.data.check
 
     monkeypatch.setattr(lorafit.data.check, "load_tokenizer", lambda cfg: tok)
@@ -120,7 +120,7 @@ def patched_tokenizer(monkeypatch, tok):  # noqa: F811
 def test_cli_data_json_and_human(capsys, patched_tokenizer):
     assert main(["data", "demo", "--demo_size", "60", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert REPORT_KEYS <= set(report) and report["records"] == 60 and report["format"] == "alpaca"
+    assert set(report) >= REPORT_KEYS and report["records"] == 60 and report["format"] == "alpaca"
     assert main(["data", "demo", "--demo_size", "60"]) == 0
     out = capsys.readouterr().out
     assert "records" in out and "padding share" in out and "trained" in out
@@ -158,7 +158,7 @@ def test_cli_bad_data_exits_2_without_traceback_or_files(tmp_path, capsys, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-def test_shared_messages_file_report(tok):  # noqa: F811
+def test_shared_messages_file_report(tok):
     report = data_report(make_cfg(str(shared_file("messages_demo.jsonl")), max_seq_length=1024), tok)
     assert report["format"] == "messages" and report["records"] == 404 and report["trained_token_share"] > 0
 

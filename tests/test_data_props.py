@@ -5,9 +5,9 @@ import json
 import tempfile
 from pathlib import Path
 
+from helpers import make_cfg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_data_common import make_cfg, tok  # noqa: F401  (tok is a fixture)
 
 from lorafit.data.batching import plan_batches
 from lorafit.data.encode import encode_many, load_conversations
@@ -79,7 +79,7 @@ conversation = st.lists(st.tuples(st.sampled_from(["user", "assistant"]), st.tex
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(conversation, min_size=1, max_size=4), st.sampled_from(["alpaca", "instruction", "guanaco", "chatml"]),
        st.integers(4, 64), st.booleans())
-def test_labels_align_and_respect_max_length(tok, convs, name, max_len, train_on_inputs):  # noqa: F811
+def test_labels_align_and_respect_max_length(tok, convs, name, max_len, train_on_inputs):
     t = Template(name, eos_token=tok.eos_token, end_of_turn="<|im_end|>" if name == "chatml" else None)
     if name == "chatml":
         from lorafit.data.templates import CHATML
@@ -88,7 +88,7 @@ def test_labels_align_and_respect_max_length(tok, convs, name, max_len, train_on
     for enc in encode_many(t, convs, tok, max_len, train_on_inputs, "truncate"):
         assert len(enc.input_ids) == len(enc.labels) <= max_len
         assert enc.labels[0] == -100
-        assert all(label in (-100, tid) for tid, label in zip(enc.input_ids, enc.labels))
+        assert all(label in (-100, tid) for tid, label in zip(enc.input_ids, enc.labels, strict=True))
 
 
 @settings(max_examples=60, deadline=None)

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_data_common import make_cfg, shared_file
+from helpers import make_cfg, shared_file
 
 from lorafit.data.encode import load_conversations
 from lorafit.data.formats import detect_format, to_conversations
@@ -187,7 +187,8 @@ def test_csv_missing_column(tmp_path):
 
 def test_non_utf8_text(tmp_path):
     path = tmp_path / "latin.jsonl"
-    path.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + '{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1"))
+    latin = '{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1")
+    path.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + latin)
     with pytest.raises(DataError, match=r"latin\.jsonl:2' is not UTF-8") as err:
         _convs(path)
     assert "iconv" in err.value.fix

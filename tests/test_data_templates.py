@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-from test_data_common import plain_tok, tok  # noqa: F401  (fixtures)
 
 from lorafit.data.encode import encode_conversation
 from lorafit.data.templates import CHATML, Template, encode_prompt, render_prompt, resolve_template
@@ -15,10 +14,10 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 
 def _trained_text(tokenizer, ids, labels) -> str:
-    return tokenizer.decode([t for t, label in zip(ids, labels) if label != -100])
+    return tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != -100])
 
 
-def test_alpaca_template_text(tok):  # noqa: F811
+def test_alpaca_template_text(tok):
     t = resolve_template("alpaca", tok, "alpaca")
     assert t.render(ALPACA, tok, False) == "Instruction: Add the numbers.\nInput: 2 and 3\nResponse: 5<|im_end|>"
     no_input = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]
@@ -26,7 +25,7 @@ def test_alpaca_template_text(tok):  # noqa: F811
     assert "\nInstruction:" in t.stop_strings and "<|im_end|>" in t.stop_strings
 
 
-def test_instruction_and_guanaco_templates(tok):  # noqa: F811
+def test_instruction_and_guanaco_templates(tok):
     t = resolve_template("instruction", tok, "alpaca")
     assert t.render(ALPACA, tok, False) == (
         "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n5<|im_end|>")
@@ -37,7 +36,7 @@ def test_instruction_and_guanaco_templates(tok):  # noqa: F811
     assert "### Human:" in g.stop_strings
 
 
-def test_chatml_and_model_templates(tok, plain_tok):  # noqa: F811
+def test_chatml_and_model_templates(tok, plain_tok):
     c = resolve_template("chatml", plain_tok, "messages")
     text = c.render(CHAT, plain_tok, True)
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n") and text.endswith("<|im_start|>assistant\n")
@@ -50,7 +49,7 @@ def test_chatml_and_model_templates(tok, plain_tok):  # noqa: F811
         resolve_template("fancy", tok, "alpaca")
 
 
-def test_auto_template_choice(tok, plain_tok):  # noqa: F811
+def test_auto_template_choice(tok, plain_tok):
     assert resolve_template("auto", tok, "alpaca").name == "model"
     assert resolve_template("auto", tok, "text").name == "raw"
     assert resolve_template("auto", plain_tok, "alpaca").name == "alpaca"
@@ -60,7 +59,7 @@ def test_auto_template_choice(tok, plain_tok):  # noqa: F811
 
 
 @pytest.mark.parametrize("name", ["alpaca", "instruction", "guanaco", "chatml", "model"])
-def test_only_replies_and_eos_train(tok, name):  # noqa: F811
+def test_only_replies_and_eos_train(tok, name):
     t = resolve_template(name, tok, "messages")
     ids, labels = encode_conversation(t, CHAT, tok, 512, train_on_inputs=False, truncation="truncate")
     trained = _trained_text(tok, ids, labels)
@@ -71,7 +70,7 @@ def test_only_replies_and_eos_train(tok, name):  # noqa: F811
 
 
 @pytest.mark.parametrize("name", ["alpaca", "instruction", "guanaco", "chatml", "model", "raw"])
-def test_generation_prompt_tokens_are_a_prefix_of_training_tokens(tok, name):  # noqa: F811
+def test_generation_prompt_tokens_are_a_prefix_of_training_tokens(tok, name):
     """Chat/eval tokenize the prompt alone: it must match what training saw before the reply."""
     t = resolve_template(name, tok, "alpaca")
     ids, labels = encode_conversation(t, ALPACA, tok, 512, train_on_inputs=False, truncation="truncate")
@@ -81,14 +80,14 @@ def test_generation_prompt_tokens_are_a_prefix_of_training_tokens(tok, name):  #
     assert first_trained == len(prompt)
 
 
-def test_raw_text_trains_everything(tok):  # noqa: F811
+def test_raw_text_trains_everything(tok):
     t = resolve_template("raw", tok, "text")
     ids, labels = encode_conversation(t, [{"role": "assistant", "content": "Plain text to learn."}], tok, 64,
                                       False, "truncate")
     assert labels[0] == -100 and labels[1:] == ids[1:] and ids[-1] == tok.eos_token_id
 
 
-def test_truncate_and_drop(tok):  # noqa: F811
+def test_truncate_and_drop(tok):
     t = resolve_template("chatml", tok, "messages")
     long = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
     ids, labels = encode_conversation(t, long, tok, 32, False, "truncate")
@@ -98,7 +97,7 @@ def test_truncate_and_drop(tok):  # noqa: F811
         encode_conversation(t, long, tok, 32, False, "sideways")
 
 
-def test_system_prompt_is_added_once(tok):  # noqa: F811
+def test_system_prompt_is_added_once(tok):
     t = resolve_template("chatml", tok, "messages", system_prompt="You are terse.")
     assert t.render(ALPACA, tok, False).count("You are terse.") == 1
     assert t.render(CHAT, tok, False).count("You are terse.") == 0  # the record's own system wins
@@ -106,7 +105,7 @@ def test_system_prompt_is_added_once(tok):  # noqa: F811
     assert a.render(ALPACA, tok, False).startswith("You are terse.\n\nInstruction:")
 
 
-def test_template_round_trips_through_run_dir(tmp_path, tok):  # noqa: F811
+def test_template_round_trips_through_run_dir(tmp_path, tok):
     t = resolve_template("model", tok, "alpaca", system_prompt="sys")
     t.save(tmp_path)
     assert (tmp_path / "template.json").is_file()

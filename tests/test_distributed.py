@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from test_train_support import (
+from helpers import (
+    DDP_COMMON,
     REPO,
     alpaca_file,
     assert_same_adapter,
@@ -17,44 +17,31 @@ from test_train_support import (
     run_train,
     subprocess_env,
     to_argv,
+    torchrun_cmd,
     train_args,
+    val_losses,
 )
-
-# dropout 0: each rank would otherwise draw other dropout masks than one process doing both micro-batches
-COMMON = {"max_steps": 4, "per_device_train_batch_size": 2, "lora_dropout": 0, "val_size": 6, "eval_strategy": "steps",
-          "eval_steps": 2, "save_strategy": "steps", "save_steps": 2}
-
-
-def _torchrun() -> list[str]:
-    exe = Path(sys.executable).parent / "torchrun"
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    ddp_args = train_args(tiny_model_dir("llama"), alpaca_file(), root / "ddp", **COMMON)
-    proc = subprocess.run([*_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "lorafit", "train",
+    ddp_args = train_args(tiny_model_dir("llama"), alpaca_file(), root / "ddp", **DDP_COMMON)
+    proc = subprocess.run([*torchrun_cmd(), "--standalone", "--nproc_per_node", "2", "-m", "lorafit", "train",
                            *to_argv(ddp_args)], check=False, capture_output=True, text=True, timeout=400, cwd=REPO,
                           env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 per device x 1 accumulation x 2 processes = 4 sequences per optimizer step" in proc.stderr
     single = run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), root / "single",
-                                    gradient_accumulation_steps=2, **COMMON))
+                                    gradient_accumulation_steps=2, **DDP_COMMON))
     return root / "ddp", single
-
-
-def _val(run: Path) -> dict[int, float]:
-    from lorafit.train.log import read_metrics
-
-    return {r["step"]: r["val_loss"] for r in read_metrics(run) if "val_loss" in r}
 
 
 def test_two_ranks_equal_one_process_with_accumulation(runs):
     ddp, single = runs
     assert losses(ddp) == pytest.approx(losses(single), rel=1e-4)
     assert sorted(losses(ddp)) == [1, 2, 3, 4]
-    assert _val(ddp) == pytest.approx(_val(single), rel=1e-4)  # validation sums gathered over ranks
+    assert val_losses(ddp) == pytest.approx(val_losses(single), rel=1e-4)  # validation sums gathered over ranks
     assert_same_adapter(ddp, single, atol=1e-5)
     # only rank 0 wrote: one line per step, one checkpoint per save
     assert sum(1 for _ in (ddp / "metrics.jsonl").open()) == 4 + 2

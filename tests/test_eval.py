@@ -4,18 +4,18 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_generate_rundir import llama_run  # noqa: F401  (fixture)
+from helpers import make_run
 
 
 @pytest.fixture(scope="module")
-def report(llama_run):  # noqa: F811
+def report(llama_run):
     from lorafit.evaluate.run import evaluate
     from lorafit.run_dir import load_run_config
 
     return evaluate(llama_run, load_run_config(llama_run, {"max_samples": 6}))
 
 
-def test_eval_writes_json_markdown_and_chart(llama_run, report, capsys):  # noqa: F811
+def test_eval_writes_json_markdown_and_chart(llama_run, report, capsys):
     saved = json.loads((llama_run / "eval.json").read_text())
     assert saved["settings"]["samples"] == 6 and saved["settings"]["split"] == "held-out split"
     assert saved["settings"]["dataset"] == "demo" and saved["settings"]["seed"] == 42
@@ -30,7 +30,7 @@ def test_eval_writes_json_markdown_and_chart(llama_run, report, capsys):  # noqa
     assert (llama_run / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_eval_scores_only_held_out_examples(llama_run, report):  # noqa: F811
+def test_eval_scores_only_held_out_examples(llama_run, report):
     from lorafit.data.encode import load_conversations, split_conversations
     from lorafit.data.templates import merged_content
     from lorafit.run_dir import load_run_config
@@ -40,11 +40,11 @@ def test_eval_scores_only_held_out_examples(llama_run, report):  # noqa: F811
     held_out = {merged_content(c[0]) for c in val}
     trained = {merged_content(c[0]) for c in train}
     prompts = [e["prompt"] for e in report["examples"]]
-    assert all(p in held_out for p in prompts)
-    assert not any(p in trained and p not in held_out for p in prompts)
+    assert held_out.isdisjoint(trained)  # else a training prompt could pass the check below
+    assert len(set(prompts)) == len(prompts) == 6 and set(prompts) <= held_out
 
 
-def test_perplexity_is_over_reply_tokens(llama_run):  # noqa: F811
+def test_perplexity_is_over_reply_tokens(llama_run):
     import math
 
     import torch
@@ -77,7 +77,7 @@ def test_text_metrics_and_normalization():
     assert long["exact_match"] is None and long["exact_match_n"] == 0 and 0 < long["rouge_l"] < 100
 
 
-def test_other_dataset_is_evaluated_whole_and_skip_base(llama_run, tmp_path, capsys):  # noqa: F811
+def test_other_dataset_is_evaluated_whole_and_skip_base(llama_run, tmp_path, capsys):
     from lorafit.cli import main
 
     data = tmp_path / "qa.jsonl"
@@ -105,7 +105,6 @@ def test_missing_adapter_path_fails_clearly(tmp_path, capsys):
 def test_other_dataset_is_read_in_its_own_format(tiny_model_dir, tmp_path):
     """A run trained on alpaca data (format, split and column_map saved) evaluates an instruction/response
     file: the saved source settings belong to the run's data, not to --dataset, unless given again."""
-    from test_generate_rundir import make_run
 
     from lorafit.cli import main
     from lorafit.run_dir import load_run_config

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import corpus, make_run
 
 from lorafit.errors import UserError
 
@@ -75,7 +76,6 @@ def test_tokenizer_round_trip(arch, tiny_model_dir, tiny_tokenizer, tmp_path):
 def test_sentencepiece_style_tokenizer(tmp_path):
     """Llama 2 / Mistral / Phi-3 style: '▁' for spaces, <0xNN> byte fallback -> tokenizer.ggml.model=llama."""
     import gguf
-    from conftest import _corpus
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
@@ -83,7 +83,7 @@ def test_sentencepiece_style_tokenizer(tmp_path):
     tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    tk.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=700, special_tokens=specials))
+    tk.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=700, special_tokens=specials))
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     folder = tmp_path / "spm"
     tok.save_pretrained(folder)
@@ -185,7 +185,6 @@ def test_modelfile(tiny_model_dir, tmp_path):
 def test_run_directory_is_merged_then_exported(tiny_model_dir, tmp_path):
     """A run directory goes through lorafit.merge; its template (alpaca here) travels into both templates."""
     import gguf
-    from test_generate_rundir import make_run
 
     run = make_run(tmp_path / "run", tiny_model_dir("llama"), template="alpaca", temperature=0.2)
     template = json.loads((run / "template.json").read_text())

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_support import REPO, subprocess_env
+from helpers import REPO, subprocess_env
 
 pytest.importorskip("peft")
 

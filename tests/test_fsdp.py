@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_distributed import COMMON, _torchrun, _val
-from test_train_support import (
+from helpers import (
+    DDP_COMMON,
     REPO,
+    adapter_tensors,
     alpaca_file,
     assert_same_adapter,
     cli_main,
@@ -26,13 +27,15 @@ from test_train_support import (
     run_train,
     subprocess_env,
     to_argv,
+    torchrun_cmd,
     train_args,
+    val_losses,
 )
 
 # micro-batch 1 x 2 accumulation x 2 ranks == 1 x 4 in one process, so FSDP's no-sync micro-steps are exercised;
 # group_by_length off: its sort window is 32 x micro-batch x ranks, which at micro-batch 1 (32 vs 64 < 42 examples)
 # would order the two runs' batches differently. max_grad_norm 0.5 sits below the ~0.7-1.0 norms: the clip acts.
-FSDP = {**COMMON, "per_device_train_batch_size": 1, "max_grad_norm": 0.5, "group_by_length": False}
+FSDP = {**DDP_COMMON, "per_device_train_batch_size": 1, "max_grad_norm": 0.5, "group_by_length": False}
 
 
 def _metrics(run: Path, key: str) -> dict[int, float]:
@@ -67,7 +70,7 @@ def test_fsdp_two_ranks_equal_one_process(runs, tiny_model_dir):
     norms = _metrics(run, "grad_norm")
     assert norms == pytest.approx(_metrics(single, "grad_norm"), rel=1e-4)
     assert min(norms.values()) > FSDP["max_grad_norm"]  # the clip acted on sharded gradients
-    assert _val(run) == pytest.approx(_val(single), rel=1e-4)
+    assert val_losses(run) == pytest.approx(val_losses(single), rel=1e-4)
     assert_same_adapter(run, single, atol=1e-5)
     # rank 0 alone wrote: one metrics line per step and validation, one checkpoint per save, one summary
     assert sum(1 for _ in (run / "metrics.jsonl").open()) == 4 + 2
@@ -80,7 +83,6 @@ def test_fsdp_two_ranks_equal_one_process(runs, tiny_model_dir):
 def test_fsdp_adapter_loads_with_peft(runs, tiny_model_dir):
     import torch
     from peft import PeftModel
-    from test_train_support import adapter_tensors
     from transformers import AutoModelForCausalLM
 
     run, _, _ = runs
@@ -110,7 +112,7 @@ def test_one_process_checkpoint_resumes_under_fsdp(runs, tmp_path):
     _, single, _ = runs
     copy = Path(shutil.copytree(single, tmp_path / "run"))
     shutil.rmtree(copy / "checkpoints" / "step-000004")
-    proc = subprocess.run([*_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "lorafit", "train",
+    proc = subprocess.run([*torchrun_cmd(), "--standalone", "--nproc_per_node", "2", "-m", "lorafit", "train",
                            "--output_dir", str(copy), "--resume", "--fsdp", "true", "--gradient_accumulation_steps",
                            "2"], check=False, capture_output=True, text=True, timeout=400, cwd=REPO,
                           env=subprocess_env())

@@ -1,16 +1,18 @@
 """generate.py: greedy and seeded sampling, streaming, stop strings, EOS, batched greedy, the lock."""
 from __future__ import annotations
 
+import itertools
 import threading
+import time
 
 import pytest
-from test_generate_rundir import llama_run  # noqa: F401  (fixture)
+from helpers import make_run
 
 MSGS = [{"role": "user", "content": "hello world, what is the apple?"}]
 
 
 @pytest.fixture(scope="module")
-def session(llama_run):  # noqa: F811
+def session(llama_run):
     from lorafit.infer.generate import load_session
     from lorafit.run_dir import load_run_config
 
@@ -23,7 +25,7 @@ def _gen(**kw):
     return GenerateArgs(**{"max_new_tokens": 12, **kw})
 
 
-def test_session_loads_adapter_and_template(session, llama_run):  # noqa: F811
+def test_session_loads_adapter_and_template(session, llama_run):
     from peft import PeftModel
 
     assert isinstance(session.model, PeftModel)
@@ -129,30 +131,51 @@ def test_batched_greedy_matches_one_by_one(session):
     ids = [encode_prompt(s.template, c, s.tokenizer) for c in convs]
     batch = generate_batch(s.model, s.tokenizer, ids, 8, eos_token_ids(s.model, s.tokenizer, s.template),
                            s.template.stop_strings)
-    for conv, got in zip(convs, batch):
+    for conv, got in zip(convs, batch, strict=True):
         one = generate_text(s.model, s.tokenizer, s.template, conv, _gen(temperature=0, max_new_tokens=8,
                                                                           repetition_penalty=1.0))
         assert got.text == one.text
 
 
-def test_concurrent_requests_do_not_interleave(session):
+def test_concurrent_generations_do_not_interleave(session):
+    """Three threads generating at once on one model take turns: GENERATION_LOCK lets no model call of one
+    generation fall between two of another's (one generation's KV cache and activations in memory at a time).
+
+    Each call has its own KV cache and seeded generator, so the answers agree with or without the lock; the
+    order of the model calls is what the lock decides. The hook sleeps 2 ms per call (releasing the GIL), so
+    without the lock the threads do interleave."""
     from lorafit.infer.generate import generate_text
 
     s = session
-    want = generate_text(s.model, s.tokenizer, s.template, MSGS, _gen(temperature=0.8), seed=3)
-    got: list = []
-    threads = [threading.Thread(target=lambda: got.append(
-        generate_text(s.model, s.tokenizer, s.template, MSGS, _gen(temperature=0.8), seed=3))) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    gen = _gen(temperature=0.8)
+    want = generate_text(s.model, s.tokenizer, s.template, MSGS, gen, seed=3)
+    assert want.completion_tokens >= 4  # enough model calls per generation to interleave
+    got, calls, start = [], [], threading.Barrier(3)
+
+    def one() -> None:
+        start.wait()
+        got.append(generate_text(s.model, s.tokenizer, s.template, MSGS, gen, seed=3))
+
+    def hook(_module, _args) -> None:
+        calls.append(threading.get_ident())
+        time.sleep(0.002)
+
+    handle = s.model.register_forward_pre_hook(hook)
+    try:
+        threads = [threading.Thread(target=one) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        handle.remove()
     assert got == [want] * 3
+    turns = [ident for ident, _ in itertools.groupby(calls)]  # one entry per uninterrupted run of calls
+    assert len(turns) == len(set(turns)) == 3, f"{len(turns)} turns for 3 generations"
 
 
 def test_4bit_session_generates(tiny_model_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
-    from test_generate_rundir import make_run
 
     from lorafit.infer.generate import generate_text, load_session
     from lorafit.run_dir import load_run_config
@@ -163,3 +186,11 @@ def test_4bit_session_generates(tiny_model_dir, tmp_path):
     assert type(s.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
     r = generate_text(s.model, s.tokenizer, s.template, MSGS, _gen(temperature=0.7, max_new_tokens=4), seed=0)
     assert r.completion_tokens <= 4 and r.prompt_tokens > 0
+
+
+def test_run_dir_has_what_train_writes(llama_run):
+    from lorafit.run_dir import has_adapter, load_run_config
+
+    assert has_adapter(llama_run)
+    assert (llama_run / "template.json").is_file()
+    assert load_run_config(llama_run).lora.lora_r == 4

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from test_generate_rundir import REPO
+from helpers import REPO
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_generate_rundir import make_run
+from helpers import make_run
 
 
 def _adapter_vs_merged(run, out):

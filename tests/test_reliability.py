@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train_support import (
+from helpers import (
     alpaca_file,
     assert_same_adapter,
     cli_main,

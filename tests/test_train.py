@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_support import alpaca_file, assert_same_adapter, losses, run_train, train_args
+from helpers import adapter_tensors, alpaca_file, alpaca_records, assert_same_adapter, losses, run_train, train_args
+
+from lorafit.train.optim import build_optimizer
 
 # Recorded once from a run checked by hand (tiny llama, seed 7, 5 steps of 4 sequences, lr 2e-4, cosine).
 PINNED = {1: 6.3976672, 2: 6.4185188, 3: 6.450975, 4: 6.465332, 5: 6.4376352}
@@ -92,18 +94,38 @@ def test_refuses_finished_run_then_overwrites(tiny_model_dir, tmp_path):
     assert max(losses(tmp_path / "run")) == 2
 
 
-@pytest.mark.parametrize("fields", [
-    {"load_in_4bit": "true", "optim": "paged_adamw_8bit", "gradient_checkpointing": "true"},
-    {"bf16": "true", "optim": "paged_adamw_32bit", "lr_scheduler_type": "linear", "warmup_ratio": "0.5",
-     "gradient_checkpointing": "true"},
-    {"load_in_8bit": "true", "optim": "adamw_8bit", "weight_decay": "0.01", "lr_scheduler_type": "constant"},
+@pytest.mark.parametrize("fields, base, optimizer", [
+    ({"load_in_4bit": "true", "optim": "paged_adamw_8bit", "gradient_checkpointing": "true"},
+     "Linear4bit", "PagedAdamW8bit"),
+    ({"bf16": "true", "optim": "paged_adamw_32bit", "lr_scheduler_type": "linear", "warmup_ratio": "0.5",
+      "gradient_checkpointing": "true"}, "bfloat16", "PagedAdamW32bit"),
+    ({"load_in_8bit": "true", "optim": "adamw_8bit", "weight_decay": "0.01", "lr_scheduler_type": "constant"},
+     "Linear8bitLt", "AdamW8bit"),
 ], ids=["qlora-nf4-paged8bit-ckpt", "bf16-paged32bit-ckpt", "int8-adamw8bit"])
-def test_precision_and_optimizers(tiny_model_dir, tmp_path, fields):
+def test_precision_and_optimizers(tiny_model_dir, tmp_path, monkeypatch, fields, base, optimizer):
+    """The run trains the base it was asked for (4-bit / 8-bit layers, bf16 weights) with the optimizer named,
+    and its steps move the adapter (PEFT starts lora_B at zero). What each optimizer does: test_optim.py."""
     pytest.importorskip("bitsandbytes")
+    import lorafit.train.loop as loop
+
+    seen = {}
+
+    def spy(model, t):
+        layer = next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn.q_proj")).base_layer
+        seen.update(base=type(layer).__name__ if base.startswith("Linear") else str(layer.weight.dtype)[6:],
+                    lora=[p.dtype for p in model.parameters() if p.requires_grad])
+        opt = build_optimizer(model, t)
+        seen["optimizer"] = type(opt).__name__
+        return opt
+
+    monkeypatch.setattr(loop, "build_optimizer", spy)
     out = run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path / "run", max_steps=2, **fields))
+    assert (seen["base"], seen["optimizer"]) == (base, optimizer)
+    assert set(seen["lora"]) == {torch.float32}                        # LoRA weights train in fp32 throughout
     got = losses(out)
     assert len(got) == 2 and all(math.isfinite(v) for v in got.values())
-    assert (out / "adapter_model.safetensors").is_file()
+    b = [v for k, v in adapter_tensors(out).items() if "lora_B" in k]
+    assert b and all(v.abs().max() > 0 for v in b)
 
 
 def test_nan_policy(tiny_model_dir, tmp_path, monkeypatch):
@@ -196,7 +218,8 @@ def test_schedules():
     assert warmup_steps(TrainArgs(warmup_ratio=0.1, warmup_steps=3), 95) == 3
     cos = [lr_factor(s, kind="cosine", warmup=2, total=10) for s in range(10)]
     assert cos[:2] == pytest.approx([1 / 3, 2 / 3]) and cos[2] == 1.0
-    assert all(a >= b for a, b in itertools.pairwise(cos[2:])) and cos[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert all(a >= b for a, b in itertools.pairwise(cos[2:]))
+    assert cos[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
     lin = [lr_factor(s, kind="linear", warmup=0, total=4) for s in range(4)]
     assert lin == pytest.approx([1, 0.75, 0.5, 0.25])
     assert [lr_factor(s, kind="constant", warmup=1, total=4) for s in range(4)] == [0.5, 1, 1, 1]
@@ -221,3 +244,8 @@ def test_fused_adamw_steps_like_adamw(tiny_model_dir, tmp_path):
     assert losses(a) == pytest.approx(losses(b), rel=1e-5)
     assert_same_adapter(a, b, atol=1e-6)
     assert "adamw_torch_fused" in (b / "config.yaml").read_text()
+
+
+def test_alpaca_records_are_distinct():
+    recs = alpaca_records()
+    assert len({json.dumps(r) for r in recs}) == len(recs)
