@@ -122,7 +122,7 @@ def save_adapter(model, run_dir: Path, state: dict[str, torch.Tensor] | None = N
 def write_summary(r: TrainState, seconds: float, peaks: list[float] | None = None) -> None:
 
     trainable, total = parameter_counts(r.model)
-    summary = {"steps": r.pos.step, "epochs": round(r.pos.epoch + r.pos.micro_in_epoch / max(r.plan.epoch_micro, 1), 3),
+    summary = {"steps": r.pos.step, "epochs": round(r.pos.epoch_fraction(r.plan), 3),
                "trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1),
                "peak_memory_gib": round(memory_gib(r.d.device), 3), "seconds": round(seconds, 1),
                "tokens": r.pos.tokens, "tokens_per_s": round(r.pos.tokens / max(seconds, 1e-9), 1),

@@ -32,6 +32,8 @@ class TrainState:
     """Set when FSDP shards the model."""
     model: Any = None
     """The PEFT model (LoRA on the base)."""
+    fast: Any = None
+    """The fused loss (train/fast.py FastLoss) when the run uses it, else None."""
     ddp: torch.nn.Module | None = None
     """The module each micro-step calls: the LossModule, DDP-wrapped, or FSDP's sharded root."""
     optimizer: torch.optim.Optimizer | None = None
