@@ -259,6 +259,7 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="BSxSEQ: profile 2 steps at this shape, print the top kernels")
     ap.add_argument("--steps", type=int, default=12, help="steps per shape (the first 4 are warm-up)")
     ap.add_argument("--memory", default="", help="BSxSEQ: what is live at one step's memory peak, largest first")
+    ap.add_argument("--tag", default="", help="appended to each shape name (e.g. @llama3-8b)")
     args = ap.parse_args()
     import torch
     model = load(args.stack, args.model)
@@ -271,14 +272,14 @@ def main() -> None:
         try:
             times, losses = timed(step, shape_batches(bs, seq, args.steps), warmup=4)
             st = sorted(times)[len(times) // 2]
-            rec = {"stack": args.stack, "shape": f"{bs}x{seq}", "step_s": round(st, 4), "tok_s": round(bs * seq / st),
+            rec = {"stack": args.stack, "shape": f"{bs}x{seq}{args.tag}", "step_s": round(st, 4), "tok_s": round(bs * seq / st),
                    "host_queue_s": round(timed.issue_s, 4),
                        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                        "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4)}
         except Exception as e:  # noqa: BLE001 -- one failed shape must not hide the others
             import traceback
             traceback.print_exc()
-            rec = {"stack": args.stack, "shape": f"{bs}x{seq}", "error": repr(e)[:300]}
+            rec = {"stack": args.stack, "shape": f"{bs}x{seq}{args.tag}", "error": repr(e)[:300]}
         print(json.dumps(rec), flush=True)
     if args.profile:
         profile(step, *map(int, args.profile.split("x")))

@@ -41,6 +41,12 @@ from lorafit.data.records import IGNORE_INDEX
 if TYPE_CHECKING:
     from lorafit.data.encode import Example
 
+# Pass budgets (train/memory.py picks the training one from free memory): on a CPU, 1,024 tokens already run the
+# products at full speed and keep SmolLM2-135M's float32 activations near 1 GiB; on a GPU, beyond ~8k tokens a pass
+# is GPU-bound (bench: the host queues a 4x2048 step in 290 of 363 ms), so more only raises the peak.
+CPU_PASS_TOKENS = 1024
+GPU_PASS_CAP = 16384
+_EVAL_GPU_TOKENS = 4096  # a loss-only pass holds its (T, vocab) float32 logits: 2 GiB at 128k vocabulary
 _OPEN_ROWS = 16  # rows kept open while packing: first-fit over 16 fills rows to ~99% at 512 tokens
 _MEGABATCH = 32  # steps' worth of items sorted together when grouping by length
 
@@ -186,6 +192,11 @@ def packed_attention_mask(doc_ids: torch.Tensor, dtype: torch.dtype) -> torch.Te
     allowed = (same & causal & real) | torch.eye(T, dtype=torch.bool, device=doc_ids.device)
     mask = torch.zeros(B, 1, T, T, dtype=dtype, device=doc_ids.device)
     return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+
+def eval_pass_tokens(max_tokens_per_pass: int | None, max_seq_length: int, on_gpu: bool) -> int:
+    """Tokens per pass of a loss-only evaluation (no backward)."""
+    return max_tokens_per_pass or max(max_seq_length, _EVAL_GPU_TOKENS if on_gpu else CPU_PASS_TOKENS)
 
 
 def epoch_items(steps: list[Step]) -> int:

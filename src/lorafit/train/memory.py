@@ -7,19 +7,13 @@ import logging
 
 import torch
 
-from lorafit.data.batching import collate_pass, make_passes
+from lorafit.data.batching import CPU_PASS_TOKENS, GPU_PASS_CAP, collate_pass, make_passes
 from lorafit.errors import UserError
 from lorafit.train import parallel as dist
 from lorafit.train.state import TrainState
 
 log = logging.getLogger("lorafit")
 
-# Beyond ~8k tokens a pass is GPU-bound on an H100/H200 (bench: at 4x2048 the host queues a step in 290 ms of
-# 363 ms; at 8x512 it takes the whole step), so larger passes only raise the peak.
-GPU_CAP = 16384
-# On a CPU a pass of 1,024 tokens already runs the products at full speed, and activations cost ~0.7 MB a token
-# for SmolLM2-135M in float32 without checkpointing (the quickstart on alpaca: 2.1 GiB peak RSS at 1,024).
-CPU_BUDGET = 1024
 _GPU_SHARE = 0.6  # of the free memory after loading: the allocator's fragmentation and the optimizer's state
 _ROUND = 256
 
@@ -42,13 +36,13 @@ def bytes_per_token(model_config, element_size: int, checkpointing: bool, fused:
 
 
 def pass_budget(r: TrainState, fused: bool) -> int:
-    """--max_tokens_per_pass, else CPU_BUDGET on a CPU, else the free GPU memory's share over bytes_per_token."""
+    """--max_tokens_per_pass, else CPU_PASS_TOKENS on a CPU, else the free GPU memory's share over bytes_per_token."""
     c = r.cfg
     floor = c.data.max_seq_length
     if c.train.max_tokens_per_pass:
         return c.train.max_tokens_per_pass
     if r.d.device.type != "cuda":
-        return max(floor, CPU_BUDGET)
+        return max(floor, CPU_PASS_TOKENS)
     free, _ = torch.cuda.mem_get_info(r.d.device)
     per = bytes_per_token(r.model.get_base_model().config, torch.finfo(r.dtype).bits // 8,
                           c.model.gradient_checkpointing, fused, c.lora.lora_dropout > 0)
@@ -69,7 +63,7 @@ def measured_budget(r: TrainState, budget: int, pass_tokens: int, base_bytes: in
 
 
 def _clamp(tokens: float, floor: int) -> int:
-    return int(max(floor, min(GPU_CAP, tokens // _ROUND * _ROUND)))
+    return int(max(floor, min(GPU_PASS_CAP, tokens // _ROUND * _ROUND)))
 
 
 def oom_error(r: TrainState, budget: int | None = None) -> UserError:
