@@ -24,13 +24,13 @@ HERE = Path(__file__).parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def load(stack: str, path: str):
+def load(stack: str, path: str, max_seq: int = 2048):
     import torch
     if stack == "unsloth":
         os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
         os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", "/tmp/unsloth_cache")
         from unsloth import FastLanguageModel
-        model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=2048, load_in_4bit=True,
+        model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=max_seq, load_in_4bit=True,
                                                      dtype=torch.bfloat16, local_files_only=True)
         return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, target_modules=TARGETS,
                                                 bias="none", use_gradient_checkpointing="unsloth", random_state=0)
@@ -262,10 +262,10 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="appended to each shape name (e.g. @llama3-8b)")
     args = ap.parse_args()
     import torch
-    model = load(args.stack, args.model)
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",") if s]
+    model = load(args.stack, args.model, max([2048, *(seq for _, seq in shapes)]))
     model.train()
     step = make_step(args.stack, model)
-    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",") if s]
     for bs, seq in shapes:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
