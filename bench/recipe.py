@@ -1,7 +1,7 @@
 """The recipe shape: `lorafit train` through its CLI on a shipped recipe, the hub model swapped for a local random
 model of the same dimensions (../shared/bench/make_models2.py), on records of the real Alpaca lengths.
 
-usage: python bench/recipe.py RECIPE.yaml MODEL_DIR OUT_DIR [--steps N] [--data-only] [FLAG VALUE ...]
+usage: python bench/recipe.py RECIPE.yaml MODEL_DIR OUT_DIR [--steps N] [--name SHAPE] [--data-only] [FLAG VALUE ...]
 Writes OUT_DIR/alpaca_lengths.json: one Alpaca record per line of bench/alpaca_lengths.txt, made of the random
 model's word tokens (t3, t4, ...: one token each, its tokenizer is word-level) so that the record's prompt and
 reply are about bench/alpaca_prompt_lengths.txt and alpaca_lengths.txt long (the template's words add a few).
@@ -42,10 +42,13 @@ def main() -> None:
     if len(args) < 3:
         raise SystemExit(__doc__)
     recipe, model, out, rest = args[0], args[1], Path(args[2]), args[3:]
-    steps = 40
+    steps, name = 40, "recipe:" + Path(recipe).stem
     if "--steps" in rest:
         k = rest.index("--steps")
         steps, rest = int(rest[k + 1]), rest[:k] + rest[k + 2:]
+    if "--name" in rest:
+        k = rest.index("--name")
+        name, rest = rest[k + 1], rest[:k] + rest[k + 2:]
     data_only = "--data-only" in rest
     rest = [a for a in rest if a != "--data-only"]
     out.mkdir(parents=True, exist_ok=True)
@@ -65,8 +68,7 @@ def main() -> None:
     tail = [line for line in proc.stderr.splitlines() if line.startswith(("batch:", "loss:", "done:", "step "))]
     for line in tail[-6:]:
         print("  " + line[:300], file=sys.stderr)
-    rec = {"stack": "lorafit", "shape": "recipe:" + Path(recipe).stem + ("+" + "+".join(rest[::2]) if rest else ""),
-           "steps": steps, "wall_s": round(wall, 1)}
+    rec = {"stack": "lorafit", "shape": name, "flags": " ".join(rest), "steps": steps, "wall_s": round(wall, 1)}
     summary = run / "train_summary.json"
     if proc.returncode != 0 or not summary.is_file():
         rec["error"] = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]

@@ -46,7 +46,7 @@ for s in $STEPS; do
          python3 bench/table.py "$OUT/ddp.jsonl" | tee "$OUT/ddp_table.md" ;;
     m2:*) k=${s#m2:}; [ -d /tmp/$k ] || timeout 400 python3 bench/make_models2.py $k /tmp/$k 32768 2>&1 | tail -1 | tee -a "$OUT/log" ;;
     rcp:*) r=${s#rcp:}; name=${r%%:*}; model=${RMODEL[$name]}; extra=""
-           if [ "$r" != "$name" ]; then model=/tmp/phi3-llama; extra="--target_modules all-linear --lora_dropout 0"; fi
+           if [ "$r" != "$name" ]; then model=/tmp/phi3-llama; extra="--name recipe --target_modules all-linear --lora_dropout 0"; fi
            timeout 400 python3 bench/recipe.py configs/$name.yaml $model /tmp/recipe-out --steps 40 $extra 2>&1 \
              | tee -a "$OUT/log" | grep -E '^\{' | tee -a "$OUT/results.jsonl" ;;
     peer:*) p=${s#peer:}; pp=""; [ $p = unsloth ] && pp=/tmp/site-peers:

@@ -161,7 +161,7 @@ def test_out_of_memory_message_and_auto_batch_size(tiny_model_dir, tmp_path, mon
     with pytest.raises(UserError) as e:
         run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path / "oom", max_steps=2))
     msg = str(e.value)
-    assert "out of GPU memory" in msg and "passes of up to 1024 tokens" in msg and "max_seq_length 64" in msg
+    assert "out of GPU memory" in msg and "passes of up to 512 tokens" in msg and "max_seq_length 64" in msg
     for knob in ("--max_tokens_per_pass", "--max_seq_length", "--gradient_checkpointing", "--load_in_4bit",
                  "--auto_find_batch_size"):
         assert knob in msg

@@ -41,10 +41,12 @@ from lorafit.data.records import IGNORE_INDEX
 if TYPE_CHECKING:
     from lorafit.data.encode import Example
 
-# Pass budgets (train/memory.py picks the training one from free memory): on a CPU, 1,024 tokens already run the
-# products at full speed and keep SmolLM2-135M's float32 activations near 1 GiB; on a GPU, beyond ~8k tokens a pass
-# is GPU-bound (bench: the host queues a 4x2048 step in 290 of 363 ms), so more only raises the peak.
-CPU_PASS_TOKENS = 1024
+# Pass budgets (train/memory.py picks the training one from free memory). On a CPU a pass of 512 tokens already runs
+# the products at full speed; SmolLM2-135M in float32 with LoRA dropout keeps ~2.5 MB a token for its backward, and
+# the packed 8 x 384 run measured 4.07 GiB RSS at 1,024 tokens a pass (12.1 GiB with its 3,072-token
+# micro-batch in one pass). On a GPU, beyond ~8k tokens a pass is GPU-bound (bench: the host queues a 4x2048 step
+# in 290 of 363 ms), so more only raises the peak.
+CPU_PASS_TOKENS = 512
 GPU_PASS_CAP = 16384
 _EVAL_GPU_TOKENS = 4096  # a loss-only pass holds its (T, vocab) float32 logits: 2 GiB at 128k vocabulary
 _OPEN_ROWS = 16  # rows kept open while packing: first-fit over 16 fills rows to ~99% at 512 tokens

@@ -343,23 +343,33 @@ def _validate(r: TrainState) -> bool:
 
     cfg, d = r.cfg, r.d
     if r.val_batches is None:
-        shard = r.data.val[d.rank:: d.world_size]  # disjoint shards: no example counted twice
-        lengths = [min(len(e.input_ids), cfg.data.max_seq_length) for e in shard]
-        passes = make_passes(list(range(len(shard))), lengths, r.plan.tokens_per_pass)  # padding-free
-        r.val_batches = [collate_pass(shard, p, cfg.data.max_seq_length) for p in passes]
+        r.val_batches = _val_passes(r)
     # FSDP: through the sharded root, whose forward gathers the embeddings and head; it runs the reference loss
     loss_fn = r.ddp if r.fsdp else LossModule(r.model, r.objective, None, r.dtype)
     r.model.eval()
     ce, n = 0.0, 0.0
     with torch.no_grad(), torch.autocast(d.device.type, dtype=r.dtype, enabled=r.dtype != torch.float32):
-        for batch in r.val_batches:
+        for batch, counted in r.val_batches:
             loss_sum, _ = loss_fn({k: v.to(d.device) for k, v in batch.items()})
-            ce, n = ce + loss_sum.detach().double(), n + r.objective.units(batch)  # summed on the device
+            if counted:
+                ce, n = ce + loss_sum.detach().double(), n + r.objective.units(batch)  # summed on the device
     r.model.train()
     ce, n = dist.all_reduce_sum(d, [float(ce), float(n)])
     loss = ce / max(n, 1.0)
     r.tlog.validation(r.pos.step, loss, int(n))
     return r.pos.record_validation(loss, cfg.train.early_stopping_patience, r.tlog)
+
+
+def _val_passes(r: TrainState) -> list[tuple[dict[str, torch.Tensor], bool]]:
+    """This rank's padding-free validation passes over its shard (disjoint shards: no example counted twice), as
+    many as the busiest rank's (FSDP gathers weights in every forward): stand-ins, not counted, fill up."""
+    d, msl = r.d, r.cfg.data.max_seq_length
+    shards = [r.data.val[k:: d.world_size] for k in range(d.world_size)]
+    plans = [make_passes(list(range(len(sh))), [min(len(e.input_ids), msl) for e in sh], r.plan.tokens_per_pass)
+             for sh in shards]
+    mine = [(collate_pass(shards[d.rank], p, msl), True) for p in plans[d.rank]]
+    stand_in = collate_pass(r.data.val, [0], msl)
+    return mine + [(stand_in, False)] * (max(len(p) for p in plans) - len(mine))
 
 
 def _previews(r: TrainState) -> None:

@@ -42,4 +42,5 @@ class TrainState:
     tlog: TrainLog | NullLog | None = None
     plan: Plan | None = None
     pos: Position = field(default_factory=Position)
-    val_batches: list[dict[str, torch.Tensor]] | None = None
+    val_batches: list[tuple[dict[str, torch.Tensor], bool]] | None = None
+    """Validation passes, built once: (CPU batch, counted); stand-ins keep ranks in step."""
