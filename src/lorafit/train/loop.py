@@ -205,7 +205,7 @@ def _loop(r: TrainState, signals: StopSignals) -> None:
                             seed=cfg.train.seed, epoch=pos.epoch, group_by_length=cfg.data.group_by_length)
         for k in range(_resume_index(steps, pos.items_in_epoch), len(steps)):
             passes = step_passes(steps[k], lengths, cfg.data.max_seq_length, p.tokens_per_pass, d.rank, d.world_size)
-            _optimizer_step(r, passes)
+            _optimizer_step(r, passes, [i for item in steps[k] for i in item])
             time.sleep(delay)
             pos.items_in_epoch += len(steps[k])
             stop = _after_step(r, signals, epoch_end=k == len(steps) - 1)
@@ -237,15 +237,19 @@ def _host_batches(r: TrainState, passes: list[Pass]) -> list[dict[str, torch.Ten
     return out
 
 
-def _optimizer_step(r: TrainState, passes: list[Pass]) -> None:
+def _optimizer_step(r: TrainState, passes: list[Pass], records: list[int]) -> None:
+    """One optimizer step over the step's `records` (all ranks'), this rank computing `passes`."""
     d = r.d
     started = time.perf_counter()
     batches = _host_batches(r, passes)
     counted = [(b, p.counted) for b, p in zip(batches, passes)]
-    n_units = sum(r.objective.units(b) for b, c in counted if c)
-    n_tokens = sum(b["input_ids"].numel() for b, c in counted if c)
-    n_global, tokens, samples = dist.all_reduce_sum(d, [float(n_units), float(n_tokens),
-                                                        float(sum(len(p.records) for p in passes if p.counted))])
+    # the step's units on all ranks, counted here: every rank knows the whole step, so no collective (whose
+    # read-back would wait for the previous step's optimizer on the GPU)
+    whole = collate_pass(r.data.train, records, r.cfg.data.max_seq_length) if d.enabled else None
+    mine = [b for b, c in counted if c]
+    n_global = float(r.objective.units(whole) if whole else sum(r.objective.units(b) for b in mine))
+    tokens = whole["input_ids"].numel() if whole else sum(b["input_ids"].numel() for b in mine)
+    samples = len(records)
     autocast = torch.autocast(d.device.type, dtype=r.dtype, enabled=r.dtype != torch.float32)
     totals: dict[str, torch.Tensor] = {"loss": torch.zeros((), dtype=torch.float64, device=d.device)}
     base_bytes = torch.cuda.memory_allocated(d.device) if d.device.type == "cuda" and r.pos.step == 0 else 0
