@@ -247,8 +247,8 @@ def _optimizer_step(r: TrainState, passes: list[Pass], records: list[int]) -> No
     # read-back would wait for the previous step's optimizer on the GPU)
     whole = collate_pass(r.data.train, records, r.cfg.data.max_seq_length) if d.enabled else None
     mine = [b for b, c in counted if c]
-    n_global = float(r.objective.units(whole) if whole else sum(r.objective.units(b) for b in mine))
-    tokens = whole["input_ids"].numel() if whole else sum(b["input_ids"].numel() for b in mine)
+    n_global = float(r.objective.units(whole) if whole is not None else sum(r.objective.units(b) for b in mine))
+    tokens = whole["input_ids"].numel() if whole is not None else sum(b["input_ids"].numel() for b in mine)
     samples = len(records)
     autocast = torch.autocast(d.device.type, dtype=r.dtype, enabled=r.dtype != torch.float32)
     totals: dict[str, torch.Tensor] = {"loss": torch.zeros((), dtype=torch.float64, device=d.device)}
