@@ -29,10 +29,10 @@ from test_train_support import (
     train_args,
 )
 
-# micro-batch 1 x 2 accumulation x 2 ranks == 1 x 4 in one process (4 records a step either way; each rank runs its
-# share, and ranks with fewer passes get stand-ins so FSDP's gathers stay in step). max_grad_norm 0.5 sits below the
-# ~0.7-1.0 norms: the clip acts.
-FSDP = {**COMMON, "per_device_train_batch_size": 1, "max_grad_norm": 0.5}
+# micro-batch 1 x 2 accumulation x 2 ranks == 1 x 4 in one process (4 records a step either way); passes of at most
+# 64 tokens (max_seq_length) put about one record in each, so FSDP's no-sync passes are exercised and a rank with
+# fewer passes runs stand-ins to keep the gathers in step. max_grad_norm 0.5 sits below the ~0.7-1.0 norms.
+FSDP = {**COMMON, "per_device_train_batch_size": 1, "max_grad_norm": 0.5, "max_tokens_per_pass": 64}
 
 
 def _metrics(run: Path, key: str) -> dict[int, float]:
