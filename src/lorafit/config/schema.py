@@ -123,7 +123,8 @@ class TrainArgs:
     """Micro-batches per optimizer step (records per step = this x per_device_train_batch_size x processes)."""
     max_tokens_per_pass: int | None = None
     """Most tokens in one padding-free forward/backward pass (>= max_seq_length; a memory knob with no effect on
-    the result). Default: from free GPU memory and the model's size, capped at 16384; 512 on a CPU."""
+    the result). Default: from free GPU memory and the model's size, capped at 16384 (4096 on the reference path); 512
+    on a CPU."""
     learning_rate: float = 2e-4
     """Peak learning rate."""
     lr_scheduler_type: str = "cosine"

@@ -14,6 +14,9 @@ from lorafit.train.state import TrainState
 
 log = logging.getLogger("lorafit")
 
+# The reference path (no fused kernels) builds a (1, 1, T, T) document mask per pass: 512 MiB at 16k tokens in bf16,
+# 32 MiB at 4k, so its passes stop at 4k.
+_REFERENCE_CAP = 4096
 _GPU_SHARE = 0.6  # of the free memory after loading: the allocator's fragmentation and the optimizer's state
 _ROUND = 256
 
@@ -46,7 +49,7 @@ def pass_budget(r: TrainState, fused: bool) -> int:
     free, _ = torch.cuda.mem_get_info(r.d.device)
     per = bytes_per_token(r.model.get_base_model().config, torch.finfo(r.dtype).bits // 8,
                           c.model.gradient_checkpointing, fused, c.lora.lora_dropout > 0)
-    return _clamp(_GPU_SHARE * free / per, floor)
+    return _clamp(_GPU_SHARE * free / per, floor, GPU_PASS_CAP if fused else _REFERENCE_CAP)
 
 
 def measured_budget(r: TrainState, budget: int, pass_tokens: int, base_bytes: int) -> int:
@@ -59,11 +62,11 @@ def measured_budget(r: TrainState, budget: int, pass_tokens: int, base_bytes: in
         return budget
     free, _ = torch.cuda.mem_get_info(r.d.device)
     held = torch.cuda.memory_reserved(r.d.device) - torch.cuda.memory_allocated(r.d.device)
-    return _clamp(_GPU_SHARE * (free + held) / per, r.cfg.data.max_seq_length)
+    return _clamp(_GPU_SHARE * (free + held) / per, r.cfg.data.max_seq_length, budget if r.fast is None else GPU_PASS_CAP)
 
 
-def _clamp(tokens: float, floor: int) -> int:
-    return int(max(floor, min(GPU_PASS_CAP, tokens // _ROUND * _ROUND)))
+def _clamp(tokens: float, floor: int, cap: int) -> int:
+    return int(max(floor, min(cap, tokens // _ROUND * _ROUND)))
 
 
 def oom_error(r: TrainState, budget: int | None = None) -> UserError:
