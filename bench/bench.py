@@ -24,13 +24,13 @@ HERE = Path(__file__).parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def load(stack: str, path: str):
+def load(stack: str, path: str, max_seq: int = 2048):
     import torch
     if stack == "unsloth":
         os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
         os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", "/tmp/unsloth_cache")
         from unsloth import FastLanguageModel
-        model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=2048, load_in_4bit=True,
+        model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=max_seq, load_in_4bit=True,
                                                      dtype=torch.bfloat16, local_files_only=True)
         return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, target_modules=TARGETS,
                                                 bias="none", use_gradient_checkpointing="unsloth", random_state=0)
@@ -258,26 +258,27 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="BSxSEQ: profile 2 steps at this shape, print the top kernels")
     ap.add_argument("--steps", type=int, default=12, help="steps per shape (the first 4 are warm-up)")
     ap.add_argument("--memory", default="", help="BSxSEQ: what is live at one step's memory peak, largest first")
+    ap.add_argument("--tag", default="", help="appended to each shape name (e.g. @llama3-8b)")
     args = ap.parse_args()
     import torch
-    model = load(args.stack, args.model)
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",") if s]
+    model = load(args.stack, args.model, max([2048, *(seq for _, seq in shapes)]))
     model.train()
     step = make_step(args.stack, model)
-    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",") if s]
     for bs, seq in shapes:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
             times, losses = timed(step, shape_batches(bs, seq, args.steps), warmup=4)
             st = sorted(times)[len(times) // 2]
-            rec = {"stack": args.stack, "shape": f"{bs}x{seq}", "step_s": round(st, 4), "tok_s": round(bs * seq / st),
+            rec = {"stack": args.stack, "shape": f"{bs}x{seq}{args.tag}", "step_s": round(st, 4), "tok_s": round(bs * seq / st),
                    "host_queue_s": round(timed.issue_s, 4),
                        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                        "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4)}
         except Exception as e:  # noqa: BLE001 -- one failed shape must not hide the others
             import traceback
             traceback.print_exc()
-            rec = {"stack": args.stack, "shape": f"{bs}x{seq}", "error": repr(e)[:300]}
+            rec = {"stack": args.stack, "shape": f"{bs}x{seq}{args.tag}", "error": repr(e)[:300]}
         print(json.dumps(rec), flush=True)
     if args.profile:
         profile(step, *map(int, args.profile.split("x")))

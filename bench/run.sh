@@ -7,6 +7,12 @@
 #        ddp (lorafit's DDP step on 1 GPU, then on 2: ddp_bench.py under torchrun; needs `model` first)
 #        cli2 (a short `torchrun --nproc_per_node 2 -m lorafit train`, 4-bit, fast path, on a tiny random model)
 #        fsdp2 (FSDP on 2 GPUs through torchrun --fsdp true and accelerate launch --use_fsdp, bf16, tiny random model)
+#        recipe (issue 14's recipe shape, one H200, ~7 min: lorafit's CLI on phi3_alpaca.yaml, all-linear, dropout 0,
+#          vs Unsloth and transformers+PEFT unpacked at 4 x 4 via peer_real.py, each in its own process, then the table)
+#        shapes (~9 min: 8x512 / 4x2048 on Phi-3-mini and Llama-3-8B dims, lorafit and Unsloth)
+#        long (~6 min: 1x32768 memory of lorafit and Unsloth, the 50-step loss check; carry .bench-data)
+#        recipes (~8 min: the shipped recipes as shipped, hub names swapped for local random models of their dims)
+#        m2:KIND (a random model of ../shared/bench/make_models2.py's KIND in /tmp/KIND), rcp:RECIPE[:FLAGS] (one recipe)
 set -uo pipefail
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -18,6 +24,13 @@ MODEL=/tmp/phi3-llama
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 TORCHRUN="python3 -m torch.distributed.run --standalone"
 STEPS=${*:-tests model lorafit hf unsloth loss}
+STEPS=" $STEPS "
+STEPS=${STEPS// recipes / m2:phi3 m2:mistral-7b rcp:phi3_alpaca rcp:phi3_guanaco rcp:mistral7b }
+STEPS=${STEPS// recipe / m2:phi3-llama rcp:phi3_alpaca:all peer:unsloth peer:hf }
+STEPS=${STEPS// shapes / model sh:lorafit sh:unsloth m2:llama3-8b sh:lorafit@llama3-8b sh:unsloth@llama3-8b }
+STEPS=${STEPS// long / model mem32k:lorafit mem32k:unsloth loss }
+LENS="bench/alpaca_lengths.txt bench/alpaca_prompt_lengths.txt"
+declare -A RMODEL=([phi3_alpaca]=/tmp/phi3 [phi3_guanaco]=/tmp/phi3 [mistral7b]=/tmp/mistral-7b)
 BENCH_ARGS=${BENCH_ARGS---real}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/log"
 for s in $STEPS; do
@@ -35,6 +48,22 @@ for s in $STEPS; do
            grep -E 'Error|error' "$OUT/ddp$n.log" | tail -5
          done
          python3 bench/table.py "$OUT/ddp.jsonl" | tee "$OUT/ddp_table.md" ;;
+    m2:*) k=${s#m2:}; [ -d /tmp/$k ] || timeout 400 python3 bench/make_models2.py $k /tmp/$k 32768 2>&1 | tail -1 | tee -a "$OUT/log" ;;
+    rcp:*) r=${s#rcp:}; name=${r%%:*}; model=${RMODEL[$name]}; extra=""
+           if [ "$r" != "$name" ]; then model=/tmp/phi3-llama; extra="--name recipe --target_modules all-linear --lora_dropout 0"; fi
+           timeout 400 python3 bench/recipe.py configs/$name.yaml $model /tmp/recipe-out --steps 40 $extra 2>&1 \
+             | tee -a "$OUT/log" | grep -E '^\{' | tee -a "$OUT/results.jsonl" ;;
+    peer:*) p=${s#peer:}; pp=""; [ $p = unsloth ] && pp=/tmp/site-peers:
+            PYTHONPATH=$pp$PYTHONPATH timeout 300 python3 bench/peer_real.py $p /tmp/phi3-llama $LENS 4 4 all 2>&1 \
+              | grep -E '^\{|Error' | tee -a "$OUT/results.jsonl" ;;
+    sh:*) st=${s#sh:}; stack=${st%@*}; tag=""; m=$MODEL; pp=""
+          if [ "$st" != "$stack" ]; then tag=@${st#*@}; m=/tmp/${st#*@}; fi
+          [ $stack = unsloth ] && pp=/tmp/site-peers:
+          PYTHONPATH=$pp$PYTHONPATH timeout 300 python3 bench/bench.py $stack $m --tag "$tag" 2>&1 \
+            | grep -E '^\{|Error' | tee -a "$OUT/results.jsonl" ;;
+    mem32k:*) stack=${s#mem32k:}; pp=""; [ $stack = unsloth ] && pp=/tmp/site-peers:
+          PYTHONPATH=$pp$PYTHONPATH timeout 300 python3 bench/bench.py $stack $MODEL --shapes 1x32768 --steps 6 2>&1 \
+            | grep -E '^\{|Error' | tee -a "$OUT/results.jsonl" ;;
     cli2) bash bench/cli2.sh 2>&1 | tee -a "$OUT/log" ;;
     fsdp2) bash bench/fsdp2.sh 2>&1 | tee -a "$OUT/log" ;;
     loss) timeout 400 python3 bench/loss_check.py $MODEL 50 2>&1 | grep -E '^\{|Error|error' | tee -a "$OUT/results.jsonl" ;;

@@ -35,7 +35,7 @@ def test_checkpoint_contents_verify(four_steps):
         assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "rng.pt",
                 "trainer_state.json"} <= set(files)
     state = json.loads((ckpts[0] / "trainer_state.json").read_text())
-    assert state["step"] == 2 and state["micro_in_epoch"] == 2 and state["world_size"] == 1
+    assert state["step"] == 2 and state["items_in_epoch"] == 8 and state["world_size"] == 1
     assert state["best_val"] is not None
 
 

@@ -22,6 +22,8 @@ CONFIG_CASES = [
     ({"lora_dropout": "1.0"}, ["'lora_dropout' must be in [0, 1)"]),
     ({"warmup_ratio": "1.5"}, ["'warmup_ratio' must be in [0, 1]"]),
     ({"per_device_train_batch_size": "0"}, ["'per_device_train_batch_size' must be > 0"]),
+    ({"max_tokens_per_pass": "100", "max_seq_length": "512"}, ["'max_tokens_per_pass' (100) is below max_seq_length",
+                                                                "--max_tokens_per_pass 512"]),
     ({"gradient_accumulation_steps": "0"}, ["'gradient_accumulation_steps' must be > 0"]),
     ({"fp16": "true", "bf16": "true"}, ["'bf16' and 'fp16' are both on", "choose one precision"]),
     ({"load_in_4bit": "true", "load_in_8bit": "true"}, ["'load_in_4bit' and 'load_in_8bit' are both on"]),

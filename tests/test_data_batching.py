@@ -1,11 +1,11 @@
-"""Batching: packing layout, determinism, sharding, padding share, and packed loss == one-by-one loss."""
+"""Batching: the padding-free row, the steps of an epoch, rank shares, passes, and packed loss == one-by-one loss."""
 from __future__ import annotations
 
 import pytest
 import torch
 from helpers import make_cfg
 
-from lorafit.data.batching import make_batches, packed_attention_mask, padding_share, plan_batches
+from lorafit.data.batching import collate_pass, epoch_steps, make_passes, packed_attention_mask, step_passes
 from lorafit.data.encode import Example, prepare_data
 
 
@@ -17,63 +17,60 @@ def _examples(lengths: list[int]) -> list[Example]:
     return out
 
 
-def test_packed_rows_restart_positions_and_number_documents():
+def test_a_pass_is_one_padding_free_row_restarting_positions():
     ex = _examples([5, 3, 4, 7, 2])
-    batches = make_batches(ex, 2, packing=True, max_seq_length=10, pad_token_id=0, seed=1, epoch=0)
-    seen = 0
-    for b in batches:
-        assert set(b) == {"input_ids", "labels", "attention_mask", "position_ids", "doc_ids"}
-        assert all(t.dtype == torch.long for t in b.values())
-        for row in range(b["input_ids"].shape[0]):
-            doc, pos, am = b["doc_ids"][row], b["position_ids"][row], b["attention_mask"][row]
-            assert torch.equal(am.bool(), doc > 0)
-            for k in range(1, int(doc.max()) + 1):
-                where = (doc == k).nonzero().flatten()
-                assert torch.equal(pos[where], torch.arange(len(where)))  # restart at 0 per example
-                assert b["labels"][row, where[0]] == -100  # first token of an example is never a target
-                seen += 1
-            assert (b["labels"][row][am == 0] == -100).all()
-    assert seen == len(ex)
-    assert sum(int(b["attention_mask"].sum()) for b in batches) == 21
+    b = collate_pass(ex, [3, 0, 4], max_seq_length=6)  # 7 is cut to 6
+    assert set(b) == {"input_ids", "labels", "attention_mask", "position_ids", "doc_ids"}
+    assert all(t.dtype == torch.long and t.shape == (1, 6 + 5 + 2) for t in b.values())
+    assert b["doc_ids"][0].tolist() == [1] * 6 + [2] * 5 + [3] * 2
+    assert b["position_ids"][0].tolist() == [*range(6), *range(5), *range(2)]
+    assert bool(b["attention_mask"].all())  # no pad token
+    starts = [0, 6, 11]
+    assert all(b["labels"][0, s] == -100 for s in starts)  # first token of an example is never a target
+    assert b["input_ids"][0, 6:11].tolist() == ex[0].input_ids
 
 
-def test_padded_batches_group_by_length_and_report_padding():
-    ex = _examples([3, 30, 4, 29, 5, 31, 2, 28])
-    grouped = make_batches(ex, 2, packing=False, max_seq_length=64, pad_token_id=0, seed=0, epoch=0)
-    plain = make_batches(ex, 2, packing=False, max_seq_length=64, pad_token_id=0, seed=0, epoch=0,
-                         group_by_length=False)
-    assert "doc_ids" not in grouped[0]
-    assert padding_share(grouped) < padding_share(plain)
-    short = _examples([3, 4, 5, 2, 6, 3, 9, 5] * 8)
-    packed = make_batches(short, 2, packing=True, max_seq_length=64, pad_token_id=0, seed=0, epoch=0)
-    padded = make_batches(short, 2, packing=False, max_seq_length=64, pad_token_id=0, seed=0, epoch=0,
-                          group_by_length=False)
-    assert padding_share(packed) < 0.1 < padding_share(padded)
-
-
-def test_batches_are_deterministic_in_seed_and_epoch():
-    ex = _examples(list(range(2, 40)))
-    kw = {"packing": False, "max_seq_length": 64, "pad_token_id": 0}
-    a = make_batches(ex, 4, seed=3, epoch=1, **kw)
-    b = make_batches(ex, 4, seed=3, epoch=1, **kw)
-    c = make_batches(ex, 4, seed=3, epoch=2, **kw)
-    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b, strict=True))
-    assert any(not torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, c, strict=True))
+def _all_records(steps):
+    return [i for s in steps for item in s for i in item]
 
 
 @pytest.mark.parametrize("packing", [False, True])
-def test_ranks_get_disjoint_shards_of_equal_count(packing):
+def test_steps_cover_the_epoch_once_and_depend_on_the_global_batch_only(packing):
     lengths = [3 + (k * 7) % 20 for k in range(37)]
-    world = 3
-    plans = [plan_batches(lengths, 2, packing=packing, max_seq_length=32, seed=0, epoch=0, rank=r, world_size=world)
-             for r in range(world)]
-    assert len({len(p) for p in plans}) == 1
-    n_batches = len(plan_batches(lengths, 2, packing=packing, max_seq_length=32, seed=0, epoch=0))
-    every = [tuple(map(tuple, batch)) for p in plans for batch in p]
-    assert len(set(every)) == n_batches  # every batch of the epoch is served ...
-    assert len(every) - n_batches < world  # ... and only the wrapped remainder twice
-    covered = {i for p in plans for batch in p for row in batch for i in row}
-    assert covered == set(range(len(lengths)))
+    steps = epoch_steps(lengths, 6, packing=packing, max_seq_length=32, seed=0, epoch=0)
+    assert sorted(_all_records(steps)) == list(range(37))
+    assert all(len(s) == 6 for s in steps[:-1]) and 1 <= len(steps[-1]) <= 6
+    if packing:
+        assert all(sum(lengths[i] for i in row) <= 32 for s in steps for row in s)
+    assert steps == epoch_steps(lengths, 6, packing=packing, max_seq_length=32, seed=0, epoch=0)
+    assert steps != epoch_steps(lengths, 6, packing=packing, max_seq_length=32, seed=0, epoch=1)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_ranks_share_each_step_with_equal_pass_counts(world):
+    lengths = [3 + (k * 7) % 20 for k in range(37)]
+    for step in epoch_steps(lengths, 8, packing=False, max_seq_length=32, seed=0, epoch=0, group_by_length=True):
+        per_rank = [step_passes(step, lengths, 32, 40, r, world) for r in range(world)]
+        assert len({len(p) for p in per_rank}) == 1  # FSDP: every rank runs as many passes
+        counted = [i for passes in per_rank for p in passes if p.counted for i in p.records]
+        assert sorted(counted) == sorted(i for item in step for i in item)  # every record once, on one rank
+        assert all(sum(lengths[i] for i in p.records) <= 40 or len(p.records) == 1 for ps in per_rank for p in ps)
+
+
+def test_a_rank_without_records_runs_a_stand_in():
+    lengths = [5, 9, 4]
+    (step,) = epoch_steps(lengths, 3, packing=False, max_seq_length=16, seed=0, epoch=0)
+    idle = step_passes(step, lengths, 16, 64, rank=3, world_size=4)
+    assert len(idle) == 1 and not idle[0].counted and len(idle[0].records) == 1
+
+
+def test_passes_fit_the_budget_first_fit_decreasing():
+    lengths = [10, 30, 20, 25, 5, 40]
+    passes = make_passes(list(range(6)), lengths, 50)
+    assert sorted(i for p in passes for i in p) == list(range(6))
+    assert all(sum(lengths[i] for i in p) <= 50 for p in passes)
+    assert len(passes) == 3  # 130 tokens in 50-token passes
+    assert make_passes([0, 1], [80, 3], 50) == [[0], [1]]  # a record over the budget gets its own pass
 
 
 def test_packed_attention_mask_is_block_causal_without_nan():
@@ -101,9 +98,10 @@ def _tiny_llama(vocab: int, impl: str):
 def test_packed_loss_equals_token_weighted_loss_one_by_one(tok, impl, train_on_inputs):
     prepared = prepare_data(make_cfg("demo", demo_size=40, train_on_inputs=train_on_inputs), tok)
     examples = prepared.train[:6]
-    width = sum(len(e.input_ids) for e in examples[:4]) + 3  # two rows, the second padded
-    batches = make_batches(examples, 2, packing=True, max_seq_length=width, pad_token_id=tok.pad_token_id,
-                           seed=0, epoch=0)
+    budget = sum(len(e.input_ids) for e in examples[:4])  # two passes
+    passes = make_passes(list(range(6)), [len(e.input_ids) for e in examples], budget)
+    assert len(passes) == 2
+    batches = [collate_pass(examples, p, 4096) for p in passes]
     model = _tiny_llama(len(tok), impl)
     packed_sum = packed_n = 0.0
     with torch.no_grad():
@@ -132,8 +130,7 @@ def test_single_packed_row_loss_through_model_labels(tok):
     """The model's own loss on one packed row (mean over its trained tokens) matches, too."""
     prepared = prepare_data(make_cfg("demo", demo_size=30), tok)
     examples = prepared.train[:4]
-    (b,) = make_batches(examples, 1, packing=True, max_seq_length=4096, pad_token_id=tok.pad_token_id,
-                        seed=0, epoch=0)
+    b = collate_pass(examples, [0, 1, 2, 3], 4096)
     model = _tiny_llama(len(tok), "sdpa")
     with torch.no_grad():
         packed = model(input_ids=b["input_ids"], attention_mask=packed_attention_mask(b["doc_ids"], torch.float32),

@@ -15,7 +15,7 @@ from lorafit.data.report import percentiles
 from lorafit.errors import DataError
 
 REPORT_KEYS = {"records", "format", "template", "length_percentiles", "truncated_share", "trained_token_share",
-               "no_trained_token_records", "duplicates", "padding_share", "example", "fingerprint"}
+               "no_trained_token_records", "duplicates", "steps_per_epoch", "example", "fingerprint"}
 
 
 def _write(path, rows):
@@ -67,12 +67,12 @@ def test_report_numbers(tmp_path, tok):
     assert 0 < report["truncated_share"] < 1 and report["truncated"] == round(report["truncated_share"] * 20)
     assert 0 < report["trained_token_share"] < 1
     assert report["no_trained_token_records"] > 0  # long prompts cut before the reply starts
-    assert 0 <= report["padding_share"] < 1
+    assert report["steps_per_epoch"] == 5 and report["records_per_step"] == 4  # 20 records, 4 a step
     assert {flag for _, flag in report["example"]} == {True, False}
     dropped = data_report(make_cfg(str(path), max_seq_length=48, val_size=0, truncation="drop"), tok)
     assert dropped["dropped"] == report["truncated"] and dropped["truncated"] == 0
     packed = data_report(make_cfg(str(path), max_seq_length=512, val_size=0, packing=True), tok)
-    assert packed["padding_share"] < 0.5
+    assert packed["steps_per_epoch"] < report["steps_per_epoch"]  # rows of several records, 4 rows a step
     json.dumps(report)  # JSON-serializable as it is
 
 

@@ -9,7 +9,7 @@ from helpers import make_cfg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorafit.data.batching import plan_batches
+from lorafit.data.batching import epoch_steps, step_passes
 from lorafit.data.encode import encode_many, load_conversations
 from lorafit.data.formats import FORMATS, detect_format, to_conversations
 from lorafit.data.sources import Record
@@ -95,13 +95,13 @@ def test_labels_align_and_respect_max_length(tok, convs, name, max_len, train_on
 @given(st.lists(st.integers(1, 40), min_size=1, max_size=60), st.integers(1, 5), st.booleans(), st.integers(1, 4),
        st.integers(0, 3))
 def test_every_example_is_batched_once_per_epoch(lengths, batch_size, packing, world, seed):
-    plans = [plan_batches(lengths, batch_size, packing=packing, max_seq_length=48, seed=seed, epoch=0, rank=r,
-                          world_size=world) for r in range(world)]
-    assert len({len(p) for p in plans}) == 1
-    seen = [i for p in plans for batch in p for row in batch for i in row]
-    assert set(seen) == set(range(len(lengths)))
-    for p in plans:
-        for batch in p:
-            assert 1 <= len(batch) <= batch_size
-            if packing:
-                assert all(sum(lengths[i] for i in row) <= 48 or len(row) == 1 for row in batch)
+    steps = epoch_steps(lengths, batch_size * world, packing=packing, max_seq_length=48, seed=seed, epoch=0)
+    seen = []
+    for step in steps:
+        assert 1 <= len(step) <= batch_size * world
+        if packing:
+            assert all(sum(lengths[i] for i in row) <= 48 or len(row) == 1 for row in step)
+        per_rank = [step_passes(step, lengths, 48, 64, r, world) for r in range(world)]
+        assert len({len(p) for p in per_rank}) == 1
+        seen += [i for passes in per_rank for p in passes if p.counted for i in p.records]
+    assert sorted(seen) == list(range(len(lengths)))

@@ -31,7 +31,7 @@ def runs(tiny_model_dir, tmp_path_factory):
                            *to_argv(ddp_args)], check=False, capture_output=True, text=True, timeout=400, cwd=REPO,
                           env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "2 per device x 1 accumulation x 2 processes = 4 sequences per optimizer step" in proc.stderr
+    assert "2 per device x 1 accumulation x 2 processes = 4 records per optimizer step" in proc.stderr
     single = run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), root / "single",
                                     gradient_accumulation_steps=2, **DDP_COMMON))
     return root / "ddp", single

@@ -64,6 +64,39 @@ def test_perplexity_is_over_reply_tokens(llama_run):
     assert reply_perplexity(s, [ex], cfg) == pytest.approx(math.exp(float(loss)), rel=1e-4)
 
 
+def test_perplexity_passes_are_padding_free_and_token_weighted(llama_run):  # noqa: F811
+    """Several answers concatenated in padding-free passes (two here) give the token-weighted mean NLL of the
+    answers scored one by one."""
+    import dataclasses
+    import math
+
+    import torch
+
+    from lorafit.data.encode import encode_conversation
+    from lorafit.evaluate.run import EvalExample, reply_perplexity
+    from lorafit.infer.generate import load_session
+    from lorafit.run_dir import load_run_config
+
+    cfg = load_run_config(llama_run)
+    s = load_session(llama_run, cfg)
+    exs = [EvalExample([{"role": "user", "content": q}], a)
+           for q, a in (("What is 2 + 2?", "4"), ("Name a fruit.", "An apple, or a pear."), ("Say hi.", "hi there"))]
+    nll = n = 0.0
+    sizes = []
+    with torch.no_grad():
+        for e in exs:
+            ids, labels = encode_conversation(s.template, e.prompt + [{"role": "assistant", "content": e.reference}],
+                                              s.tokenizer, 512, False, "truncate")
+            k = sum(1 for t in labels[1:] if t != -100)
+            nll += float(s.model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss) * k
+            n += k
+            sizes.append(len(ids))
+    budget = max(sizes[0] + sizes[2], sizes[1])  # every answer fits, not all three in one pass
+    assert budget < sum(sizes)
+    small = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_tokens_per_pass=budget))
+    assert reply_perplexity(s, exs, small) == pytest.approx(math.exp(nll / n), rel=1e-4)
+
+
 def test_text_metrics_and_normalization():
     from lorafit.evaluate.run import is_short_answer, normalize, text_metrics
 

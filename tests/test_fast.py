@@ -86,6 +86,21 @@ def test_fast_equals_model(model_type, ckpt, offload):
         torch.testing.assert_close(g, g_ref[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_pass_planned_on_the_host_gives_the_same_loss():
+    """The loop hands the fused path its label positions and segment plan computed on the CPU batch (no host
+    sync in a pass); the loss is the one the path finds by itself."""
+    from lorafit.kernels.reference import segments
+
+    pm = tiny("llama")
+    fl = enable_fast_path(pm, gradient_checkpointing=True)
+    bt = batch(packed=True)
+    planned = fl.host_plan(bt)
+    assert torch.equal(planned["cu_seqlens"], segments(bt["doc_ids"])) and planned["max_seqlen"] == 10
+    tgt = F.pad(bt["labels"][:, 1:], (0, 1), value=-100).reshape(-1)
+    assert torch.equal(planned["label_index"], (tgt != -100).nonzero().squeeze(1))
+    torch.testing.assert_close(fl(planned)[0], fl(bt)[0], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "phi3"])
 def test_packed_rows_equal_separate_documents(model_type):
     pm = tiny(model_type)

@@ -52,6 +52,10 @@ def validate(cfg: Config) -> None:
     positive("per_device_eval_batch_size", t.per_device_eval_batch_size)
     positive("gradient_accumulation_steps", t.gradient_accumulation_steps)
     positive("max_seq_length", d.max_seq_length)
+    if t.max_tokens_per_pass is not None and t.max_tokens_per_pass < d.max_seq_length:
+        raise ConfigError(f"'max_tokens_per_pass' ({t.max_tokens_per_pass}) is below max_seq_length "
+                          f"({d.max_seq_length}): the longest record would not fit in a pass",
+                          fix=f"pass --max_tokens_per_pass {d.max_seq_length} or more, or lower --max_seq_length")
     positive("logging_steps", t.logging_steps)
     positive("save_steps", t.save_steps)
     positive("max_new_tokens", g.max_new_tokens)
@@ -127,4 +131,4 @@ def check_fsdp(cfg: Config, source: str) -> None:
                           fix="pass --optim adamw_torch")
     if t.auto_find_batch_size:
         raise ConfigError(f"FSDP ({source}) cannot probe batch sizes (an out-of-memory on one rank would stall the "
-                          "others)", fix="set --per_device_train_batch_size yourself and --auto_find_batch_size false")
+                          "others)", fix="set --max_tokens_per_pass yourself and --auto_find_batch_size false")

@@ -86,9 +86,10 @@ class DataArgs:
     truncation: str = "truncate"
     """What to do with over-long examples: truncate or drop."""
     packing: bool = False
-    """Pack several examples into one row, each attending only to itself (no padding)."""
-    group_by_length: bool = True
-    """When not packing, batch examples of similar length to cut padding."""
+    """A step takes rows of max_seq_length filled with several records, not single records (a different step:
+    more records per step, fewer steps per epoch). Either way every pass is padding-free."""
+    group_by_length: bool = False
+    """Put items of similar length in the same optimizer step (whole steps are sorted, then shuffled)."""
     train_on_inputs: bool = False
     """Also train on prompt tokens (by default only responses, EOS included, are trained)."""
     val_size: float = 0.05
@@ -114,11 +115,16 @@ class TrainArgs:
     max_steps: int = -1
     """Optimizer steps to run; > 0 overrides num_train_epochs."""
     per_device_train_batch_size: int = 4
-    """Micro-batch size per device."""
+    """Records per device per micro-batch: with accumulation and processes it says how many records make one
+    optimizer step; the passes that compute them are cut by max_tokens_per_pass, so the split changes nothing."""
     per_device_eval_batch_size: int = 8
-    """Batch size for validation loss."""
+    """Prompts generated together by `lorafit eval` (loss passes are sized by max_tokens_per_pass)."""
     gradient_accumulation_steps: int = 1
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step (records per step = this x per_device_train_batch_size x processes)."""
+    max_tokens_per_pass: int | None = None
+    """Most tokens in one padding-free forward/backward pass (>= max_seq_length; a memory knob with no effect on
+    the result). Default: from free GPU memory and the model's size, capped at 16384 (4096 on the reference path); 512
+    on a CPU."""
     learning_rate: float = 2e-4
     """Peak learning rate."""
     lr_scheduler_type: str = "cosine"
@@ -169,7 +175,7 @@ class TrainArgs:
     nan_policy: str = "stop"
     """On a non-finite loss or gradient: stop, or skip the step."""
     auto_find_batch_size: bool = False
-    """On out-of-memory, halve the micro-batch (doubling accumulation) and retry."""
+    """Before training, halve max_tokens_per_pass until a pass of the longest records fits in memory."""
     fsdp: bool = False
     """Shard weights, gradients and optimizer state over the processes (FSDP2); on under `accelerate launch --use_fsdp`."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])

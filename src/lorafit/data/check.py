@@ -50,7 +50,8 @@ def print_report(report: dict) -> None:
         ("records with no trained token", str(report["no_trained_token_records"])),
         ("empty records (skipped)", str(report["empty_records"])),
         ("exact duplicates", f"{report['duplicates']}" + (" (dropped)" if report["dedup"] else "")),
-        ("padding share", f"{report['padding_share']:.1%} ({'packed' if report['packing'] else 'padded batches'})"),
+        ("steps per epoch (1 process)", (f"{report['steps_per_epoch']} of {report['records_per_step']} records"
+                                         f"{' in rows of max_seq_length' if report['packing'] else ''}, padding-free")),
     ]
     for key, value in rows:
         table.add_row(key, value)

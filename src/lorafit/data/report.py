@@ -2,13 +2,13 @@
 
 Records, format, template, token-length percentiles with the model's tokenizer, the share cut at
 max_seq_length, the share of tokens trained on, records with no trained token, duplicates, the
-padding share of the batches training would build, and one example with trained tokens marked.
+optimizer steps of one epoch on one process, and one example with trained tokens marked.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lorafit.data.batching import plan_batches, plan_padding_share
+from lorafit.data.batching import epoch_steps
 from lorafit.data.records import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -29,9 +29,10 @@ def summarize(cfg: Config, tokenizer: Any, template: Template, loaded: Loaded, e
     tokens = sum(len(e.input_ids) for e in kept)
     trained = sum(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in kept)
     lengths = [len(e.input_ids) for e in train]
-    plan = plan_batches(lengths, cfg.train.per_device_train_batch_size, packing=d.packing,
-                        max_seq_length=d.max_seq_length, seed=cfg.train.seed, epoch=0,
-                        group_by_length=d.group_by_length, shuffle=d.shuffle)
+    t = cfg.train
+    steps = epoch_steps(lengths, t.per_device_train_batch_size * t.gradient_accumulation_steps, packing=d.packing,
+                        max_seq_length=d.max_seq_length, seed=t.seed, epoch=0, group_by_length=d.group_by_length,
+                        shuffle=d.shuffle) if lengths else []
     return {
         "dataset": d.dataset,
         "records": len(loaded.conversations),
@@ -55,7 +56,8 @@ def summarize(cfg: Config, tokenizer: Any, template: Template, loaded: Loaded, e
         "duplicates": duplicates,
         "dedup": d.dedup,
         "packing": d.packing,
-        "padding_share": round(plan_padding_share(lengths, plan, d.max_seq_length), 4),
+        "steps_per_epoch": len(steps),
+        "records_per_step": round(len(lengths) / max(len(steps), 1), 2),
         "train_on_inputs": d.train_on_inputs,
         "example": example_tokens(train[0], tokenizer) if train else [],
     }
@@ -102,8 +104,6 @@ def warnings_for(report: dict) -> list[str]:
                    f"{', '.join(report['empty_record_examples'])}); they are skipped")
     if report["duplicates"] and not report["dedup"]:
         out.append(f"{report['duplicates']} exact duplicates; --dedup drops them")
-    if report["padding_share"] > 0.3 and not report["packing"]:
-        out.append(f"{report['padding_share']:.0%} of batch positions are padding; --packing removes it")
     return out
 
 

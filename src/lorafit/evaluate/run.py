@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorafit.data.batching import concat_row, eval_pass_tokens, make_passes, packed_attention_mask
 from lorafit.data.encode import encode_conversation, load_conversations, split_conversations
 from lorafit.data.records import IGNORE_INDEX, last_reply
 from lorafit.data.templates import encode_prompt, merged_content
@@ -161,9 +162,9 @@ def generate_answers(session: Session, examples: list[EvalExample], max_new_toke
 
 
 def reply_perplexity(session: Session, examples: list[EvalExample], cfg: Config) -> float | None:
-    """exp(mean NLL) over reply tokens (labels != IGNORE_INDEX), teacher-forced, in right-padded batches."""
+    """exp(mean NLL) over reply tokens (labels != IGNORE_INDEX), teacher-forced, in padding-free passes
+    (records concatenated, each attending to itself: data/batching.py)."""
     import torch
-
 
     s = session
     rows = []
@@ -174,20 +175,18 @@ def reply_perplexity(session: Session, examples: list[EvalExample], cfg: Config)
             rows.append(enc)
     if not rows:
         return None
-    rows.sort(key=lambda r: len(r[0]))
-    pad = s.tokenizer.pad_token_id or 0
     nll, count = 0.0, 0
-    device = next(s.model.parameters()).device
-    bs = cfg.train.per_device_eval_batch_size
+    params = list(s.model.parameters())
+    device = params[0].device
+    dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+    budget = eval_pass_tokens(cfg.train.max_tokens_per_pass, cfg.data.max_seq_length, device.type == "cuda")
     with torch.inference_mode():
-        for start in range(0, len(rows), bs):
-            batch = rows[start: start + bs]
-            width = max(len(ids) for ids, _ in batch)
-            ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in batch], device=device)  # (B, T)
-            labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in batch], device=device)
-            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch], device=device)
-            logits = s.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
-            target = labels[:, 1:]
+        for records in make_passes(list(range(len(rows))), [len(ids) for ids, _ in rows], budget):
+            b = {k: v.to(device) for k, v in concat_row([rows[i] for i in records], cfg.data.max_seq_length).items()}
+            mask = packed_attention_mask(b["doc_ids"], dtype)  # (1, 1, T, T), built once, shared by the layers
+            logits = s.model(input_ids=b["input_ids"], attention_mask=mask, position_ids=b["position_ids"],
+                             use_cache=False).logits[:, :-1].float()  # (1, T-1, V)
+            target = b["labels"][:, 1:]
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
                                                      ignore_index=IGNORE_INDEX, reduction="sum")
             nll += float(loss)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +29,6 @@ from lorafit.kernels.attention import attention, attention_keeping, attention_re
 from lorafit.kernels.lora import FactorPack, Group, Head, WeightBuffer, lora_group
 from lorafit.kernels.offload import ActivationStore, checkpoint
 from lorafit.model.arch import family, fused_families
-
-
-
 
 # ---------------------------------------------------------------- support check
 
@@ -217,13 +215,23 @@ class FastLoss:
         self.store = ActivationStore(offload=offload_activations)
         self.pool = WeightBuffer()
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def host_plan(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The pass's label positions and segment plan, computed on its CPU tensors before they move: on the
+        device each is a host sync (nonzero's size, the longest segment), and a sync at a pass's start waits
+        for everything queued before it (the previous pass's backward, the optimizer step)."""
+        tgt = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)     # HF's shift
+        out: dict[str, Any] = {**batch, "label_index": (tgt != IGNORE_INDEX).nonzero().squeeze(1)}
+        if "doc_ids" in batch:
+            out["cu_seqlens"], out["max_seqlen"] = packed_plan(batch["doc_ids"])
+        return out
+
+    def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = batch["input_ids"]
         device = ids.device
-        # which positions carry a label: found before any layer is queued, so this step's one host sync
-        # (nonzero's size) waits for nothing, and forward and backward are then queued without a stop
         tgt = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)     # HF's shift
-        sel = (tgt != IGNORE_INDEX).nonzero().squeeze(1)
+        sel = batch.get("label_index")
+        if sel is None:  # not planned on the host (bench, tests): found before any layer is queued
+            sel = (tgt != IGNORE_INDEX).nonzero().squeeze(1)
         if self.factors is None or not self.factors.current(device):
             self.factors = FactorPack([g for ly in self.layers for g in ly.groups], self.dtype, device)
         self.factors.refresh()       # the optimizer may have changed the LoRA factors since the last call
@@ -233,7 +241,9 @@ class FastLoss:
         doc_ids = batch.get("doc_ids")
         if doc_ids is None and "attention_mask" in batch and not bool(batch["attention_mask"].all()):
             doc_ids = batch["attention_mask"]
-        plan = packed_plan(doc_ids) if doc_ids is not None and device.type == "cuda" else None
+        plan = None
+        if doc_ids is not None and device.type == "cuda":
+            plan = (batch["cu_seqlens"], batch["max_seqlen"]) if "cu_seqlens" in batch else packed_plan(doc_ids)
         pos = batch.get("position_ids")
         if pos is None:
             pos = torch.arange(t, device=device).expand(b, t)

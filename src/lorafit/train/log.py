@@ -74,6 +74,12 @@ def memory_gib(device) -> float:
         return float("nan")
 
 
+def steady_tokens_per_s(tlog) -> float | None:
+    """Tokens/s of the steps after a process's first, or None with fewer than two steps."""
+    seconds = getattr(tlog, "steady_seconds", 0.0)
+    return round(tlog.steady_tokens / seconds, 1) if seconds > 0 else None
+
+
 class TrainLog:
     def __init__(self, run_dir: Path, report_to: list[str], total_steps: int, logging_steps: int, device,
                  config: dict[str, Any] | None = None, purge_step: int | None = None):
@@ -85,6 +91,9 @@ class TrainLog:
         self.start = time.perf_counter()
         self.first_step: int | None = None
         self.window: list[dict[str, Any]] = []
+        self.steady_tokens = 0
+        self.steady_seconds = 0.0
+        """Tokens and step time of this process's steps after its first (which compiles and warms up)."""
         self.trackers = _open_trackers(self.run_dir, report_to, config or {}, purge_step)
         self.progress = self.task = None
         if sys.stderr.isatty():
@@ -103,6 +112,9 @@ class TrainLog:
         """One optimizer step: step, loss, lr, grad_norm, tokens, step_time."""
         if self.first_step is None:
             self.first_step, self.start = rec["step"] - 1, time.perf_counter() - rec["step_time"]
+        else:
+            self.steady_tokens += rec["tokens"]
+            self.steady_seconds += rec["step_time"]
         elapsed = time.perf_counter() - self.start
         done = rec["step"] - self.first_step
         rec = {**rec, "tokens_per_s": rec["tokens"] / max(rec["step_time"], 1e-9), "mem_gib": memory_gib(self.device),

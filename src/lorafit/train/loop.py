@@ -1,16 +1,19 @@
 """`lorafit train`: fine-tune a LoRA (or QLoRA) adapter, top to bottom: load -> setup -> loop -> save.
 
-The loss of one optimizer step is the sum of token cross-entropies over every labelled token of
-every micro-batch on every rank, divided by the number of those tokens, so gradient
-accumulation and data parallelism give the gradient of one big batch (a per-micro-batch mean
-would weight a short micro-batch's tokens more). Each micro-batch contributes
-`ce_sum * world_size / n_tokens_global` to the backward pass; DDP's gradient average (or FSDP's
+A step is its records (data/batching.py): `per_device_train_batch_size x gradient_accumulation_steps x ranks`
+items of the epoch's list, each rank computing its share in padding-free passes of up to
+`plan.tokens_per_pass` tokens. The loss of one optimizer step is the sum of token cross-entropies over every
+labelled token of every pass on every rank, divided by the number of those tokens (counted on the host before
+any pass runs), so how the step is cut into passes and ranks does not change the gradient. Each pass
+contributes `ce_sum * world_size / n_tokens_global` to the backward pass; DDP's gradient average (or FSDP's
 reduce-scatter average, fsdp.py) divides the world_size back out.
 
-Data position: rank r of W reads micro-batches r, r + W, r + 2W, ... of the epoch's global
-batch list (`make_batches(..., rank, world_size)`), and optimizer step s of the epoch consumes
-global micro-batches [s*G, (s+1)*G) with G = accumulation x W. Checkpoints store the epoch and
-the number of global micro-batches consumed, so they resume on any number of ranks.
+Host syncs: none inside a pass on the fused path (its segment plan and label positions are computed on the
+CPU batch); the step's loss sums stay on the device and are read back once, with the gradient norm, at the
+step's end (the non-finite check needs both before the optimizer steps).
+
+Data position: checkpoints store the epoch and the items of it consumed; the epoch's step list depends on
+the global batch only, so they resume on any number of ranks.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from typing import Any
 import torch
 
 from lorafit.config.schema import Config
-from lorafit.data.batching import make_batches
+from lorafit.data.batching import Pass, collate_pass, epoch_steps, make_passes, step_passes
 from lorafit.data.encode import prepare_data
 from lorafit.data.records import last_reply
 from lorafit.errors import UserError
@@ -39,7 +42,7 @@ from lorafit.train import parallel as dist
 from lorafit.train.fast import loss_path
 from lorafit.train.fsdp import offload_requested
 from lorafit.train.log import NullLog, TrainLog, memory_gib, setup_console, truncate_after
-from lorafit.train.memory import find_batch_size, oom_error
+from lorafit.train.memory import find_pass_budget, measured_budget, oom_error, pass_budget
 from lorafit.train.objectives import build_objective
 from lorafit.train.objectives.base import LossModule
 from lorafit.train.optim import build_optimizer, build_scheduler
@@ -87,7 +90,9 @@ def _train(cfg: Config, d: dist.Dist) -> Path:
 
     # -- setup: batch plan, loss path, wrapping (DDP or FSDP), optimizer, schedule, resume, run files --
     fast, why = loss_path(r.model, r.fused, r.fused_why, cfg.model.gradient_checkpointing)
-    r.plan = plan_steps(cfg, r.data, d, find_batch_size(r, LossModule(r.model, r.objective, None, r.dtype)))
+    budget = find_pass_budget(r, LossModule(r.model, r.objective, fast, r.dtype), pass_budget(r, fast is not None))
+    r.plan = plan_steps(cfg, r.data, d, budget)
+    r.fast = fast
     lines = [f"loss: {'fused kernels' if fast else 'reference PyTorch'} ({why})", *_wrap(r, fast)]
     r.optimizer = build_optimizer(r.model, t)  # after sharding: FSDP replaces the parameters
     r.scheduler = build_scheduler(r.optimizer, t, r.plan.total_steps)
@@ -195,48 +200,93 @@ def _maybe_resume(r: TrainState) -> bool:
 def _loop(r: TrainState, signals: StopSignals) -> None:
 
     cfg, d, p, pos = r.cfg, r.d, r.plan, r.pos
+    lengths = [len(e.input_ids) for e in r.data.train]
     while pos.step < p.total_steps:
-        batches = make_batches(r.data.train, p.micro_batch, packing=cfg.data.packing,
-                               max_seq_length=cfg.data.max_seq_length, pad_token_id=r.tokenizer.pad_token_id,
-                               seed=cfg.train.seed, epoch=pos.epoch, group_by_length=cfg.data.group_by_length,
-                               rank=d.rank, world_size=d.world_size)
-        start = pos.micro_in_epoch // d.world_size
-        for i in range(start, len(batches), p.accumulation):
-            group = batches[i: i + p.accumulation]
-            _optimizer_step(r, group)
-            pos.micro_in_epoch += len(group) * d.world_size
-            stop = _after_step(r, signals, epoch_end=i + p.accumulation >= len(batches))
+        steps = epoch_steps(lengths, p.global_batch, packing=cfg.data.packing, max_seq_length=cfg.data.max_seq_length,
+                            seed=cfg.train.seed, epoch=pos.epoch, group_by_length=cfg.data.group_by_length)
+        for k in range(_resume_index(steps, pos.items_in_epoch), len(steps)):
+            passes = step_passes(steps[k], lengths, cfg.data.max_seq_length, p.tokens_per_pass, d.rank, d.world_size)
+            _optimizer_step(r, passes, [i for item in steps[k] for i in item])
+            pos.items_in_epoch += len(steps[k])
+            stop = _after_step(r, signals, epoch_end=k == len(steps) - 1)
             if stop or pos.step >= p.total_steps:
                 return
-        pos.epoch, pos.micro_in_epoch = pos.epoch + 1, 0
+        pos.epoch, pos.items_in_epoch = pos.epoch + 1, 0
 
 
-def _optimizer_step(r: TrainState, group: list[dict[str, torch.Tensor]]) -> None:
-    d, t = r.d, r.cfg.train
+def _resume_index(steps: list, items: int) -> int:
+    """The first step that starts at or after `items` consumed (exact when the global batch is unchanged)."""
+    done = 0
+    for k, step in enumerate(steps):
+        if done >= items:
+            return k
+        done += len(step)
+    return len(steps)
+
+
+def _host_batches(r: TrainState, passes: list[Pass]) -> list[dict[str, torch.Tensor]]:
+    """The step's passes as CPU tensors (pinned on CUDA, so copies overlap), with the fused path's plan."""
+    out = []
+    for p in passes:
+        b = collate_pass(r.data.train, p.records, r.cfg.data.max_seq_length)
+        if r.fast is not None:
+            b = r.fast.host_plan(b)
+        if r.d.device.type == "cuda":
+            b = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+        out.append(b)
+    return out
+
+
+def _optimizer_step(r: TrainState, passes: list[Pass], records: list[int]) -> None:
+    """One optimizer step over the step's `records` (all ranks'), this rank computing `passes`."""
+    d = r.d
     started = time.perf_counter()
-    counts = [float(sum(r.objective.units(b) for b in group)), float(sum(_tokens(b) for b in group))]
-    n_global, tokens = dist.all_reduce_sum(d, counts)
+    batches = _host_batches(r, passes)
+    counted = [(b, p.counted) for b, p in zip(batches, passes)]
+    # the step's units on all ranks, counted here: every rank knows the whole step, so no collective (whose
+    # read-back would wait for the previous step's optimizer on the GPU)
+    whole = collate_pass(r.data.train, records, r.cfg.data.max_seq_length) if d.enabled else None
+    mine = [b for b, c in counted if c]
+    n_global = float(r.objective.units(whole) if whole is not None else sum(r.objective.units(b) for b in mine))
+    tokens = whole["input_ids"].numel() if whole is not None else sum(b["input_ids"].numel() for b in mine)
+    samples = len(records)
     autocast = torch.autocast(d.device.type, dtype=r.dtype, enabled=r.dtype != torch.float32)
     totals: dict[str, torch.Tensor] = {"loss": torch.zeros((), dtype=torch.float64, device=d.device)}
+    base_bytes = torch.cuda.memory_allocated(d.device) if d.device.type == "cuda" and r.pos.step == 0 else 0
     try:
-        for j, batch in enumerate(group):
-            batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
-            sync = j == len(group) - 1 or not d.enabled  # all-reduce gradients once, on the last micro-step
-            with dist.grad_sync(r.ddp, sync):
+        for j, (batch, count) in enumerate(counted):
+            batch = {k: v.to(d.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                     for k, v in batch.items()}
+            weight = d.world_size / max(n_global, 1.0) if count else 0.0  # a stand-in pass adds nothing
+            with dist.grad_sync(r.ddp, j == len(counted) - 1 or not d.enabled):  # all-reduce on the last pass
                 with autocast:
                     loss_sum, metrics = r.ddp(batch)
-                loss = loss_sum * (d.world_size / max(n_global, 1.0))
-                (r.scaler.scale(loss) if r.scaler else loss).backward()
-            for name, value in {"loss": loss_sum, **metrics}.items():
-                totals[name] = totals.get(name, 0.0) + value.detach().double()
+                (r.scaler.scale(loss_sum * weight) if r.scaler else loss_sum * weight).backward()
+            if count:
+                for name, value in {"loss": loss_sum, **metrics}.items():
+                    totals[name] = totals.get(name, 0.0) + value.detach().double()
     except torch.OutOfMemoryError:
         raise oom_error(r) from None
-    means = dict(zip(totals, (v / max(n_global, 1.0) for v in dist.all_reduce_sum(d, [float(v) for v in totals.values()]))))
-    loss = means.pop("loss")
+    if r.pos.step == 0:
+        widest = max(b["input_ids"].numel() for b in batches)
+        r.plan.tokens_per_pass = measured_budget(r, r.plan.tokens_per_pass, widest, base_bytes)
+    _update(r, totals, n_global, int(tokens), int(samples), started)
+
+
+def _update(r: TrainState, totals: dict[str, torch.Tensor], n_global: float, tokens: int, samples: int,
+            started: float) -> None:
+    """Clip, check, step; the step's sums and the gradient norm come back to the host in one read."""
+    d, t = r.d, r.cfg.train
     if r.scaler:
         r.scaler.unscale_(r.optimizer)
     params = [q for q in r.model.parameters() if q.requires_grad]  # FSDP: sharded, and the norm is global
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")))
+    norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a replicated DTensor
+    sums = torch.stack([v.to(d.device, torch.float64) for v in totals.values()] + [norm.double().to(d.device)])
+    *values, grad_norm = sums.tolist()  # the step's one host sync (plus the all-reduce below on several ranks)
+    values = dist.all_reduce_sum(d, values) if d.enabled else values
+    means = {name: v / max(n_global, 1.0) for name, v in zip(totals, values)}
+    loss = means.pop("loss")
     lr = r.scheduler.get_last_lr()[0]
     # With a GradScaler an overflow is its business (it skips the step and lowers the scale).
     finite = math.isfinite(loss) and (r.scaler is not None or math.isfinite(grad_norm))
@@ -249,26 +299,13 @@ def _optimizer_step(r: TrainState, group: list[dict[str, torch.Tensor]]) -> None
     r.optimizer.zero_grad(set_to_none=True)
     r.scheduler.step()
     r.pos.step += 1
-    r.pos.tokens += int(tokens)
-    r.pos.samples += sum(_samples(b) for b in group) * d.world_size
-    rec = {"step": r.pos.step, "epoch": round(r.pos.epoch + r.pos.micro_in_epoch / max(r.plan.epoch_micro, 1), 4),
-           "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens),
-           "step_time": time.perf_counter() - started, **means}
+    r.pos.tokens += tokens
+    r.pos.samples += samples
+    rec = {"step": r.pos.step, "epoch": r.pos.epoch_fraction(r.plan), "loss": loss, "lr": lr, "grad_norm": grad_norm,
+           "tokens": tokens, "step_time": time.perf_counter() - started, **means}
     if not finite:
         _non_finite(r, rec)
     r.tlog.step(rec)
-
-
-def _tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens a batch computes on (not padding)."""
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-
-
-def _samples(batch: dict[str, torch.Tensor]) -> int:
-    if "doc_ids" in batch:
-        return int(batch["doc_ids"].amax(dim=1).sum())
-    return int(batch["input_ids"].shape[0])
 
 
 def _non_finite(r: TrainState, rec: dict[str, Any]) -> None:
@@ -310,23 +347,33 @@ def _validate(r: TrainState) -> bool:
 
     cfg, d = r.cfg, r.d
     if r.val_batches is None:
-        shard = r.data.val[d.rank:: d.world_size]  # disjoint shards: no example counted twice
-        r.val_batches = make_batches(shard, cfg.train.per_device_eval_batch_size, packing=cfg.data.packing,
-                                     max_seq_length=cfg.data.max_seq_length, pad_token_id=r.tokenizer.pad_token_id,
-                                     seed=cfg.train.seed, epoch=0, shuffle=False) if shard else []
+        r.val_batches = _val_passes(r)
     # FSDP: through the sharded root, whose forward gathers the embeddings and head; it runs the reference loss
     loss_fn = r.ddp if r.fsdp else LossModule(r.model, r.objective, None, r.dtype)
     r.model.eval()
     ce, n = 0.0, 0.0
     with torch.no_grad(), torch.autocast(d.device.type, dtype=r.dtype, enabled=r.dtype != torch.float32):
-        for batch in r.val_batches:
+        for batch, counted in r.val_batches:
             loss_sum, _ = loss_fn({k: v.to(d.device) for k, v in batch.items()})
-            ce, n = ce + float(loss_sum), n + r.objective.units(batch)
+            if counted:
+                ce, n = ce + loss_sum.detach().double(), n + r.objective.units(batch)  # summed on the device
     r.model.train()
-    ce, n = dist.all_reduce_sum(d, [ce, n])
+    ce, n = dist.all_reduce_sum(d, [float(ce), float(n)])
     loss = ce / max(n, 1.0)
     r.tlog.validation(r.pos.step, loss, int(n))
     return r.pos.record_validation(loss, cfg.train.early_stopping_patience, r.tlog)
+
+
+def _val_passes(r: TrainState) -> list[tuple[dict[str, torch.Tensor], bool]]:
+    """This rank's padding-free validation passes over its shard (disjoint shards: no example counted twice), as
+    many as the busiest rank's (FSDP gathers weights in every forward): stand-ins, not counted, fill up."""
+    d, msl = r.d, r.cfg.data.max_seq_length
+    shards = [r.data.val[k:: d.world_size] for k in range(d.world_size)]
+    plans = [make_passes(list(range(len(sh))), [min(len(e.input_ids), msl) for e in sh], r.plan.tokens_per_pass)
+             for sh in shards]
+    mine = [(collate_pass(shards[d.rank], p, msl), True) for p in plans[d.rank]]
+    stand_in = collate_pass(r.data.val, [0], msl)
+    return mine + [(stand_in, False)] * (max(len(p) for p in plans) - len(mine))
 
 
 def _previews(r: TrainState) -> None:

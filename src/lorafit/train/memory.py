@@ -1,60 +1,113 @@
-"""Out of memory: the message that names the shape, and the micro-batch probe of --auto_find_batch_size."""
+"""Memory: the token budget of one pass (picked from free memory, then measured), the out-of-memory message, and
+the budget probe of --auto_find_batch_size. A pass's size never changes the result (data/batching.py), only
+how much memory and how many passes a step takes."""
 from __future__ import annotations
 
 import logging
 
 import torch
 
-from lorafit.data.batching import make_batches
+from lorafit.data.batching import CPU_PASS_TOKENS, GPU_PASS_CAP, collate_pass, make_passes
 from lorafit.errors import UserError
 from lorafit.train import parallel as dist
 from lorafit.train.state import TrainState
 
 log = logging.getLogger("lorafit")
 
+# The reference path (no fused kernels) builds a (1, 1, T, T) document mask per pass: 512 MiB at 16k tokens in bf16,
+# 32 MiB at 4k, so its passes stop at 4k.
+_REFERENCE_CAP = 4096
+_GPU_SHARE = 0.6  # of the free memory after loading: the allocator's fragmentation and the optimizer's state
+_ROUND = 256
 
-def oom_error(r: TrainState) -> UserError:
+
+def bytes_per_token(model_config, element_size: int, checkpointing: bool, fused: bool, dropout: bool = False) -> float:
+    """Activation bytes one token of a pass holds at the peak of its backward (a simple model from the dimensions).
+
+    A decoder layer keeps ~8 hidden-size and ~4 MLP-size values a token for its backward (norm inputs, q/k/v,
+    attention output, residuals, gate/up, SwiGLU); with checkpointing only each layer's input stays, plus one
+    layer's worth while it recomputes. The reference path's logits cost vocab x (compute dtype + float32 copy +
+    its gradient) for a labelled token (assumed all); the fused path's chunked cross-entropy never holds them.
+    LoRA dropout keeps a dropped copy of each adapted input and its mask (~6 hidden + 1 MLP size, all-linear)."""
+    h = model_config.hidden_size
+    inter = getattr(model_config, "intermediate_size", None) or 4 * h
+    layers = model_config.num_hidden_layers
+    per_layer = (8 * h + 4 * inter + (2 * (6 * h + inter) if dropout else 0)) * element_size
+    acts = (layers * h * element_size + per_layer) if checkpointing else layers * per_layer
+    logits = 0 if fused else model_config.vocab_size * (element_size + 8)
+    return float(acts + logits)
+
+
+def pass_budget(r: TrainState, fused: bool) -> int:
+    """--max_tokens_per_pass, else CPU_PASS_TOKENS on a CPU, else the free GPU memory's share over bytes_per_token."""
     c = r.cfg
-    shape = f"micro-batch {r.plan.micro_batch if r.plan else c.train.per_device_train_batch_size}, " \
-            f"max_seq_length {c.data.max_seq_length}, gradient_checkpointing {c.model.gradient_checkpointing}, " \
-            f"load_in_4bit {c.model.load_in_4bit}, packing {c.data.packing}"
+    floor = c.data.max_seq_length
+    if c.train.max_tokens_per_pass:
+        return c.train.max_tokens_per_pass
+    if r.d.device.type != "cuda":
+        return max(floor, CPU_PASS_TOKENS)
+    free, _ = torch.cuda.mem_get_info(r.d.device)
+    per = bytes_per_token(r.model.get_base_model().config, torch.finfo(r.dtype).bits // 8,
+                          c.model.gradient_checkpointing, fused, c.lora.lora_dropout > 0)
+    return _clamp(_GPU_SHARE * free / per, floor, GPU_PASS_CAP if fused else _REFERENCE_CAP)
+
+
+def measured_budget(r: TrainState, budget: int, pass_tokens: int, base_bytes: int) -> int:
+    """After the first step on a GPU: the budget from what a token really cost there (peak over the largest pass),
+    when that pass was large enough to measure (>= 1,024 tokens: below, fixed costs dominate the peak)."""
+    if r.d.device.type != "cuda" or r.cfg.train.max_tokens_per_pass or pass_tokens < 1024:
+        return budget
+    per = (torch.cuda.max_memory_allocated(r.d.device) - base_bytes) / pass_tokens
+    if per <= 0:
+        return budget
+    free, _ = torch.cuda.mem_get_info(r.d.device)
+    held = torch.cuda.memory_reserved(r.d.device) - torch.cuda.memory_allocated(r.d.device)
+    return _clamp(_GPU_SHARE * (free + held) / per, r.cfg.data.max_seq_length, budget if r.fast is None else GPU_PASS_CAP)
+
+
+def _clamp(tokens: float, floor: int, cap: int) -> int:
+    return int(max(floor, min(cap, tokens // _ROUND * _ROUND)))
+
+
+def oom_error(r: TrainState, budget: int | None = None) -> UserError:
+    c = r.cfg
+    budget = budget or (r.plan.tokens_per_pass if r.plan else c.train.max_tokens_per_pass)
+    shape = f"passes of up to {budget} tokens, max_seq_length {c.data.max_seq_length}, " \
+            f"gradient_checkpointing {c.model.gradient_checkpointing}, load_in_4bit {c.model.load_in_4bit}"
     return UserError(f"out of GPU memory at step {r.pos.step + 1} (this run uses {shape})",
-                     fix="lower --per_device_train_batch_size (raise --gradient_accumulation_steps to keep the batch), "
-                         "lower --max_seq_length, turn on --gradient_checkpointing, load the base with --load_in_4bit,"
-                         " or let --auto_find_batch_size pick the micro-batch")
+                     fix="lower --max_tokens_per_pass (the result stays the same: the step's records just take more "
+                         "passes), lower --max_seq_length, turn on --gradient_checkpointing, load the base with "
+                         "--load_in_4bit, or let --auto_find_batch_size pick the pass size")
 
 
-def find_batch_size(r: TrainState, loss_module) -> int:
-    """The largest micro-batch (halving from the configured one) whose widest batch survives forward+backward."""
-
+def find_pass_budget(r: TrainState, loss_module, budget: int) -> int:
+    """With --auto_find_batch_size: the largest budget (halving from `budget`, down to max_seq_length) whose pass
+    of the longest training records survives forward + backward on every rank."""
     c = r.cfg
-    micro = c.train.per_device_train_batch_size
     if not c.train.auto_find_batch_size:
-        return micro
+        return budget
+    lengths = [min(len(e.input_ids), c.data.max_seq_length) for e in r.data.train]
+    longest = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     rng = torch.get_rng_state()  # the probe's dropout must not shift the run's random stream
     while True:
-        batches = make_batches(r.data.train, micro, packing=c.data.packing, max_seq_length=c.data.max_seq_length,
-                               pad_token_id=r.tokenizer.pad_token_id, seed=c.train.seed, epoch=0)
-        widest = max(batches, key=lambda b: b["input_ids"].numel())
+        widest = make_passes(longest[: budget // max(min(lengths), 1) + 1], lengths, budget)[0]
+        batch = collate_pass(r.data.train, widest, c.data.max_seq_length)
         try:
             with torch.autocast(r.d.device.type, dtype=r.dtype, enabled=r.dtype != torch.float32):
-                loss_sum, _ = loss_module({k: v.to(r.d.device) for k, v in widest.items()})
-            (loss_sum / max(loss_module.objective.units(widest), 1)).backward()
+                loss_sum, _ = loss_module({k: v.to(r.d.device) for k, v in batch.items()})
+            (loss_sum / max(loss_module.objective.units(batch), 1)).backward()
             fits = True
         except torch.OutOfMemoryError:
             fits = False
         r.model.zero_grad(set_to_none=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        fits = not dist.any_rank(r.d, not fits)
-        if fits:
+        if not dist.any_rank(r.d, not fits):
             break
-        if micro == 1:
-            r.plan = None
-            raise oom_error(r)
-        log.info("auto_find_batch_size: micro-batch %d does not fit; trying %d", micro, micro // 2)
-        micro //= 2
+        if budget <= c.data.max_seq_length:
+            raise oom_error(r, budget)
+        log.info("auto_find_batch_size: passes of %d tokens do not fit; trying %d", budget,
+                 max(budget // 2, c.data.max_seq_length))
+        budget = max(budget // 2, c.data.max_seq_length)
     torch.set_rng_state(rng)
-    if micro != c.train.per_device_train_batch_size:
-        log.info("auto_find_batch_size: micro-batch %d (accumulation raised to keep the global batch)", micro)
-    return micro
+    return budget

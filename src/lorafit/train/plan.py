@@ -1,6 +1,4 @@
-"""The pieces of `train()` that are not the loop: step plan, data position, run directory, signals, OOM,
-the closing summary and the hub upload. train.py reads top to bottom because these live here.
-"""
+"""The step plan (how many optimizer steps, of how many items) and the data position of a run."""
 from __future__ import annotations
 
 import math
@@ -14,7 +12,7 @@ if TYPE_CHECKING:
 
 import logging
 
-from lorafit.data.batching import plan_batches
+from lorafit.data.batching import epoch_items, epoch_steps
 
 log = logging.getLogger("lorafit")
 
@@ -26,19 +24,25 @@ class Plan:
     micro_batch: int
     accumulation: int
     world_size: int
-    epoch_micro: int
-    """Micro-batches in one epoch's global batch list (all ranks together)."""
+    epoch_items: int
+    """Items (records, or packed rows) in one epoch, all ranks together."""
     steps_per_epoch: int
     total_steps: int
     n_train: int
+    tokens_per_pass: int = 0
+    """The pass budget: most tokens one forward/backward pass holds (train/memory.py pass_budget)."""
+    packing: bool = False
 
     @property
     def global_batch(self) -> int:
+        """Items per optimizer step: records, or packed rows with --packing."""
         return self.micro_batch * self.accumulation * self.world_size
 
     def describe(self, d: dist.Dist) -> str:
+        what = "packed rows" if self.packing else "records"
         return (f"batch: {self.micro_batch} per device x {self.accumulation} accumulation x {self.world_size} "
-                f"process{'es' if self.world_size > 1 else ''} = {self.global_batch} sequences per optimizer step; "
+                f"process{'es' if self.world_size > 1 else ''} = {self.global_batch} {what} per optimizer step, "
+                f"run padding-free in passes of up to {self.tokens_per_pass:,} tokens; "
                 f"{self.n_train:,} training examples -> {self.steps_per_epoch:,} steps per epoch, "
                 f"{self.total_steps:,} steps")
 
@@ -49,26 +53,24 @@ class Plan:
                      self.total_steps, self.total_steps, state.get("step", 0) + 1, self.total_steps)
         old = state.get("global_batch")
         if old and old != self.global_batch:
-            log.warning("the checkpoint was trained with %s sequences per step, this run uses %s; "
+            log.warning("the checkpoint was trained with %s items per step, this run uses %s; "
                         "resuming at the same data position, but the loss curve will differ", old, self.global_batch)
-        if state.get("micro_in_epoch", 0) % d.world_size:
-            log.warning("the checkpoint's data position is not a multiple of %d ranks; "
-                        "up to %d micro-batches are repeated", d.world_size, d.world_size - 1)
 
 
-def plan_steps(cfg: Config, data, d: dist.Dist, micro_batch: int) -> Plan:
-    """Steps per epoch and in all, counted from the batch plan (padding and packing included)."""
+def plan_steps(cfg: Config, data, d: dist.Dist, tokens_per_pass: int) -> Plan:
+    """Steps per epoch and in all, counted from the epoch's step list (packing included). The micro-batch and
+    accumulation only say how many items a step takes; the passes are cut by tokens_per_pass."""
 
     t = cfg.train
-    # auto_find_batch_size may shrink the micro-batch; accumulation grows so the global batch stays put
-    accumulation = t.gradient_accumulation_steps * max(1, t.per_device_train_batch_size // micro_batch)
+    micro, accumulation = t.per_device_train_batch_size, t.gradient_accumulation_steps
     lengths = [len(e.input_ids) for e in data.train]
-    n_micro = len(plan_batches(lengths, micro_batch, packing=cfg.data.packing, max_seq_length=cfg.data.max_seq_length,
-                               seed=t.seed, epoch=0, group_by_length=cfg.data.group_by_length))
-    per_rank = math.ceil(n_micro / d.world_size)
-    steps_per_epoch = max(1, math.ceil(per_rank / accumulation))
+    steps = epoch_steps(lengths, micro * accumulation * d.world_size, packing=cfg.data.packing,
+                        max_seq_length=cfg.data.max_seq_length, seed=t.seed, epoch=0,
+                        group_by_length=cfg.data.group_by_length)
+    steps_per_epoch = max(1, len(steps))
     total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
-    return Plan(micro_batch, accumulation, d.world_size, n_micro, steps_per_epoch, total, len(data.train))
+    return Plan(micro, accumulation, d.world_size, epoch_items(steps), steps_per_epoch, total, len(data.train),
+                tokens_per_pass, cfg.data.packing)
 
 
 # -- where the run is ---------------------------------------------------------------------------
@@ -78,8 +80,9 @@ class Position:
     step: int = 0
     """Optimizer steps done."""
     epoch: int = 0
-    micro_in_epoch: int = 0
-    """Global micro-batches of this epoch consumed (all ranks together)."""
+    items_in_epoch: int = 0
+    """Items (records, or packed rows) of this epoch consumed, all ranks together: the epoch's step list does not
+    depend on the number of ranks, so this resumes exactly on any number of them."""
     samples: int = 0
     tokens: int = 0
     best_val: float | None = None
@@ -93,7 +96,13 @@ class Position:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Position:
+        state = dict(state)
+        if "micro_in_epoch" in state and "items_in_epoch" not in state:  # checkpoints written before issue 14
+            state["items_in_epoch"] = state["micro_in_epoch"] * state.get("micro_batch", 1)
         return cls(**{k: state[k] for k in cls.__dataclass_fields__ if k in state})
+
+    def epoch_fraction(self, plan: Plan) -> float:
+        return round(self.epoch + self.items_in_epoch / max(plan.epoch_items, 1), 4)
 
     def record_validation(self, loss: float, patience: int | None, tlog) -> bool:
         if self.best_val is None or loss < self.best_val:
@@ -105,14 +114,3 @@ class Position:
                       f"for {self.bad_evals} validations")
             return True
         return False
-
-
-# -- the run directory --------------------------------------------------------------------------
-
-
-# -- speed and memory ---------------------------------------------------------------------------
-
-
-# -- stopping on request ------------------------------------------------------------------------
-
-

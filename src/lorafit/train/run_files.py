@@ -25,7 +25,7 @@ from lorafit.run_dir import (
 )
 from lorafit.train import checkpoint as ckpt
 from lorafit.train import parallel as dist
-from lorafit.train.log import memory_gib
+from lorafit.train.log import memory_gib, steady_tokens_per_s
 from lorafit.train.optim import optimizer_state_bytes
 from lorafit.train.plots import plot_loss
 from lorafit.train.state import TrainState
@@ -122,10 +122,11 @@ def save_adapter(model, run_dir: Path, state: dict[str, torch.Tensor] | None = N
 def write_summary(r: TrainState, seconds: float, peaks: list[float] | None = None) -> None:
 
     trainable, total = parameter_counts(r.model)
-    summary = {"steps": r.pos.step, "epochs": round(r.pos.epoch + r.pos.micro_in_epoch / max(r.plan.epoch_micro, 1), 3),
+    summary = {"steps": r.pos.step, "epochs": round(r.pos.epoch_fraction(r.plan), 3),
                "trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1),
                "peak_memory_gib": round(memory_gib(r.d.device), 3), "seconds": round(seconds, 1),
                "tokens": r.pos.tokens, "tokens_per_s": round(r.pos.tokens / max(seconds, 1e-9), 1),
+               "steady_tokens_per_s": steady_tokens_per_s(r.tlog),
                "best_val_loss": r.pos.best_val, "skipped_steps": r.pos.skipped, "world_size": r.d.world_size,
                "fsdp": r.fsdp is not None, "peak_memory_gib_per_rank": [round(x, 3) for x in peaks or []]}
     write_json_atomic(r.run_dir / SUMMARY_FILE, summary)
@@ -136,9 +137,12 @@ def write_summary(r: TrainState, seconds: float, peaks: list[float] | None = Non
     mem = "GPU" if r.d.device.type == "cuda" else "process RSS"
     if peaks and len(peaks) > 1:
         log.info("peak memory per rank (%s): %s GiB", mem, ", ".join(f"{x:.2f}" for x in peaks))
-    log.info("done: %d steps in %.0f s, %s tokens (%.0f tok/s); trainable parameters %s of %s (%.3f%%); "
+    steady = summary["steady_tokens_per_s"]
+    speed = f"{summary['tokens_per_s']:,.0f} tok/s over the run" + (
+        f", {steady:,.0f} tok/s after the first step" if steady is not None else "")
+    log.info("done: %d steps in %.0f s, %s tokens (%s); trainable parameters %s of %s (%.3f%%); "
              "peak memory %.2f GiB (%s); best validation loss %s\nadapter: %s",
-             r.pos.step, seconds, f"{r.pos.tokens:,}", summary["tokens_per_s"], f"{trainable:,}", f"{total:,}",
+             r.pos.step, seconds, f"{r.pos.tokens:,}", speed, f"{trainable:,}", f"{total:,}",
              100 * summary["trainable_share"], summary["peak_memory_gib"], mem,
              "n/a" if r.pos.best_val is None else f"{r.pos.best_val:.4f}", r.run_dir)
 

@@ -35,6 +35,8 @@ class TrainState:
     fused: bool = False
     """Whether training runs the fused kernels (model/arch.py's fused_path_choice) and why (or why not)."""
     fused_why: str = ""
+    fast: Any = None
+    """The fused loss (train/fast.py FastLoss) when the run uses it, else None."""
     ddp: torch.nn.Module | None = None
     """The module each micro-step calls: the LossModule, DDP-wrapped, or FSDP's sharded root."""
     optimizer: torch.optim.Optimizer | None = None
@@ -43,4 +45,5 @@ class TrainState:
     tlog: TrainLog | NullLog | None = None
     plan: Plan | None = None
     pos: Position = field(default_factory=Position)
-    val_batches: list[dict[str, torch.Tensor]] | None = None
+    val_batches: list[tuple[dict[str, torch.Tensor], bool]] | None = None
+    """Validation passes, built once: (CPU batch, counted); stand-ins keep ranks in step."""

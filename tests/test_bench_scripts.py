@@ -1,0 +1,45 @@
+"""The GPU benchmark's scripts run once, on a machine with no chance to debug: their CPU-runnable parts here."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from helpers import REPO
+
+BENCH = REPO / "bench"
+
+
+def test_run_sh_parses_and_expands_its_groups():
+    assert subprocess.run(["bash", "-n", str(BENCH / "run.sh")], check=False).returncode == 0
+    text = (BENCH / "run.sh").read_text()
+    for step in ("rcp:phi3_alpaca:all peer:unsloth peer:hf", "sh:lorafit@llama3-8b", "mem32k:unsloth loss"):
+        assert step in text
+
+
+def test_recipe_data_has_the_real_lengths(tmp_path):
+    out = subprocess.run([sys.executable, str(BENCH / "recipe.py"), "configs/phi3_alpaca.yaml", "unused", str(tmp_path),
+                          "--data-only"], check=True, capture_output=True, text=True, cwd=REPO)
+    assert json.loads(out.stdout)["records"] == 899
+    recs = [json.loads(x) for x in (tmp_path / "alpaca_lengths.json").read_text().splitlines()]
+    lens = [int(x) for x in (BENCH / "alpaca_lengths.txt").read_text().split()]
+    prompts = [int(x) for x in (BENCH / "alpaca_prompt_lengths.txt").read_text().split()]
+    assert len(recs) == 899
+    assert [len(r["output"].split()) for r in recs] == [max(1, n - p) for n, p in zip(lens, prompts)]
+
+
+def test_table_puts_the_recipe_shape_first_with_its_target(tmp_path):
+    lines = [{"stack": "unsloth", "shape": "8x512", "tok_s": 100, "peak_gib": 3.0},
+             {"stack": "lorafit", "shape": "8x512", "tok_s": 170, "peak_gib": 3.2},
+             {"stack": "lorafit", "shape": "recipe", "tok_s": 18000, "peak_gib": 3.9},
+             {"stack": "unsloth", "bs": 4, "acc": 4, "real_tok_s": 3500, "peak_gib": 3.2},
+             {"stack": "hf", "bs": 4, "acc": 4, "real_tok_s": 1800, "peak_gib": 5.4}]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    table = subprocess.run([sys.executable, str(BENCH / "table.py"), str(path)], check=True, capture_output=True,
+                           text=True).stdout.splitlines()
+    rows = [x for x in table if x.startswith("| ") and "---" not in x][1:]
+    assert [r.split(" | ")[1] for r in rows[:3]] == ["recipe"] * 3
+    lorafit = next(r for r in rows if r.startswith("| lorafit | recipe"))
+    assert "5.14" in lorafit and "met (>= 5.0x at <= 1.25x mem)" in lorafit
+    assert "met (>= 1.6x" in next(r for r in rows if r.startswith("| lorafit | 8x512"))
