@@ -25,7 +25,8 @@ CHOICES = {
     "eval_strategy": ("steps", "epoch", "no"),
     "save_strategy": ("steps", "epoch", "no"),
     "nan_policy": ("stop", "skip"),
-    "method": ("sft",),
+    "method": ("sft", "dpo", "orpo", "kto"),
+    "dpo_loss": ("sigmoid", "ipo", "hinge"),
 }
 
 
@@ -52,6 +53,10 @@ def validate(cfg: Config) -> None:
     positive("per_device_eval_batch_size", t.per_device_eval_batch_size)
     positive("gradient_accumulation_steps", t.gradient_accumulation_steps)
     positive("max_seq_length", d.max_seq_length)
+    positive("beta", t.beta)
+    positive("orpo_alpha", t.orpo_alpha)
+    positive("kto_desirable_weight", t.kto_desirable_weight)
+    positive("kto_undesirable_weight", t.kto_undesirable_weight)
     positive("logging_steps", t.logging_steps)
     positive("save_steps", t.save_steps)
     positive("max_new_tokens", g.max_new_tokens)

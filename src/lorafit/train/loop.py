@@ -26,8 +26,7 @@ from typing import Any
 import torch
 
 from lorafit.config.schema import Config
-from lorafit.data.batching import make_batches
-from lorafit.data.encode import prepare_data
+from lorafit.data.pipeline import prepare_data
 from lorafit.errors import UserError
 from lorafit.infer.generate import generate_text
 from lorafit.model.arch import fused_path_choice
@@ -197,10 +196,8 @@ def _loop(r: TrainState, signals: StopSignals) -> None:
     cfg, d, p, pos = r.cfg, r.d, r.plan, r.pos
     delay = float(os.environ.get("LORAFIT_TEST_STEP_DELAY", "0"))  # test hook: room to inject a fault mid-run
     while pos.step < p.total_steps:
-        batches = make_batches(r.data.train, p.micro_batch, packing=cfg.data.packing,
-                               max_seq_length=cfg.data.max_seq_length, pad_token_id=r.tokenizer.pad_token_id,
-                               seed=cfg.train.seed, epoch=pos.epoch, group_by_length=cfg.data.group_by_length,
-                               rank=d.rank, world_size=d.world_size)
+        batches = r.objective.batches(r.data.train, p.micro_batch, cfg=cfg, pad_token_id=r.tokenizer.pad_token_id,
+                                      epoch=pos.epoch, rank=d.rank, world_size=d.world_size)
         start = pos.micro_in_epoch // d.world_size
         for i in range(start, len(batches), p.accumulation):
             group = batches[i: i + p.accumulation]
@@ -313,9 +310,9 @@ def _validate(r: TrainState) -> bool:
     cfg, d = r.cfg, r.d
     if r.val_batches is None:
         shard = r.data.val[d.rank:: d.world_size]  # disjoint shards: no example counted twice
-        r.val_batches = make_batches(shard, cfg.train.per_device_eval_batch_size, packing=cfg.data.packing,
-                                     max_seq_length=cfg.data.max_seq_length, pad_token_id=r.tokenizer.pad_token_id,
-                                     seed=cfg.train.seed, epoch=0, shuffle=False) if shard else []
+        r.val_batches = r.objective.batches(shard, cfg.train.per_device_eval_batch_size, cfg=cfg,
+                                            pad_token_id=r.tokenizer.pad_token_id, epoch=0,
+                                            shuffle=False) if shard else []
     # FSDP: through the sharded root, whose forward gathers the embeddings and head; it runs the reference loss
     loss_fn = r.ddp if r.fsdp else LossModule(r.model, r.objective, None, r.dtype)
     r.model.eval()

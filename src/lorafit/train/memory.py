@@ -5,7 +5,6 @@ import logging
 
 import torch
 
-from lorafit.data.batching import make_batches
 from lorafit.errors import UserError
 from lorafit.train import parallel as dist
 from lorafit.train.state import TrainState
@@ -33,8 +32,7 @@ def find_batch_size(r: TrainState, loss_module) -> int:
         return micro
     rng = torch.get_rng_state()  # the probe's dropout must not shift the run's random stream
     while True:
-        batches = make_batches(r.data.train, micro, packing=c.data.packing, max_seq_length=c.data.max_seq_length,
-                               pad_token_id=r.tokenizer.pad_token_id, seed=c.train.seed, epoch=0)
+        batches = r.objective.batches(r.data.train, micro, cfg=c, pad_token_id=r.tokenizer.pad_token_id, epoch=0)
         widest = max(batches, key=lambda b: b["input_ids"].numel())
         try:
             with torch.autocast(r.d.device.type, dtype=r.dtype, enabled=r.dtype != torch.float32):

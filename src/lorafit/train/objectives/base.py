@@ -27,6 +27,14 @@ class Objective(Protocol):
         """(loss summed over the batch's units, metric sums). `fast_loss`: the fused path, or None."""
         ...
 
+    def batches(self, examples: list, batch_size: int, *, cfg: Any, pad_token_id: int, epoch: int,
+                shuffle: bool = True, rank: int = 0, world_size: int = 1) -> list[Batch]:
+        """One epoch's micro-batches for this rank, as `loss` reads them. SFT: `data.batching.make_batches`;
+        preference objectives put a pair's two sequences in one row (`data.preference`). The plan (which
+        examples share a batch) is `plan_batches` over `len(example.input_ids)` either way, so
+        train/plan.py counts the steps the same for every objective."""
+        ...
+
 
 class LossModule(torch.nn.Module):
     """batch -> (loss sum, metric sums) through an objective; DDP wraps this module, so either path syncs."""

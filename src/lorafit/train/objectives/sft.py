@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lorafit.data.batching import packed_attention_mask
+from lorafit.data.batching import make_batches, packed_attention_mask
 from lorafit.data.records import IGNORE_INDEX
 from lorafit.model.arch import family
 from lorafit.train.objectives.base import Batch, Metrics
@@ -24,6 +24,13 @@ class SFT:
         else:
             ce, _ = reference_loss(model, batch, mask_dtype)
         return ce, {}
+
+    def batches(self, examples, batch_size: int, *, cfg, pad_token_id: int, epoch: int, shuffle: bool = True,
+                rank: int = 0, world_size: int = 1) -> list[Batch]:
+        return make_batches(examples, batch_size, packing=cfg.data.packing, max_seq_length=cfg.data.max_seq_length,
+                            pad_token_id=pad_token_id, seed=cfg.train.seed, epoch=epoch,
+                            group_by_length=cfg.data.group_by_length, shuffle=shuffle, rank=rank,
+                            world_size=world_size)
 
 
 def labelled_tokens(labels: torch.Tensor) -> int:
