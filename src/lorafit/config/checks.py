@@ -4,6 +4,7 @@ User mistakes end as one ConfigError (exit 2) naming the field and the fix."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lorafit.errors import ConfigError
@@ -112,8 +113,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'repetition_penalty' must be > 0, got {g.repetition_penalty}")
     if isinstance(lo.target_modules, list) and not lo.target_modules:
         raise ConfigError("'target_modules' is empty", fix="use a preset (attention, mlp, all-linear) or module names")
+    if t.ref_adapter:
+        check_ref_adapter(t.method, t.ref_adapter)
     if t.fsdp:
         check_fsdp(cfg, "--fsdp true")
+
+
+def check_ref_adapter(method: str, path: str) -> None:
+    if method not in ("dpo", "kto"):
+        raise ConfigError(f"'ref_adapter' is set, but --method {method} has no reference model",
+                          fix="use it with --method dpo or kto, or leave it out")
+    if not (Path(path).expanduser() / "adapter_config.json").is_file():
+        raise ConfigError(f"'ref_adapter' {path!r} is not an adapter folder (no adapter_config.json in it)",
+                          fix="pass the output_dir of a `lorafit train` run, e.g. --ref_adapter runs/sft")
 
 
 def check_fsdp(cfg: Config, source: str) -> None:

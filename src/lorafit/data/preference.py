@@ -77,14 +77,12 @@ def prepare_preference(cfg: Config, tokenizer: Any) -> PreparedData:
     if d.dataset == "demo":
         raise DataError(f"--method {cfg.train.method} trains on preference data; the built-in demo set has none",
                         fix="pass pairs ({prompt, chosen, rejected}) or, for KTO, {prompt, completion, label} records")
-    records = load_preference_records(d.dataset, d.dataset_split, d.column_map, kto)
+    records, rows, (train_rows, val_rows, duplicates) = split_preference(cfg)
     template = resolve_template(d.template, tokenizer, "messages", d.system_prompt)
-    rows = [{"prompt": r.prompt, "replies": list(r.replies), "label": r.label} for r in records]
-    train_rows, val_rows, duplicates = split_conversations(rows, cfg)
     cut = _Cut()
-    train = encode_examples(template, [_record(x) for x in train_rows], tokenizer, cfg, cut)
+    train = encode_examples(template, train_rows, tokenizer, cfg, cut)
     # indices run on from train's: they key the reference log-probs cached for both splits
-    val = encode_examples(template, [_record(x) for x in val_rows], tokenizer, cfg, cut, start=len(train))
+    val = encode_examples(template, val_rows, tokenizer, cfg, cut, start=len(train))
     if not train:
         raise DataError(f"no training example of '{d.dataset}' is left ({cut.dropped} dropped for length)",
                         fix="raise max_seq_length or use truncation truncate")
@@ -98,8 +96,15 @@ def prepare_preference(cfg: Config, tokenizer: Any) -> PreparedData:
     return PreparedData(train, val, template, report, report["fingerprint"])
 
 
-def _record(x: dict) -> PrefRecord:
-    return PrefRecord(x["prompt"], tuple(x["replies"]), "", x["label"])
+def split_preference(cfg: Config) -> tuple[list[PrefRecord], list[dict], tuple[list[PrefRecord], list[PrefRecord], int]]:
+    """(records, their JSON rows, (train, val, duplicates)): dedup, shuffle, cap and hold out as SFT does
+    (`split_conversations`), so eval finds the same held-out pairs from the run's config."""
+    d = cfg.data
+    records = load_preference_records(d.dataset, d.dataset_split, d.column_map, cfg.train.method == "kto")
+    rows = [{"prompt": r.prompt, "replies": list(r.replies), "label": r.label} for r in records]
+    train, val, duplicates = split_conversations(rows, cfg)
+    back = [[PrefRecord(x["prompt"], tuple(x["replies"]), "", x["label"]) for x in part] for part in (train, val)]
+    return records, rows, (back[0], back[1], duplicates)
 
 
 def encode_examples(template: Template, records: list[PrefRecord], tokenizer: Any, cfg: Config,
