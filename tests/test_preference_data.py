@@ -1,0 +1,115 @@
+"""Preference data: the pair shapes public datasets use, hub ids through a local stand-in, truncation,
+the report, and pair batches (two documents per row, reply tokens labelled)."""
+from __future__ import annotations
+
+import pytest
+from pref_support import write_jsonl
+from test_data_common import make_cfg
+
+from lorafit.data.pairs import load_preference_records
+from lorafit.data.preference import CHOSEN, REJECTED, make_preference_batches, prepare_preference
+from lorafit.data.records import IGNORE_INDEX
+from lorafit.errors import DataError
+
+HH_CHOSEN = "\n\nHuman: what is an apple?\n\nAssistant: a fruit\n\nHuman: and a banana?\n\nAssistant: also a fruit"
+HH_REJECTED = "\n\nHuman: what is an apple?\n\nAssistant: a fruit\n\nHuman: and a banana?\n\nAssistant: no idea"
+ULTRA = {"chosen": [{"role": "user", "content": "sort the number"}, {"role": "assistant", "content": "done"}],
+         "rejected": [{"role": "user", "content": "sort the number"}, {"role": "assistant", "content": "no"}],
+         "score_chosen": 8.0, "score_rejected": 3.0}
+ORCA = {"system": "be brief", "input": "add the number", "chosen": "42", "rejected": "forty", "status": "tie"}
+
+
+def _load(tmp_path, records, kto=False, **column_map):
+    return load_preference_records(str(write_jsonl(tmp_path / "d.jsonl", records)), "train", column_map, kto)
+
+
+def test_pair_shapes(tmp_path):
+    (s,) = _load(tmp_path, [{"prompt": "hello", "chosen": "world", "rejected": "apple"}])
+    assert s.prompt == [{"role": "user", "content": "hello"}] and s.replies == ("world", "apple")
+    (u,) = _load(tmp_path, [ULTRA])
+    assert u.prompt == [{"role": "user", "content": "sort the number"}] and u.replies == ("done", "no")
+    (h,) = _load(tmp_path, [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}])
+    assert [m["role"] for m in h.prompt] == ["user", "assistant", "user"] and h.prompt[-1]["content"] == "and a banana?"
+    assert h.replies == ("also a fruit", "no idea")
+    (o,) = _load(tmp_path, [ORCA])
+    assert o.prompt == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "add the number"}]
+    (m,) = _load(tmp_path, [{"question": "q", "good": "a", "bad": "b"}], good="chosen", bad="rejected")
+    assert m.replies == ("a", "b")
+
+
+def test_kto_records_and_pairs_as_kto(tmp_path):
+    recs = _load(tmp_path, [{"prompt": "q", "completion": "a", "label": True},
+                            {"prompt": "q", "completion": "b", "label": "false"}], kto=True)
+    assert [(r.replies, r.label) for r in recs] == [(("a",), True), (("b",), False)]
+    unpaired = _load(tmp_path, [{"prompt": "q", "chosen": "a", "rejected": "b"}], kto=True)
+    assert [(r.replies, r.label) for r in unpaired] == [(("a",), True), (("b",), False)]
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": "q", "chosen": "a"}, "has no 'rejected'"),
+    ({"chosen": "plain text a", "rejected": "plain text b"}, "no shared prefix ending at an 'Assistant:' turn"),
+    ({"chosen": ULTRA["chosen"], "rejected": [{"role": "user", "content": "other"},
+                                              {"role": "assistant", "content": "x"}]}, "do not share the turns"),
+    ({"prompt": "q", "chosen": ULTRA["chosen"], "rejected": "text"}, "both be text or both message lists"),
+])
+def test_bad_pairs_name_the_record(tmp_path, record, message):
+    with pytest.raises(DataError, match=message) as e:
+        _load(tmp_path, [record])
+    assert "d.jsonl:1" in str(e.value)
+
+
+def test_hub_ids_through_a_local_stand_in(tmp_path, monkeypatch):
+    import datasets
+
+    folders = {}
+    for name, rows in {"trl-lib/ultrafeedback_binarized": [ULTRA] * 3,
+                       "Anthropic/hh-rlhf": [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}] * 3,
+                       "argilla/distilabel-intel-orca-dpo-pairs": [ORCA] * 3}.items():
+        folder = tmp_path / name.replace("/", "__")
+        folder.mkdir()
+        write_jsonl(folder / "train.jsonl", rows)
+        folders[name] = str(folder)
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, *a, **k: real(folders.get(name, name), *a, **k))
+    for name in folders:
+        recs = load_preference_records(name, "train", {}, False)
+        assert len(recs) == 3 and all(len(r.replies) == 2 and r.prompt[-1]["role"] == "user" for r in recs), name
+
+
+def test_truncation_keeps_prompt_tail_and_reply_head_and_reports(tmp_path, tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    long_prompt = " ".join(f"apple {i}" for i in range(60)) + " banana end"
+    rows = [{"prompt": long_prompt, "chosen": "the " * 40, "rejected": "a"},
+            {"prompt": "hello", "chosen": "same", "rejected": "same"},
+            {"prompt": "world", "chosen": "", "rejected": "x"}]
+    cfg = make_cfg(str(write_jsonl(tmp_path / "p.jsonl", rows)), max_seq_length=48, val_size=0, template="chatml")
+    cfg.train.method = "dpo"
+    data = prepare_preference(cfg, tok)
+    first = next(e for e in data.train if e.messages[-1]["content"].startswith("the"))
+    assert all(len(first.prompt_ids) + len(r) <= 48 for r in first.replies)
+    assert tok.decode(first.prompt_ids).endswith("banana end<|im_end|>\n<|im_start|>assistant\n")  # the tail kept
+    assert tok.decode(first.replies[0]).startswith("the the")  # the head kept
+    r = data.report
+    assert r["prompts_cut"] == 1 and r["replies_cut"] == 1 and r["identical_pairs"] == 1 and r["empty_replies"] == 1
+    assert r["train_examples"] == 3 and len(r["fingerprint"]) == 64
+
+
+def test_pair_batch_is_two_documents_per_row_with_reply_labels(tmp_path, tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    rows = [{"prompt": f"hello {i}", "chosen": "apple the", "rejected": "banana"} for i in range(3)]
+    cfg = make_cfg(str(write_jsonl(tmp_path / "p.jsonl", rows)), max_seq_length=64, val_size=0, template="chatml")
+    cfg.train.method = "dpo"
+    data = prepare_preference(cfg, tok)
+    (batch,) = make_preference_batches(data.train, 3, cfg=cfg, pad_token_id=tok.pad_token_id, epoch=0)
+    assert batch["input_ids"].shape[0] == 3 and batch["seq_kind"].tolist() == [CHOSEN, REJECTED] * 3
+    for b, e in enumerate(data.train[i] for i in batch["seq_example"][::2].tolist()):
+        n_p, n_c, n_r = len(e.prompt_ids), len(e.replies[0]), len(e.replies[1])
+        assert batch["doc_ids"][b, : n_p + n_c].eq(1).all() and batch["doc_ids"][b, n_p + n_c: 2 * n_p + n_c + n_r].eq(2).all()
+        assert batch["position_ids"][b, n_p + n_c] == 0  # positions restart with the rejected sequence
+        labelled = batch["labels"][b] != IGNORE_INDEX
+        assert int(labelled.sum()) == n_c + n_r  # reply tokens only (end-of-turn included)
+        assert batch["labels"][b, n_p: n_p + n_c].tolist() == e.replies[0]
