@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from pref_support import write_jsonl
+from test_train_support import REPO
 from test_data_common import make_cfg
 
 from lorafit.data.pairs import load_preference_records
@@ -113,3 +114,19 @@ def test_pair_batch_is_two_documents_per_row_with_reply_labels(tmp_path, tiny_to
         labelled = batch["labels"][b] != IGNORE_INDEX
         assert int(labelled.sum()) == n_c + n_r  # reply tokens only (end-of-turn included)
         assert batch["labels"][b, n_p: n_p + n_c].tolist() == e.replies[0]
+
+
+def test_conciseness_pairs_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("conciseness_pairs", REPO / "scripts" / "conciseness_pairs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    long_a, long_b = "word " * 150, "word " * 120
+    msgs = [{"message_id": "p", "parent_id": None, "role": "prompter", "text": "q", "lang": "en"},
+            {"message_id": "a", "parent_id": "p", "role": "assistant", "text": long_a, "rank": 0},
+            {"message_id": "b", "parent_id": "p", "role": "assistant", "text": "short answer", "rank": 2},
+            {"message_id": "c", "parent_id": "p", "role": "assistant", "text": long_b, "rank": 1},
+            {"message_id": "q", "parent_id": None, "role": "prompter", "text": "only short", "lang": "en"},
+            {"message_id": "d", "parent_id": "q", "role": "assistant", "text": "fine", "rank": 0}]
+    assert mod.conciseness_pairs(msgs, 100, "en") == [{"prompt": "q", "chosen": "short answer", "rejected": long_b}]

@@ -73,7 +73,6 @@ class _Cut:
 def prepare_preference(cfg: Config, tokenizer: Any) -> PreparedData:
     """Load, check, split and tokenize preference data; every problem is a DataError (before the model loads)."""
     d = cfg.data
-    kto = cfg.train.method == "kto"
     if d.dataset == "demo":
         raise DataError(f"--method {cfg.train.method} trains on preference data; the built-in demo set has none",
                         fix="pass pairs ({prompt, chosen, rejected}) or, for KTO, {prompt, completion, label} records")
