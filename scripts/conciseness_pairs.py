@@ -49,8 +49,7 @@ def main() -> None:
     messages = [r.data for r in load_records(args.source, "train")]
     pairs = conciseness_pairs(messages, args.words, args.lang or None)
     with open(args.output, "w", encoding="utf-8") as f:
-        for pair in pairs:
-            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs)
     print(f"{len(pairs)} pairs (chosen <= {args.words} words, rejected longer) -> {args.output}")
 
 

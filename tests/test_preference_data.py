@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 from pref_support import write_jsonl
-from test_train_support import REPO
 from test_data_common import make_cfg
+from test_train_support import REPO
 
 from lorafit.data.pairs import load_preference_records
 from lorafit.data.preference import CHOSEN, REJECTED, make_preference_batches, prepare_preference
