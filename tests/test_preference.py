@@ -110,3 +110,13 @@ def test_bad_pair_data_is_exit_2_before_the_model_loads(tiny_model_dir, tmp_path
     args = train_args(tiny_model_dir("llama"), kto, tmp_path / "run2", method="kto")
     assert cli_main(["train"] + [x for k, v in args.items() for x in (f"--{k}", v)]) == 2
     assert "'label' is 'maybe'" in capsys.readouterr().err
+
+
+def test_ref_adapter_is_the_reference(tiny_model_dir, pairs, tmp_path):
+    """DPO after another run: that adapter is the reference (step 1 is no longer ln 2), kept under reference/."""
+    model = tiny_model_dir("llama")
+    sft = run_train(**train_args(model, pairs, tmp_path / "first", method="orpo", max_steps=2, learning_rate=5e-2))
+    out = run_train(**train_args(model, pairs, tmp_path / "dpo", method="dpo", max_steps=2, ref_adapter=sft))
+    first = next(r for r in _metrics(out) if "loss" in r)
+    assert math.isfinite(first["loss"]) and abs(first["loss"] - math.log(2)) > 1e-3
+    assert (out / "reference" / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
