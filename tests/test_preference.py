@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,7 +87,7 @@ def test_dpo_starts_at_ln2_and_learns_the_preference(tiny_model_dir, pairs, tmp_
 @pytest.mark.parametrize("method", ["orpo", "kto"])
 def test_orpo_and_kto_train_and_log_their_metrics(tiny_model_dir, pairs, tmp_path, method):
     out = run_train(**train_args(tiny_model_dir("llama"), pairs, tmp_path / method, method=method, max_steps=3,
-                                 eval_strategy="steps", eval_steps=3))
+                                 eval_strategy="steps", eval_steps=3, preview_steps=3))
     recs = _metrics(out)
     steps = [r for r in recs if "loss" in r]
     assert len(steps) == 3 and all(math.isfinite(r["loss"]) for r in steps)
@@ -96,6 +97,8 @@ def test_orpo_and_kto_train_and_log_their_metrics(tiny_model_dir, pairs, tmp_pat
         assert steps[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # r = z = 0: 1 - sigmoid(0) for every completion
     assert any("val_loss" in r for r in recs)
     assert (out / "adapter_model.safetensors").is_file()
+    previews = [json.loads(x) for x in (out / "previews.jsonl").read_text().splitlines()]
+    assert len(previews) == 2 and previews[0]["prompt"]  # the held-out pairs' prompts
 
 
 def test_bad_pair_data_is_exit_2_before_the_model_loads(tiny_model_dir, tmp_path, capsys):
@@ -120,3 +123,21 @@ def test_ref_adapter_is_the_reference(tiny_model_dir, pairs, tmp_path):
     first = next(r for r in _metrics(out) if "loss" in r)
     assert math.isfinite(first["loss"]) and abs(first["loss"] - math.log(2)) > 1e-3
     assert (out / "reference" / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_dpo_resume_matches_a_straight_run(tiny_model_dir, pairs, tmp_path):
+    """A resumed run recomputes the reference log-probs it has not cached (the same values) and lands on the
+    straight run's losses and adapter."""
+    import shutil
+
+    from test_train_support import assert_same_adapter, losses
+
+    common = {"method": "dpo", "max_steps": 4, "lora_dropout": 0, "save_strategy": "steps", "save_steps": 2,
+              "learning_rate": 5e-3}
+    straight = run_train(**train_args(tiny_model_dir("llama"), pairs, tmp_path / "straight", **common))
+    run = Path(shutil.copytree(straight, tmp_path / "resumed"))
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    assert cli_main(["train", "--output_dir", str(run), "--resume"]) == 0
+    assert losses(run) == pytest.approx(losses(straight), rel=1e-5)
+    assert_same_adapter(run, straight, atol=1e-6)

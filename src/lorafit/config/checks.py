@@ -131,6 +131,10 @@ def check_ref_adapter(method: str, path: str) -> None:
 def check_fsdp(cfg: Config, source: str) -> None:
     """What FSDP cannot run with; `source` says how it was switched on (a flag or accelerate's launcher)."""
     m, t = cfg.model, cfg.train
+    if t.method != "sft":
+        raise ConfigError(f"FSDP ({source}) trains --method sft only: {t.method} scores sequences by calling the model "
+                          "(and its reference with the adapter off) outside FSDP's sharded forward",
+                          fix="train data-parallel instead (torchrun or `accelerate launch --multi_gpu`, without --fsdp)")
     if m.load_in_4bit or m.load_in_8bit:
         bits = "4" if m.load_in_4bit else "8"
         raise ConfigError(f"FSDP ({source}) cannot shard a {bits}-bit (bitsandbytes) base model",
