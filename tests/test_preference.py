@@ -95,7 +95,8 @@ def test_orpo_and_kto_train_and_log_their_metrics(tiny_model_dir, pairs, tmp_pat
     assert ("nll" in steps[0]) == (method == "orpo") and ("kl" in steps[0]) == (method == "kto")
     if method == "kto":
         assert steps[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # r = z = 0: 1 - sigmoid(0) for every completion
-    assert any("val_loss" in r for r in recs)
+    (val,) = [r for r in recs if "val_loss" in r]
+    assert val["val_units"] == 4 and 0 <= val["val_accuracy"] <= 1 and "val_margin" in val  # held-out pairs
     assert (out / "adapter_model.safetensors").is_file()
     previews = [json.loads(x) for x in (out / "previews.jsonl").read_text().splitlines()]
     assert len(previews) == 2 and previews[0]["prompt"]  # the held-out pairs' prompts

@@ -316,15 +316,17 @@ def _validate(r: TrainState) -> bool:
     # FSDP: through the sharded root, whose forward gathers the embeddings and head; it runs the reference loss
     loss_fn = r.ddp if r.fsdp else LossModule(r.model, r.objective, None, r.dtype)
     r.model.eval()
-    ce, n = 0.0, 0.0
+    ce, n, sums = 0.0, 0.0, {}
     with torch.no_grad(), torch.autocast(d.device.type, dtype=r.dtype, enabled=r.dtype != torch.float32):
         for batch in r.val_batches:
-            loss_sum, _ = loss_fn({k: v.to(d.device) for k, v in batch.items()})
+            loss_sum, metrics = loss_fn({k: v.to(d.device) for k, v in batch.items()})
             ce, n = ce + float(loss_sum), n + r.objective.units(batch)
+            sums = {k: sums.get(k, 0.0) + float(v) for k, v in metrics.items()}
     r.model.train()
-    ce, n = dist.all_reduce_sum(d, [ce, n])
+    names = dist.broadcast(d, sorted(sums))  # rank 0's names: a rank with an empty shard has none
+    ce, n, *values = dist.all_reduce_sum(d, [ce, n, *(sums.get(k, 0.0) for k in names)])
     loss = ce / max(n, 1.0)
-    r.tlog.validation(r.pos.step, loss, int(n))
+    r.tlog.validation(r.pos.step, loss, int(n), {k: v / max(n, 1.0) for k, v in zip(names, values)})
     return r.pos.record_validation(loss, cfg.train.early_stopping_patience, r.tlog)
 
 
