@@ -6,9 +6,11 @@ usage: python bench/dpo_bench.py STACK MODEL_DIR [--pairs 160] [--batch 8]      
 
 Pairs of real Alpaca lengths: pair i has record i's prompt (bench/alpaca_prompt_lengths.txt), record i's reply
 as chosen and record i+1's reply as rejected (bench/alpaca_lengths.txt minus the prompt), random token ids
-written as the word-level tokenizer's words (one token each; bench/make_model.py). Both stacks run one epoch
+written as the word-level tokenizer's words (one token each; bench/make_model.py). Both stacks run an epoch
 of `--pairs` pairs, `--batch` pairs a step, sigmoid loss, beta 0.1, reference = the base with the adapter off
-(computed every step in this first epoch by both). Timed: the optimizer steps after the first 3 (CUDA
+(computed every step in this first epoch by both); lorafit runs a second epoch, reported as
+`lorafit:cached-ref` (its cached reference log-probs: one forward pass a step, as TRL's
+precompute_ref_log_probs would give after its own precomputing pass). Timed: the optimizer steps after the first 3 (CUDA
 synchronised at step boundaries); tokens = 2 x prompt + chosen + rejected per pair, the same for both.
 Prints one JSON line; `table` prints the markdown table.
 """
@@ -50,7 +52,8 @@ def pair_tokens(pairs: list[dict]) -> list[int]:
 
 
 def run_lorafit(model_dir: str, pairs: list[dict], batch: int) -> list[float]:
-    """Step times from lorafit's own metrics.jsonl (each step's wall time, synchronised by the loss read)."""
+    """Step times of two epochs from lorafit's own metrics.jsonl (each step's wall time, synchronised by the
+    loss read); the second epoch reads the reference log-probs from the cache."""
     from lorafit.config.load import build_config
     from lorafit.train.loop import train
 
@@ -61,7 +64,7 @@ def run_lorafit(model_dir: str, pairs: list[dict], batch: int) -> list[float]:
             "beta": 0.1, "load_in_4bit": True, "bnb_4bit_use_double_quant": True, "gradient_checkpointing": True,
             "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear",
             "template": "raw", "max_seq_length": MAX_LEN, "val_size": 0, "per_device_train_batch_size": batch,
-            "num_train_epochs": 1, "learning_rate": 5e-6, "bf16": True, "logging_steps": 1, "report_to": "none",
+            "num_train_epochs": 2, "learning_rate": 5e-6, "bf16": True, "logging_steps": 1, "report_to": "none",
             "eval_strategy": "no", "save_strategy": "no", "shuffle": False,
             "fast_kernels": "off"}  # preference objectives run the reference forward (dpo.py says why)
     out = train(build_config(None, {k: str(v) for k, v in args.items()}))
@@ -133,15 +136,18 @@ def main() -> None:
     pairs = make_pairs(a.pairs)
     started = time.perf_counter()
     times = (run_lorafit if a.stack == "lorafit" else run_trl)(a.path, pairs, a.batch)
-    timed = times[WARMUP:]
-    n_pairs = a.batch * len(timed)
-    tokens = sum(pair_tokens(pairs)) / len(pairs) * n_pairs
-    print(json.dumps({"stack": a.stack, "pairs": a.pairs, "batch": a.batch, "steps": len(times),
-                      "steps_timed": len(timed), "pairs_per_s": n_pairs / max(sum(timed), 1e-9),
-                      "tokens_per_s": tokens / max(sum(timed), 1e-9),
-                      "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
-                      "wall_s": round(time.perf_counter() - started, 1)}), flush=True)
-
+    per_epoch = -(-a.pairs // a.batch)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    runs = {a.stack: times[WARMUP:per_epoch]}
+    if a.stack == "lorafit":
+        runs["lorafit:cached-ref"] = times[per_epoch:]  # epoch 2: no reference forward
+    mean_tokens = sum(pair_tokens(pairs)) / len(pairs)
+    for stack, timed in runs.items():
+        n_pairs = a.batch * len(timed)
+        print(json.dumps({"stack": stack, "pairs": a.pairs, "batch": a.batch, "steps": len(times),
+                          "steps_timed": len(timed), "pairs_per_s": n_pairs / max(sum(timed), 1e-9),
+                          "tokens_per_s": mean_tokens * n_pairs / max(sum(timed), 1e-9), "peak_gib": peak,
+                          "wall_s": round(time.perf_counter() - started, 1)}), flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())
