@@ -32,6 +32,8 @@ def test_pair_shapes(tmp_path):
     (h,) = _load(tmp_path, [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}])
     assert [m["role"] for m in h.prompt] == ["user", "assistant", "user"] and h.prompt[-1]["content"] == "and a banana?"
     assert h.replies == ("also a fruit", "no idea")
+    (h2,) = _load(tmp_path, [{"chosen": HH_CHOSEN.lstrip(), "rejected": HH_REJECTED.lstrip()}])
+    assert h2.prompt == h.prompt  # a text that starts at 'Human:' without the blank line
     (o,) = _load(tmp_path, [ORCA])
     assert o.prompt == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "add the number"}]
     (m,) = _load(tmp_path, [{"question": "q", "good": "a", "bad": "b"}], good="chosen", bad="rejected")
@@ -130,3 +132,18 @@ def test_conciseness_pairs_script():
             {"message_id": "q", "parent_id": None, "role": "prompter", "text": "only short", "lang": "en"},
             {"message_id": "d", "parent_id": "q", "role": "assistant", "text": "fine", "rank": 0}]
     assert mod.conciseness_pairs(msgs, 100, "en") == [{"prompt": "q", "chosen": "short answer", "rejected": long_b}]
+
+
+def test_data_command_reports_pairs_and_completions(tmp_path, tiny_tokenizer_dir, capsys):
+    from lorafit.data.check import data_command
+
+    rows = [{"prompt": f"q {i}", "chosen": "same" if i == 0 else "apple", "rejected": "same" if i == 0 else "b"}
+            for i in range(6)]
+    for method in ("dpo", "kto"):
+        cfg = make_cfg(str(write_jsonl(tmp_path / "p.jsonl", rows)), val_size=0)
+        cfg.model.model = str(tiny_tokenizer_dir)
+        cfg.train.method = method
+        assert data_command(cfg) == 0
+        out = capsys.readouterr().out
+        assert ("desirable / undesirable" in out) == (method == "kto")
+        assert ("1 pairs have identical chosen and rejected" in out) == (method == "dpo")

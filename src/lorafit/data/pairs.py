@@ -23,7 +23,7 @@ from lorafit.errors import DataError
 
 PROMPT_FIELDS = ("prompt", "question", "input")
 """Where a pair's prompt may be: TRL's name, then the names other public pair sets use."""
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _LABELS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 

@@ -59,6 +59,7 @@ class PreferenceBatches:
     """What DPO, ORPO and KTO share: units are pairs (or completions), batches come from data/preference.py."""
 
     kl_pairs = False
+    _said = False
 
     def units(self, batch: Batch) -> int:
         return int((batch["seq_kind"] <= REJECTED).sum()) // (1 if self.kl_pairs else 2)
@@ -67,7 +68,7 @@ class PreferenceBatches:
         return make_preference_batches(examples, batch_size, kl_pairs=self.kl_pairs, **kw)
 
     def policy_logps(self, model, batch: Batch, fast_loss, mask_dtype: torch.dtype):
-        if fast_loss is not None and not getattr(self, "_said", False):
+        if fast_loss is not None and not self._said:
             log.info("%s: %s", self.name, REFERENCE_PATH)
             self._said = True
         return sequence_logps(model, batch, mask_dtype)
