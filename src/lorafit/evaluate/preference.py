@@ -24,6 +24,7 @@ from lorafit.data.preference import CHOSEN, REJECTED, encode_examples, make_pref
 from lorafit.errors import UserError
 from lorafit.evaluate.run import EvalExample, _adapter_off, _md_cell, _status, generate_answers
 from lorafit.infer.generate import load_session
+from lorafit.model.load import compute_dtype
 from lorafit.run_dir import load_run_config, require_adapter, same_source, write_json_atomic, write_text_atomic
 from lorafit.train.objectives.logprobs import sequence_logps
 
@@ -78,7 +79,7 @@ def score_examples(model, examples: list, cfg: Config) -> dict[int, list[tuple[i
     with torch.no_grad():
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            logps, _ = sequence_logps(model, batch, torch.float32)
+            logps, _ = sequence_logps(model, batch, compute_dtype(cfg))  # SDPA wants the mask in the query's dtype
             for kind, index, value in zip(batch["seq_kind"].tolist(), batch["seq_example"].tolist(), logps.tolist()):
                 out.setdefault(index, []).append((kind, value))
     model.train(was_training)
