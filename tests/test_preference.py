@@ -142,3 +142,15 @@ def test_dpo_resume_matches_a_straight_run(tiny_model_dir, pairs, tmp_path):
     assert cli_main(["train", "--output_dir", str(run), "--resume"]) == 0
     assert losses(run) == pytest.approx(losses(straight), rel=1e-5)
     assert_same_adapter(run, straight, atol=1e-6)
+
+
+def test_eval_on_a_preference_run(tiny_model_dir, pairs, tmp_path):
+    """`lorafit eval` on a DPO run: held-out accuracy and margin for base and tuned, answers side by side."""
+    out = run_train(**train_args(tiny_model_dir("llama"), pairs, tmp_path / "run", method="dpo", max_steps=2))
+    assert cli_main(["eval", "--adapter_path", str(out), "--eval_max_new_tokens", "4"]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["settings"]["split"] == "held-out split" and report["settings"]["samples"] == 4
+    assert report["base"]["pairs"] == 4 and 0 <= report["tuned"]["accuracy"] <= 100
+    assert report["tuned"]["reward_accuracy"] is not None and "reward_margin" in report["tuned"]
+    assert len(report["examples"]) == 4 and {"chosen", "rejected", "base", "tuned"} <= set(report["examples"][0])
+    assert "| Preference accuracy % (log-prob) |" in (out / "eval.md").read_text()
