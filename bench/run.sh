@@ -6,6 +6,7 @@
 #        hf unsloth loss prof:BSxSEQ mem:BSxSEQ; BENCH_ARGS (default --real) go to every bench.py stack
 #        ddp (lorafit's DDP step on 1 GPU, then on 2: ddp_bench.py under torchrun; needs `model` first)
 #        cli2 (a short `torchrun --nproc_per_node 2 -m lorafit train`, 4-bit, fast path, on a tiny random model)
+#        dpo (lorafit --method dpo vs TRL's DPOTrainer, QLoRA, pairs of Alpaca lengths: bench/dpo_bench.py; ~5 min)
 #        fsdp2 (FSDP on 2 GPUs through torchrun --fsdp true and accelerate launch --use_fsdp, bf16, tiny random model)
 #        recipe (issue 14's recipe shape, one H200, ~7 min: lorafit's CLI on phi3_alpaca.yaml, all-linear, dropout 0,
 #          vs Unsloth and transformers+PEFT unpacked at 4 x 4 via peer_real.py, each in its own process, then the table)
@@ -64,6 +65,13 @@ for s in $STEPS; do
     mem32k:*) stack=${s#mem32k:}; pp=""; [ $stack = unsloth ] && pp=/tmp/site-peers:
           PYTHONPATH=$pp$PYTHONPATH timeout 300 python3 bench/bench.py $stack $MODEL --shapes 1x32768 --steps 6 2>&1 \
             | grep -E '^\{|Error' | tee -a "$OUT/results.jsonl" ;;
+    dpo) [ -d $MODEL ] || timeout 300 python3 bench/make_model.py $MODEL 2>&1 | tail -2 | tee -a "$OUT/log"
+         timeout 200 python3 bench/dpo_bench.py lorafit $MODEL > "$OUT/dpo_lorafit.log" 2>&1
+         echo "rc=$? (lorafit)" | tee -a "$OUT/log"; grep -E 'Error|error' "$OUT/dpo_lorafit.log" | tail -5
+         PYTHONPATH=/tmp/site-peers:$PYTHONPATH timeout 220 python3 bench/dpo_bench.py trl $MODEL > "$OUT/dpo_trl.log" 2>&1
+         echo "rc=$? (trl)" | tee -a "$OUT/log"; grep -E 'Error|error' "$OUT/dpo_trl.log" | tail -5
+         grep -hE '^\{' "$OUT/dpo_lorafit.log" "$OUT/dpo_trl.log" | tee "$OUT/dpo.jsonl"
+         python3 bench/dpo_bench.py table "$OUT/dpo.jsonl" | tee "$OUT/dpo_table.md" ;;
     cli2) bash bench/cli2.sh 2>&1 | tee -a "$OUT/log" ;;
     fsdp2) bash bench/fsdp2.sh 2>&1 | tee -a "$OUT/log" ;;
     loss) timeout 400 python3 bench/loss_check.py $MODEL 50 2>&1 | grep -E '^\{|Error|error' | tee -a "$OUT/results.jsonl" ;;

@@ -118,9 +118,15 @@ def cmd_eval(argv: list[str]) -> int:
     p = _parser("eval", "Compare the base model with the tuned one on the held-out split.")
     p.add_argument("--adapter_path", required=True, help="run directory written by `lorafit train`")
     args, rest = p.parse_known_args(argv)
+    cfg = _run_config(args.adapter_path, parse_overrides(rest))
+    if cfg.train.method != "sft":  # a preference run: accuracy and margin on held-out pairs
+        from lorafit.evaluate.preference import evaluate_preference
+
+        evaluate_preference(Path(args.adapter_path), cfg)
+        return 0
     from lorafit.evaluate.run import evaluate
 
-    evaluate(Path(args.adapter_path), _run_config(args.adapter_path, parse_overrides(rest)))
+    evaluate(Path(args.adapter_path), cfg)
     return 0
 
 

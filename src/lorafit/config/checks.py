@@ -4,6 +4,7 @@ User mistakes end as one ConfigError (exit 2) naming the field and the fix."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lorafit.errors import ConfigError
@@ -25,7 +26,8 @@ CHOICES = {
     "eval_strategy": ("steps", "epoch", "no"),
     "save_strategy": ("steps", "epoch", "no"),
     "nan_policy": ("stop", "skip"),
-    "method": ("sft",),
+    "method": ("sft", "dpo", "orpo", "kto"),
+    "dpo_loss": ("sigmoid", "ipo", "hinge"),
 }
 
 
@@ -56,6 +58,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'max_tokens_per_pass' ({t.max_tokens_per_pass}) is below max_seq_length "
                           f"({d.max_seq_length}): the longest record would not fit in a pass",
                           fix=f"pass --max_tokens_per_pass {d.max_seq_length} or more, or lower --max_seq_length")
+    positive("beta", t.beta)
+    positive("orpo_alpha", t.orpo_alpha)
+    positive("kto_desirable_weight", t.kto_desirable_weight)
+    positive("kto_undesirable_weight", t.kto_undesirable_weight)
     positive("logging_steps", t.logging_steps)
     positive("save_steps", t.save_steps)
     positive("max_new_tokens", g.max_new_tokens)
@@ -111,13 +117,28 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'repetition_penalty' must be > 0, got {g.repetition_penalty}")
     if isinstance(lo.target_modules, list) and not lo.target_modules:
         raise ConfigError("'target_modules' is empty", fix="use a preset (attention, mlp, all-linear) or module names")
+    if t.ref_adapter:
+        check_ref_adapter(t.method, t.ref_adapter)
     if t.fsdp:
         check_fsdp(cfg, "--fsdp true")
+
+
+def check_ref_adapter(method: str, path: str) -> None:
+    if method not in ("dpo", "kto"):
+        raise ConfigError(f"'ref_adapter' is set, but --method {method} has no reference model",
+                          fix="use it with --method dpo or kto, or leave it out")
+    if not (Path(path).expanduser() / "adapter_config.json").is_file():
+        raise ConfigError(f"'ref_adapter' {path!r} is not an adapter folder (no adapter_config.json in it)",
+                          fix="pass the output_dir of a `lorafit train` run, e.g. --ref_adapter runs/sft")
 
 
 def check_fsdp(cfg: Config, source: str) -> None:
     """What FSDP cannot run with; `source` says how it was switched on (a flag or accelerate's launcher)."""
     m, t = cfg.model, cfg.train
+    if t.method != "sft":
+        raise ConfigError(f"FSDP ({source}) trains --method sft only: {t.method} scores sequences by calling the model "
+                          "(and its reference with the adapter off) outside FSDP's sharded forward",
+                          fix="train data-parallel instead (torchrun or `accelerate launch --multi_gpu`, without --fsdp)")
     if m.load_in_4bit or m.load_in_8bit:
         bits = "4" if m.load_in_4bit else "8"
         raise ConfigError(f"FSDP ({source}) cannot shard a {bits}-bit (bitsandbytes) base model",

@@ -109,7 +109,19 @@ class TrainArgs:
     output_dir: str = "runs/lorafit"
     """Run directory: adapter, checkpoints, logs, resolved config. `adapter_path` is an alias."""
     method: str = "sft"
-    """Training objective: sft (supervised fine-tuning on replies)."""
+    """Training objective: sft (supervised fine-tuning on replies), dpo, orpo or kto (preference data)."""
+    dpo_loss: str = "sigmoid"
+    """DPO loss: sigmoid (the DPO paper), ipo or hinge."""
+    beta: float = 0.1
+    """DPO/KTO: strength of the pull towards the reference (the temperature of the implicit reward)."""
+    ref_adapter: str | None = None
+    """DPO/KTO reference: this adapter (a run directory or PEFT folder, e.g. an SFT run) instead of the bare base."""
+    orpo_alpha: float = 0.1
+    """ORPO: weight of the odds-ratio term added to the chosen replies' NLL (the paper's lambda, 0.1)."""
+    kto_desirable_weight: float = 1.0
+    """KTO: loss weight of desirable (label true) completions."""
+    kto_undesirable_weight: float = 1.0
+    """KTO: loss weight of undesirable (label false) completions."""
     num_train_epochs: float = 3.0
     """Passes over the training split (ignored when max_steps > 0)."""
     max_steps: int = -1

@@ -141,7 +141,14 @@ class TrainLog:
         else:
             log.info(msg)
 
-    def validation(self, step: int, loss: float, n_tokens: int) -> None:
+    def validation(self, step: int, loss: float, n_tokens: int, metrics: dict[str, float] | None = None) -> None:
+        """`metrics`: the objective's per-unit means (DPO: accuracy, margin, ...); for those, units are pairs
+        and a perplexity means nothing."""
+        if metrics:
+            self._write({"step": step, "val_loss": loss, "val_units": n_tokens, **{f"val_{k}": v for k, v in metrics.items()}})
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k)
+            self.info(f"step {step}: validation loss {loss:.4f}, {shown} ({n_tokens:,} held out)")
+            return
         ppl = math.exp(min(loss, 50.0))
         self._write({"step": step, "val_loss": loss, "val_ppl": ppl, "val_tokens": n_tokens})
         self.info(f"step {step}: validation loss {loss:.4f}, perplexity {ppl:.2f} ({n_tokens:,} tokens)")

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from lorafit.config.schema import Config
-from lorafit.data.batching import Pass, collate_pass, epoch_steps, make_passes, step_passes
-from lorafit.data.encode import prepare_data
+from lorafit.data.batching import Pass, epoch_steps, make_passes, step_passes
+from lorafit.data.pipeline import prepare_data
 from lorafit.data.records import last_reply
 from lorafit.errors import UserError
 from lorafit.infer.generate import generate_text
@@ -201,11 +201,12 @@ def _loop(r: TrainState, signals: StopSignals) -> None:
 
     cfg, d, p, pos = r.cfg, r.d, r.plan, r.pos
     lengths = [len(e.input_ids) for e in r.data.train]
+    clip = cfg.data.max_seq_length * r.objective.sequences_per_example  # the longest an example can be
     while pos.step < p.total_steps:
         steps = epoch_steps(lengths, p.global_batch, packing=cfg.data.packing, max_seq_length=cfg.data.max_seq_length,
                             seed=cfg.train.seed, epoch=pos.epoch, group_by_length=cfg.data.group_by_length)
         for k in range(_resume_index(steps, pos.items_in_epoch), len(steps)):
-            passes = step_passes(steps[k], lengths, cfg.data.max_seq_length, p.tokens_per_pass, d.rank, d.world_size)
+            passes = step_passes(steps[k], lengths, clip, p.tokens_per_pass, d.rank, d.world_size)
             _optimizer_step(r, passes, [i for item in steps[k] for i in item])
             pos.items_in_epoch += len(steps[k])
             stop = _after_step(r, signals, epoch_end=k == len(steps) - 1)
@@ -228,7 +229,7 @@ def _host_batches(r: TrainState, passes: list[Pass]) -> list[dict[str, torch.Ten
     """The step's passes as CPU tensors (pinned on CUDA, so copies overlap), with the fused path's plan."""
     out = []
     for p in passes:
-        b = collate_pass(r.data.train, p.records, r.cfg.data.max_seq_length)
+        b = r.objective.collate(r.data.train, p.records, r.cfg.data.max_seq_length)
         if r.fast is not None:
             b = r.fast.host_plan(b)
         if r.d.device.type == "cuda":
@@ -245,7 +246,7 @@ def _optimizer_step(r: TrainState, passes: list[Pass], records: list[int]) -> No
     counted = [(b, p.counted) for b, p in zip(batches, passes)]
     # the step's units on all ranks, counted here: every rank knows the whole step, so no collective (whose
     # read-back would wait for the previous step's optimizer on the GPU)
-    whole = collate_pass(r.data.train, records, r.cfg.data.max_seq_length) if d.enabled else None
+    whole = r.objective.collate(r.data.train, records, r.cfg.data.max_seq_length) if d.enabled else None
     mine = [b for b, c in counted if c]
     n_global = float(r.objective.units(whole) if whole is not None else sum(r.objective.units(b) for b in mine))
     tokens = whole["input_ids"].numel() if whole is not None else sum(b["input_ids"].numel() for b in mine)
@@ -351,16 +352,18 @@ def _validate(r: TrainState) -> bool:
     # FSDP: through the sharded root, whose forward gathers the embeddings and head; it runs the reference loss
     loss_fn = r.ddp if r.fsdp else LossModule(r.model, r.objective, None, r.dtype)
     r.model.eval()
-    ce, n = 0.0, 0.0
+    ce, n, sums = 0.0, 0.0, {}
     with torch.no_grad(), torch.autocast(d.device.type, dtype=r.dtype, enabled=r.dtype != torch.float32):
         for batch, counted in r.val_batches:
-            loss_sum, _ = loss_fn({k: v.to(d.device) for k, v in batch.items()})
+            loss_sum, metrics = loss_fn({k: v.to(d.device) for k, v in batch.items()})
             if counted:
                 ce, n = ce + loss_sum.detach().double(), n + r.objective.units(batch)  # summed on the device
+                sums = {k: sums.get(k, 0.0) + v.detach().double() for k, v in metrics.items()}
     r.model.train()
-    ce, n = dist.all_reduce_sum(d, [float(ce), float(n)])
+    names = dist.broadcast(d, sorted(sums))  # rank 0's names: a rank with an empty shard has none
+    ce, n, *values = dist.all_reduce_sum(d, [float(ce), float(n), *(float(sums.get(k, 0.0)) for k in names)])
     loss = ce / max(n, 1.0)
-    r.tlog.validation(r.pos.step, loss, int(n))
+    r.tlog.validation(r.pos.step, loss, int(n), {k: v / max(n, 1.0) for k, v in zip(names, values)})
     return r.pos.record_validation(loss, cfg.train.early_stopping_patience, r.tlog)
 
 
@@ -369,10 +372,11 @@ def _val_passes(r: TrainState) -> list[tuple[dict[str, torch.Tensor], bool]]:
     many as the busiest rank's (FSDP gathers weights in every forward): stand-ins, not counted, fill up."""
     d, msl = r.d, r.cfg.data.max_seq_length
     shards = [r.data.val[k:: d.world_size] for k in range(d.world_size)]
-    plans = [make_passes(list(range(len(sh))), [min(len(e.input_ids), msl) for e in sh], r.plan.tokens_per_pass)
+    clip = msl * r.objective.sequences_per_example
+    plans = [make_passes(list(range(len(sh))), [min(len(e.input_ids), clip) for e in sh], r.plan.tokens_per_pass)
              for sh in shards]
-    mine = [(collate_pass(shards[d.rank], p, msl), True) for p in plans[d.rank]]
-    stand_in = collate_pass(r.data.val, [0], msl)
+    mine = [(r.objective.collate(shards[d.rank], p, msl), True) for p in plans[d.rank]]
+    stand_in = r.objective.collate(r.data.val, [0], msl)
     return mine + [(stand_in, False)] * (max(len(p) for p in plans) - len(mine))
 
 

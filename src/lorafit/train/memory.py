@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from lorafit.data.batching import CPU_PASS_TOKENS, GPU_PASS_CAP, collate_pass, make_passes
+from lorafit.data.batching import CPU_PASS_TOKENS, GPU_PASS_CAP, make_passes
 from lorafit.errors import UserError
 from lorafit.train import parallel as dist
 from lorafit.train.state import TrainState
@@ -86,12 +86,13 @@ def find_pass_budget(r: TrainState, loss_module, budget: int) -> int:
     c = r.cfg
     if not c.train.auto_find_batch_size:
         return budget
-    lengths = [min(len(e.input_ids), c.data.max_seq_length) for e in r.data.train]
+    clip = c.data.max_seq_length * r.objective.sequences_per_example
+    lengths = [min(len(e.input_ids), clip) for e in r.data.train]
     longest = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     rng = torch.get_rng_state()  # the probe's dropout must not shift the run's random stream
     while True:
         widest = make_passes(longest[: budget // max(min(lengths), 1) + 1], lengths, budget)[0]
-        batch = collate_pass(r.data.train, widest, c.data.max_seq_length)
+        batch = r.objective.collate(r.data.train, widest, c.data.max_seq_length)
         try:
             with torch.autocast(r.d.device.type, dtype=r.dtype, enabled=r.dtype != torch.float32):
                 loss_sum, _ = loss_module({k: v.to(r.d.device) for k, v in batch.items()})

@@ -27,6 +27,14 @@ class Objective(Protocol):
         """(loss summed over the batch's units, metric sums). `fast_loss`: the fused path, or None."""
         ...
 
+    sequences_per_example: int
+    """Sequences one example puts in a pass (a DPO pair: 2); step planning allows that many times max_seq_length."""
+
+    def collate(self, examples: list, records: list[int], max_seq_length: int) -> Batch:
+        """The records' examples as one padding-free pass, as `loss` reads it (SFT: data.batching.collate_pass;
+        preference objectives put a pair's sequences side by side as documents of the row)."""
+        ...
+
 
 class LossModule(torch.nn.Module):
     """batch -> (loss sum, metric sums) through an objective; DDP wraps this module, so either path syncs."""

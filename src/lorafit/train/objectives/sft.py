@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lorafit.data.batching import packed_attention_mask
+from lorafit.data.batching import collate_pass, packed_attention_mask
 from lorafit.data.records import IGNORE_INDEX
 from lorafit.model.arch import family
 from lorafit.train.objectives.base import Batch, Metrics
@@ -14,6 +14,7 @@ class SFT:
     """Cross-entropy of the reply tokens (prompt tokens carry IGNORE_INDEX), summed; units are labelled tokens."""
 
     name = "sft"
+    sequences_per_example = 1
 
     def units(self, batch: Batch) -> int:
         return labelled_tokens(batch["labels"])
@@ -24,6 +25,9 @@ class SFT:
         else:
             ce, _ = reference_loss(model, batch, mask_dtype)
         return ce, {}
+
+    def collate(self, examples, records: list[int], max_seq_length: int) -> Batch:
+        return collate_pass(examples, records, max_seq_length)
 
 
 def labelled_tokens(labels: torch.Tensor) -> int:
