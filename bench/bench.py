@@ -271,10 +271,10 @@ def main() -> None:
         try:
             times, losses = timed(step, shape_batches(bs, seq, args.steps), warmup=4)
             st = sorted(times)[len(times) // 2]
-            rec = {"stack": args.stack, "shape": f"{bs}x{seq}{args.tag}", "step_s": round(st, 4), "tok_s": round(bs * seq / st),
-                   "host_queue_s": round(timed.issue_s, 4),
-                       "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                       "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4)}
+            rec = {"stack": args.stack, "shape": f"{bs}x{seq}{args.tag}", "step_s": round(st, 4),
+                   "tok_s": round(bs * seq / st), "host_queue_s": round(timed.issue_s, 4),
+                   "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                   "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4)}
         except Exception as e:  # noqa: BLE001 -- one failed shape must not hide the others
             import traceback
             traceback.print_exc()

@@ -32,7 +32,7 @@ def write_data(path: Path, vocab: int = 32000) -> int:
         return " ".join(f"t{rng.randrange(3, vocab)}" for _ in range(max(1, n)))
 
     with path.open("w", encoding="utf-8") as f:
-        for n, p in zip(lens, prompts):
+        for n, p in zip(lens, prompts, strict=True):
             f.write(json.dumps({"instruction": words(p - 8), "input": "", "output": words(n - p)}) + "\n")
     return len(lens)
 

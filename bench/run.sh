@@ -55,7 +55,7 @@ for s in $STEPS; do
            timeout 400 python3 bench/recipe.py configs/$name.yaml $model /tmp/recipe-out --steps 40 $extra 2>&1 \
              | tee -a "$OUT/log" | grep -E '^\{' | tee -a "$OUT/results.jsonl" ;;
     peer:*) p=${s#peer:}; pp=""; [ $p = unsloth ] && pp=/tmp/site-peers:
-            PYTHONPATH=$pp$PYTHONPATH timeout 300 python3 bench/peer_real.py $p /tmp/phi3-llama $LENS 4 4 all 2>&1 \
+            PYTHONPATH=$pp$PYTHONPATH timeout 300 python3 bench/peer_real.py $p /tmp/phi3-llama $LENS 4 4 all 24 2>&1 \
               | grep -E '^\{|Error' | tee -a "$OUT/results.jsonl" ;;
     sh:*) st=${s#sh:}; stack=${st%@*}; tag=""; m=$MODEL; pp=""
           if [ "$st" != "$stack" ]; then tag=@${st#*@}; m=/tmp/${st#*@}; fi

@@ -16,6 +16,10 @@ TARGETS = {"recipe": (5.0, 1.25), "8x512@llama3-8b": (1.4, 1.0), "4x2048@llama3-
            "1x32768": (0.0, 1.0)}
 
 
+def f(v: float | None) -> str:
+    return "" if v is None else f"{v:.2f}"
+
+
 def main(*paths: str) -> None:
     rows = []
     for path in paths:
@@ -30,7 +34,8 @@ def main(*paths: str) -> None:
         return
     print("| stack | shape | tokens/s | peak GiB | x baseline | x Unsloth (tok/s) | x Unsloth (mem) | target |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for (stack, shape), r in sorted(res.items(), key=lambda kv: (not kv[0][1].startswith("recipe"), kv[0][1], kv[0][0])):
+    order = sorted(res.items(), key=lambda kv: (not kv[0][1].startswith("recipe"), kv[0][1], kv[0][0]))
+    for (stack, shape), r in order:
         base, uns = res.get(("hf", shape)), res.get(("unsloth", shape))
         xb = r["tok_s"] / base["tok_s"] if base else None
         xu = r["tok_s"] / uns["tok_s"] if uns else None
@@ -42,7 +47,6 @@ def main(*paths: str) -> None:
             elif xu is not None:
                 want_x, want_m = TARGETS.get(shape, (1.6, 1.1))
                 target = f"{'met' if xu >= want_x and xm <= want_m else 'not met'} (>= {want_x}x at <= {want_m}x mem)"
-        f = lambda v: "" if v is None else f"{v:.2f}"
         print(f"| {stack} | {shape} | {r['tok_s']:,} | {r['peak_gib']} | {f(xb)} | {f(xu)} | {f(xm)} | {target} |")
     for r in rows:
         if "error" in r:

@@ -2,7 +2,7 @@
 
 Training: `alpaca_file()` is a 48-record Alpaca JSON built from words the tiny tokenizer knows;
 `train_args(model_dir, data, out, **fields)` is the flag dict of a small, fast run (rank 4, 64 tokens,
-4 sequences per step, no trackers, no checkpoints unless asked); `run_train` / `cli_main` run it in this
+4 records per step, no trackers, no checkpoints unless asked); `run_train` / `cli_main` run it in this
 process, `run_cli` in a child. Run directories: `make_run(tmp, model_dir, template)` writes what
 `lorafit train` writes (adapter in PEFT format, config.yaml, template.json) with a LoRA update far from
 zero, so base and tuned outputs differ, without training. Data: `make_cfg`, `shared_file`, `demo_tokenizer`.

@@ -25,7 +25,7 @@ def test_recipe_data_has_the_real_lengths(tmp_path):
     lens = [int(x) for x in (BENCH / "alpaca_lengths.txt").read_text().split()]
     prompts = [int(x) for x in (BENCH / "alpaca_prompt_lengths.txt").read_text().split()]
     assert len(recs) == 899
-    assert [len(r["output"].split()) for r in recs] == [max(1, n - p) for n, p in zip(lens, prompts)]
+    assert [len(r["output"].split()) for r in recs] == [max(1, n - p) for n, p in zip(lens, prompts, strict=True)]
 
 
 def test_table_puts_the_recipe_shape_first_with_its_target(tmp_path):

@@ -67,12 +67,14 @@ def test_report_numbers(tmp_path, tok):
     assert 0 < report["truncated_share"] < 1 and report["truncated"] == round(report["truncated_share"] * 20)
     assert 0 < report["trained_token_share"] < 1
     assert report["no_trained_token_records"] > 0  # long prompts cut before the reply starts
-    assert report["steps_per_epoch"] == 5 and report["records_per_step"] == 4  # 20 records, 4 a step
+    n = report["train_examples"]
+    assert report["steps_per_epoch"] == -(-n // 4) and report["records_per_step"] == round(n / -(-n // 4), 2)
     assert {flag for _, flag in report["example"]} == {True, False}
     dropped = data_report(make_cfg(str(path), max_seq_length=48, val_size=0, truncation="drop"), tok)
     assert dropped["dropped"] == report["truncated"] and dropped["truncated"] == 0
     packed = data_report(make_cfg(str(path), max_seq_length=512, val_size=0, packing=True), tok)
-    assert packed["steps_per_epoch"] < report["steps_per_epoch"]  # rows of several records, 4 rows a step
+    whole = data_report(make_cfg(str(path), max_seq_length=512, val_size=0), tok)
+    assert whole["steps_per_epoch"] == 5 and packed["steps_per_epoch"] < 5  # rows of several records, 4 rows a step
     json.dumps(report)  # JSON-serializable as it is
 
 
@@ -123,7 +125,7 @@ def test_cli_data_json_and_human(capsys, patched_tokenizer):
     assert set(report) >= REPORT_KEYS and report["records"] == 60 and report["format"] == "alpaca"
     assert main(["data", "demo", "--demo_size", "60"]) == 0
     out = capsys.readouterr().out
-    assert "records" in out and "padding share" in out and "trained" in out
+    assert "records" in out and "steps per epoch" in out and "trained" in out
 
 
 def test_cli_data_with_a_model_folder(capsys, request):

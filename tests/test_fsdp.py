@@ -63,7 +63,7 @@ def test_fsdp_two_ranks_equal_one_process(runs, tiny_model_dir):
     run, single, log = runs
     assert "fsdp: FSDP2 over 2 processes (accelerate launch --use_fsdp" in log
     assert "FSDP_CPU_RAM_EFFICIENT_LOADING=true" in log  # accelerate's default, honoured by a broadcast
-    assert "1 per device x 2 accumulation x 2 processes = 4 sequences" in log
+    assert "1 per device x 2 accumulation x 2 processes = 4 records" in log
     assert "loss: reference PyTorch (fast_kernels auto uses the reference path: the fused kernels read whole" in log
     assert losses(run) == pytest.approx(losses(single), rel=1e-4)
     assert sorted(losses(run)) == [1, 2, 3, 4]

@@ -65,7 +65,8 @@ def test_the_split_of_a_step_changes_nothing(tiny_model_dir, tmp_path):
     common = {"lora_dropout": 0, "group_by_length": "true", "max_steps": 3, "logging_steps": 100}
     runs = [run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path / f"{bs}x{acc}",
                                    per_device_train_batch_size=bs, gradient_accumulation_steps=acc, **common, **extra))
-            for bs, acc, extra in ((4, 4, {}), (16, 1, {"max_tokens_per_pass": 64}), (2, 8, {"max_tokens_per_pass": 200}))]
+            for bs, acc, extra in ((4, 4, {}), (16, 1, {"max_tokens_per_pass": 64}),
+                                   (2, 8, {"max_tokens_per_pass": 200}))]
     first = losses(runs[0])
     assert len(first) == 3
     for other in runs[1:]:

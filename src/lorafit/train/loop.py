@@ -243,7 +243,7 @@ def _optimizer_step(r: TrainState, passes: list[Pass], records: list[int]) -> No
     d = r.d
     started = time.perf_counter()
     batches = _host_batches(r, passes)
-    counted = [(b, p.counted) for b, p in zip(batches, passes)]
+    counted = [(b, p.counted) for b, p in zip(batches, passes, strict=True)]
     # the step's units on all ranks, counted here: every rank knows the whole step, so no collective (whose
     # read-back would wait for the previous step's optimizer on the GPU)
     whole = r.objective.collate(r.data.train, records, r.cfg.data.max_seq_length) if d.enabled else None
@@ -286,7 +286,7 @@ def _update(r: TrainState, totals: dict[str, torch.Tensor], n_global: float, tok
     sums = torch.stack([v.to(d.device, torch.float64) for v in totals.values()] + [norm.double().to(d.device)])
     *values, grad_norm = sums.tolist()  # the step's one host sync (plus the all-reduce below on several ranks)
     values = dist.all_reduce_sum(d, values) if d.enabled else values
-    means = {name: v / max(n_global, 1.0) for name, v in zip(totals, values)}
+    means = {name: v / max(n_global, 1.0) for name, v in zip(totals, values, strict=True)}
     loss = means.pop("loss")
     lr = r.scheduler.get_last_lr()[0]
     # With a GradScaler an overflow is its business (it skips the step and lowers the scale).

@@ -62,7 +62,8 @@ def measured_budget(r: TrainState, budget: int, pass_tokens: int, base_bytes: in
         return budget
     free, _ = torch.cuda.mem_get_info(r.d.device)
     held = torch.cuda.memory_reserved(r.d.device) - torch.cuda.memory_allocated(r.d.device)
-    return _clamp(_GPU_SHARE * (free + held) / per, r.cfg.data.max_seq_length, budget if r.fast is None else GPU_PASS_CAP)
+    cap = budget if r.fast is None else GPU_PASS_CAP
+    return _clamp(_GPU_SHARE * (free + held) / per, r.cfg.data.max_seq_length, cap)
 
 
 def _clamp(tokens: float, floor: int, cap: int) -> int:
