@@ -108,7 +108,7 @@ class TrainArgs:
     output_dir: str = "runs/lorafit"
     """Run directory: adapter, checkpoints, logs, resolved config. `adapter_path` is an alias."""
     method: str = "sft"
-    """Training objective: sft (supervised fine-tuning on replies)."""
+    """Training objective: sft (supervised fine-tuning on replies), grpo (reward-driven; see the grpo section)."""
     num_train_epochs: float = 3.0
     """Passes over the training split (ignored when max_steps > 0)."""
     max_steps: int = -1
@@ -205,6 +205,35 @@ class GenerateArgs:
 
 
 @dataclass
+class GrpoArgs:
+    """GRPO (--method grpo): sampled completions scored by reward functions; names as TRL's GRPOConfig."""
+
+    reward_funcs: list[str] = field(default_factory=list)
+    """Rewards: file.py:function, or built-ins conciseness, length, exact_match[:column], contains[:column],
+    regex:PATTERN."""
+    reward_weights: list[float] = field(default_factory=list)
+    """One weight per reward function (default: 1 each); the total reward is the weighted sum."""
+    num_generations: int = 8
+    """Completions sampled per prompt (the group whose rewards are normalized together)."""
+    max_completion_length: int = 256
+    """Tokens sampled per completion at most."""
+    beta: float = 0.0
+    """Weight of the KL penalty (k3 estimator) to the base model with the adapter off; 0 (TRL's default) skips the
+    reference forward."""
+    epsilon: float = 0.2
+    """Clip range of the policy ratio: [1 - epsilon, 1 + epsilon]."""
+    loss_type: str = "dapo"
+    """grpo (mean per completion), dapo / bnpo (mean per completion token of the step), dr_grpo (sum over
+    completions x max_completion_length)."""
+    scale_rewards: str = "group"
+    """Divide advantages by the reward std of the prompt's group (group), of the step's batch (batch), or not (none)."""
+    max_words: int = 100
+    """Word limit of the built-in conciseness reward."""
+    min_completion_length: int = 0
+    """Sample at least this many tokens (end-of-text suppressed before): fixed-length timing in bench/grpo_bench.py."""
+
+
+@dataclass
 class Config:
     model: ModelArgs = field(default_factory=ModelArgs)
     lora: LoraArgs = field(default_factory=LoraArgs)
@@ -212,6 +241,7 @@ class Config:
     train: TrainArgs = field(default_factory=TrainArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
     generate: GenerateArgs = field(default_factory=GenerateArgs)
+    grpo: GrpoArgs = field(default_factory=GrpoArgs)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

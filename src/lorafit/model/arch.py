@@ -72,6 +72,8 @@ def fused_path_choice(cfg: Config, model_type: str | None, *, fsdp: bool, cuda: 
     mode = cfg.model.fast_kernels
     if mode == "off":
         return False, "fast_kernels off"
+    if cfg.train.method == "grpo":
+        return False, "GRPO's per-token log-probs come from the model's own forward"
     why_not = None
     if fsdp:
         why_not = "the fused kernels read whole base weights, which FSDP shards"

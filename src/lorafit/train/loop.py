@@ -28,6 +28,7 @@ import torch
 from lorafit.config.schema import Config
 from lorafit.data.batching import make_batches
 from lorafit.data.encode import prepare_data
+from lorafit.data.prompts import prepare_prompts
 from lorafit.errors import UserError
 from lorafit.infer.generate import generate_text
 from lorafit.model.arch import fused_path_choice
@@ -81,8 +82,8 @@ def _train(cfg: Config, d: dist.Dist) -> Path:
     # -- load: tokenizer, then data (its errors come before the model loads), then the model --
     source = _resolve_on_rank0_first(d, lambda: resolve_model(cfg))
     tokenizer = load_tokenizer(cfg, source)
-    r = TrainState(cfg, d, run_dir, tokenizer, prepare_data(cfg, tokenizer), build_objective(cfg), dtype=compute_dtype(cfg),
-                   fsdp=sharding)
+    data = prepare_prompts(cfg, tokenizer) if t.method == "grpo" else prepare_data(cfg, tokenizer)
+    r = TrainState(cfg, d, run_dir, tokenizer, data, build_objective(cfg), dtype=compute_dtype(cfg), fsdp=sharding)
     r.model = _load_model(r, source)
 
     # -- setup: batch plan, loss path, wrapping (DDP or FSDP), optimizer, schedule, resume, run files --
@@ -216,6 +217,7 @@ def _loop(r: TrainState, signals: StopSignals) -> None:
 def _optimizer_step(r: TrainState, group: list[dict[str, torch.Tensor]]) -> None:
     d, t = r.d, r.cfg.train
     started = time.perf_counter()
+    group = r.objective.prepare(r, group)  # GRPO samples and scores completions here; SFT keeps the group
     counts = [float(sum(r.objective.units(b) for b in group)), float(sum(_tokens(b) for b in group))]
     n_global, tokens = dist.all_reduce_sum(d, counts)
     autocast = torch.autocast(d.device.type, dtype=r.dtype, enabled=r.dtype != torch.float32)

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from lorafit.config.schema import Config
 from lorafit.train.objectives.base import Objective
+from lorafit.train.objectives.grpo import GRPO
 from lorafit.train.objectives.sft import SFT
 
 
 def build_objective(cfg: Config) -> Objective:
     """The objective `--method` names (config checks have already refused unknown names)."""
+    if cfg.train.method == "grpo":
+        return GRPO(cfg)  # loads and checks the reward functions
     objectives = {"sft": SFT}
     return objectives[cfg.train.method]()

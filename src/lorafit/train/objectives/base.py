@@ -19,6 +19,11 @@ Metrics = dict[str, torch.Tensor]
 class Objective(Protocol):
     name: str
 
+    def prepare(self, state: Any, group: list[Batch]) -> list[Batch]:
+        """Called once per optimizer step, before its micro-batches: the batches to train on (TrainState `state`).
+        SFT returns `group` as it is; GRPO samples and scores completions of the group's prompts here."""
+        ...
+
     def units(self, batch: Batch) -> int:
         """How many units this batch's loss sums over, counted on the host before the forward pass."""
         ...

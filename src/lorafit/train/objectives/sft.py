@@ -15,6 +15,9 @@ class SFT:
 
     name = "sft"
 
+    def prepare(self, state, group: list[Batch]) -> list[Batch]:
+        return group
+
     def units(self, batch: Batch) -> int:
         return labelled_tokens(batch["labels"])
 
@@ -31,7 +34,7 @@ def labelled_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def _decoder_and_head(model):
+def decoder_and_head(model):
     """(decoder, lm_head) of a causal LM whose logits are a plain linear map, else None."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     fam = family(getattr(lm.config, "model_type", None))
@@ -55,7 +58,7 @@ def reference_loss(model, batch: dict[str, torch.Tensor], mask_dtype=torch.float
     keep = labels != IGNORE_INDEX
     inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"],
               "use_cache": False}
-    split = _decoder_and_head(model)
+    split = decoder_and_head(model)
     if split is None:
         logits = model(**inputs).logits[:, :-1]  # (B, T-1, V)
         ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
