@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import GenerationConfig
 
 from lorafit.train.objectives.sft import decoder_and_head
 
@@ -49,14 +50,16 @@ def sample(model, prompts: list[list[int]], *, num_generations: int, max_new_tok
     for row, p in enumerate(prompts):  # left padding: every prompt ends where the completion starts
         ids[row, width - len(p):] = torch.tensor(p)
         mask[row, width - len(p):] = 1
+    # Every setting spelled out, so nothing of the model's generation_config.json (a top_k of 50, a repetition
+    # penalty) changes the distribution sampled from, which the loss's log-probs must match.
+    config = GenerationConfig(do_sample=True, num_return_sequences=num_generations, max_new_tokens=max_new_tokens,
+                              min_new_tokens=min_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              min_p=None, typical_p=1.0, repetition_penalty=1.0, eos_token_id=sorted(eos),
+                              pad_token_id=pad_id, use_cache=True, disable_compile=True)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                             num_return_sequences=num_generations, max_new_tokens=max_new_tokens,
-                             min_new_tokens=min_new_tokens or None, temperature=temperature, top_p=top_p,
-                             top_k=top_k or None, repetition_penalty=1.0, eos_token_id=sorted(eos),
-                             pad_token_id=pad_id, use_cache=True)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
     completion = out[:, width:]  # (N, L)
     completion_mask = completion_mask_of(completion, eos)
     texts = []
