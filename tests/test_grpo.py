@@ -250,3 +250,28 @@ def test_resume_is_exact(eos_model, prompts_file, tmp_path):
     assert [(r["reward"], r["kl"], r["completion_length"]) for r in read_metrics(run) if "reward" in r] == want
     assert want[-1][1] > 0
     assert_same_adapter(run, full, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_two_ranks(eos_model, prompts_file, tmp_path):
+    """torchrun with 2 ranks (gloo): each samples its own prompts' groups, counts are summed for the logged means,
+    only rank 0 writes; the run resumes on one process."""
+    import subprocess
+
+    from test_distributed import _torchrun
+    from test_train_support import REPO, subprocess_env, to_argv
+
+    from lorafit.train.log import read_metrics
+
+    args = grpo_args(eos_model, prompts_file, tmp_path / "ddp", max_steps=2, per_device_train_batch_size=2,
+                     num_generations=4, save_strategy="steps", save_steps=1)
+    proc = subprocess.run([*_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "lorafit", "train",
+                           *to_argv(args)], check=False, capture_output=True, text=True, timeout=400, cwd=REPO,
+                          env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    recs = [r for r in read_metrics(tmp_path / "ddp") if "reward" in r]
+    assert [r["step"] for r in recs] == [1, 2] and all(0 < r["completion_length"] <= 32 for r in recs)
+    shutil.rmtree(tmp_path / "ddp" / "checkpoints" / "step-000002")
+    assert cli_main(["train", "--output_dir", str(tmp_path / "ddp"), "--resume", "--gradient_accumulation_steps", "2",
+                     "--max_steps", "3"]) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "ddp") if "reward" in r] == [1, 2, 3]
