@@ -98,6 +98,7 @@ class GRPO:
         check_rewards(self.rewards, row.prompt, row.columns)  # a broken reward stops here, before the model loads
         self.g, self.gen, self.seed = g, cfg.generate, cfg.train.seed
         self.preview_steps = cfg.train.preview_steps
+        self.described = False
 
     def units(self, batch: Batch) -> int:
         return count_units(batch["completion_mask"], self.g.loss_type, self.g.max_completion_length)
@@ -121,6 +122,11 @@ class GRPO:
         G, step = self.g.num_generations, r.pos.step + 1
         rows = [_prompt_rows(r.data, b) for b in group]  # per micro-batch: [(prompt ids, PromptRow)]
         flat = [x for part in rows for x in part]
+        if not self.described:
+            self.described = True
+            r.tlog.info(f"grpo: {len(flat)} prompts x {G} completions of at most {self.g.max_completion_length} "
+                        f"tokens a step per process, sampled in one generate call; loss {self.g.loss_type}, "
+                        f"beta {self.g.beta}, rewards {', '.join(f'{w.weight:g} x {w.name}' for w in self.rewards)}")
         model, device = r.model, r.d.device
         autocast = torch.autocast(device.type, dtype=r.dtype, enabled=r.dtype != torch.float32)
         was_training = model.training
