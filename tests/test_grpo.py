@@ -79,6 +79,33 @@ def test_completion_mask_keeps_the_first_end_of_text():
     assert completion_mask_of(c, {2}).tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
 
 
+def test_logps_do_not_depend_on_padding(tiny_model_dir):
+    """A completion's log-probs in a left-padded, trimmed batch row equal those of the row alone (positions restart
+    after the padding; the head runs on the completion tokens only), and sum to the model's own log-likelihood."""
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.train.objectives.grpo import _slice
+    from lorafit.train.rollout import Rollout, completion_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
+    pad = 0
+    ids = torch.tensor([[pad, pad, pad, 5, 6, 7, 20, 21, 2], [pad, 8, 9, 10, 11, 12, 22, 2, pad],
+                        [pad, pad, 13, 14, 15, 16, 23, 24, 25]])
+    prompt_mask = (torch.arange(6)[None, :] >= torch.tensor([[3], [1], [2]])).long()
+    completion_mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]])
+    roll = Rollout(ids, torch.cat([prompt_mask, completion_mask], dim=1), completion_mask, 6, ["", "", ""])
+    b = _slice(roll, slice(0, 2))  # rows 0-1: one column of padding that both have goes
+    assert b["input_ids"].shape == (2, 8) and b["completion_mask"].shape == (2, 3)
+    with torch.no_grad():
+        batched = completion_logps(model, b["input_ids"], b["attention_mask"], b["completion_mask"], 1.0)
+        alone = completion_logps(model, torch.tensor([[5, 6, 7, 20, 21, 2]]), torch.ones(1, 6, dtype=torch.long),
+                                 torch.tensor([[1, 1, 1]]), 1.0)
+        logits = model(torch.tensor([[5, 6, 7, 20, 21, 2]])).logits[0, 2:5].log_softmax(-1)
+    torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-5)
+    assert float(alone.sum()) == pytest.approx(float(logits[[0, 1, 2], [20, 21, 2]].sum()), abs=1e-5)
+    assert float(batched[1, 2]) == 0.0  # past the end-of-text: masked
+
+
 # -- rewards and prompt data ----------------------------------------------------------------------------
 
 
