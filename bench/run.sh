@@ -14,6 +14,8 @@
 #        long (~6 min: 1x32768 memory of lorafit and Unsloth, the 50-step loss check; carry .bench-data)
 #        recipes (~8 min: the shipped recipes as shipped, hub names swapped for local random models of their dims)
 #        m2:KIND (a random model of ../shared/bench/make_models2.py's KIND in /tmp/KIND), rcp:RECIPE[:FLAGS] (one recipe)
+#        grpo (s per GRPO step, 8 prompts x 8 completions x 256 tokens, QLoRA: lorafit vs TRL's GRPOTrainer; makes the
+#        model if missing; about 5 minutes with the model: `bash bench/run.sh grpo`)
 set -uo pipefail
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -73,6 +75,14 @@ for s in $STEPS; do
          grep -hE '^\{' "$OUT/dpo_lorafit.log" "$OUT/dpo_trl.log" | tee "$OUT/dpo.jsonl"
          python3 bench/dpo_bench.py table "$OUT/dpo.jsonl" | tee "$OUT/dpo_table.md" ;;
     cli2) bash bench/cli2.sh 2>&1 | tee -a "$OUT/log" ;;
+    grpo) [ -d $MODEL ] || timeout 300 python3 bench/make_model.py $MODEL 2>&1 | tail -1 | tee -a "$OUT/log"
+          rm -f "$OUT/grpo.jsonl"
+          timeout 170 python3 bench/grpo_bench.py lorafit $MODEL "$OUT/grpo.jsonl" > "$OUT/grpo_lorafit.log" 2>&1
+          echo "rc=$? (lorafit)" | tee -a "$OUT/log"; grep -E '^step|Error' "$OUT/grpo_lorafit.log" | tail -6 | tee -a "$OUT/log"
+          PYTHONPATH=/tmp/site-peers:$PYTHONPATH timeout 170 python3 bench/grpo_bench.py trl $MODEL "$OUT/grpo.jsonl" \
+            > "$OUT/grpo_trl.log" 2>&1
+          echo "rc=$? (trl)" | tee -a "$OUT/log"; grep -E 'Error' "$OUT/grpo_trl.log" | tail -4 | tee -a "$OUT/log"
+          python3 bench/grpo_bench.py table "$OUT/grpo.jsonl" | tee "$OUT/grpo_table.md" ;;
     fsdp2) bash bench/fsdp2.sh 2>&1 | tee -a "$OUT/log" ;;
     loss) timeout 400 python3 bench/loss_check.py $MODEL 50 2>&1 | grep -E '^\{|Error|error' | tee -a "$OUT/results.jsonl" ;;
     unsloth) PYTHONPATH=/tmp/site-peers:$PYTHONPATH timeout 280 python3 bench/bench.py unsloth $MODEL $BENCH_ARGS 2>&1 \

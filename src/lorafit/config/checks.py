@@ -26,8 +26,10 @@ CHOICES = {
     "eval_strategy": ("steps", "epoch", "no"),
     "save_strategy": ("steps", "epoch", "no"),
     "nan_policy": ("stop", "skip"),
-    "method": ("sft", "dpo", "orpo", "kto"),
+    "method": ("sft", "dpo", "orpo", "kto", "grpo"),
     "dpo_loss": ("sigmoid", "ipo", "hinge"),
+    "loss_type": ("dapo", "bnpo", "grpo", "dr_grpo"),
+    "scale_rewards": ("group", "batch", "none"),
 }
 
 
@@ -58,7 +60,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'max_tokens_per_pass' ({t.max_tokens_per_pass}) is below max_seq_length "
                           f"({d.max_seq_length}): the longest record would not fit in a pass",
                           fix=f"pass --max_tokens_per_pass {d.max_seq_length} or more, or lower --max_seq_length")
-    positive("beta", t.beta)
+    if t.beta is not None and not (math.isfinite(t.beta) and (t.beta > 0 or (t.beta == 0 and t.method == "grpo"))):
+        raise ConfigError(f"'beta' must be > 0 (>= 0 for grpo), got {t.beta}")
     positive("orpo_alpha", t.orpo_alpha)
     positive("kto_desirable_weight", t.kto_desirable_weight)
     positive("kto_undesirable_weight", t.kto_undesirable_weight)
@@ -121,6 +124,37 @@ def validate(cfg: Config) -> None:
         check_ref_adapter(t.method, t.ref_adapter)
     if t.fsdp:
         check_fsdp(cfg, "--fsdp true")
+    if t.method == "grpo":
+        check_grpo(cfg)
+
+
+def check_grpo(cfg: Config) -> None:
+    """What GRPO needs: rewards, a group of 2 or more sampled (not greedy) completions, unpacked prompts."""
+    g, t = cfg.grpo, cfg.train
+    if not g.reward_funcs:
+        raise ConfigError("--method grpo needs at least one reward function",
+                          fix="pass --reward_funcs, e.g. conciseness, exact_match, regex:PATTERN or my_rewards.py:fn")
+    if g.reward_weights and len(g.reward_weights) != len(g.reward_funcs):
+        raise ConfigError(f"'reward_weights' has {len(g.reward_weights)} weights for {len(g.reward_funcs)} reward "
+                          "functions", fix="give one weight per reward function, in the same order")
+    if g.num_generations < 2:
+        raise ConfigError(f"'num_generations' must be >= 2 (advantages compare completions of one prompt), "
+                          f"got {g.num_generations}")
+    if g.max_completion_length < 1:
+        raise ConfigError(f"'max_completion_length' must be > 0, got {g.max_completion_length}")
+    if not 0 <= g.min_completion_length <= g.max_completion_length:
+        raise ConfigError(f"'min_completion_length' must be in [0, max_completion_length], got {g.min_completion_length}")
+    if not 0 < g.epsilon < 1:
+        raise ConfigError(f"'epsilon' must be in (0, 1), got {g.epsilon}")
+    if g.max_words < 1:
+        raise ConfigError(f"'max_words' must be >= 1, got {g.max_words}")
+    if cfg.generate.temperature == 0:
+        raise ConfigError("--method grpo samples completions, and temperature 0 makes all of a prompt's the same",
+                          fix="use --temperature 1.0 (TRL's default) or another value > 0")
+    for key, on in (("packing", cfg.data.packing), ("fsdp", t.fsdp), ("auto_find_batch_size", t.auto_find_batch_size)):
+        if on:
+            raise ConfigError(f"--method grpo does not run with {key} (rollouts generate on each rank's whole model, "
+                              "one prompt per row)", fix=f"set --{key} false")
 
 
 def check_ref_adapter(method: str, path: str) -> None:

@@ -109,11 +109,13 @@ class TrainArgs:
     output_dir: str = "runs/lorafit"
     """Run directory: adapter, checkpoints, logs, resolved config. `adapter_path` is an alias."""
     method: str = "sft"
-    """Training objective: sft (supervised fine-tuning on replies), dpo, orpo or kto (preference data)."""
+    """Training objective: sft (supervised fine-tuning on replies), dpo, orpo or kto (preference data), grpo
+    (reward-driven; see the grpo section)."""
     dpo_loss: str = "sigmoid"
     """DPO loss: sigmoid (the DPO paper), ipo or hinge."""
-    beta: float = 0.1
-    """DPO/KTO: strength of the pull towards the reference (the temperature of the implicit reward)."""
+    beta: float | None = None
+    """Strength of the pull towards the reference: DPO/KTO's implicit-reward temperature (default 0.1), GRPO's KL
+    weight (default 0: no reference forward), as TRL names and defaults them."""
     ref_adapter: str | None = None
     """DPO/KTO reference: this adapter (a run directory or PEFT folder, e.g. an SFT run) instead of the bare base."""
     orpo_alpha: float = 0.1
@@ -223,6 +225,32 @@ class GenerateArgs:
 
 
 @dataclass
+class GrpoArgs:
+    """GRPO (--method grpo): sampled completions scored by reward functions; names as TRL's GRPOConfig."""
+
+    reward_funcs: list[str] = field(default_factory=list)
+    """Rewards: file.py:function, or built-ins conciseness, length, exact_match[:column], contains[:column],
+    regex:PATTERN."""
+    reward_weights: list[float] = field(default_factory=list)
+    """One weight per reward function (default: 1 each); the total reward is the weighted sum."""
+    num_generations: int = 8
+    """Completions sampled per prompt (the group whose rewards are normalized together)."""
+    max_completion_length: int = 256
+    """Tokens sampled per completion at most."""
+    epsilon: float = 0.2
+    """Clip range of the policy ratio: [1 - epsilon, 1 + epsilon]."""
+    loss_type: str = "dapo"
+    """grpo (mean per completion), dapo / bnpo (mean per completion token of the step), dr_grpo (sum over
+    completions x max_completion_length)."""
+    scale_rewards: str = "group"
+    """Divide advantages by the reward std of the prompt's group (group), of the step's batch (batch), or not (none)."""
+    max_words: int = 100
+    """Word limit of the built-in conciseness reward."""
+    min_completion_length: int = 0
+    """Sample at least this many tokens (end-of-text suppressed before): fixed-length timing in bench/grpo_bench.py."""
+
+
+@dataclass
 class Config:
     model: ModelArgs = field(default_factory=ModelArgs)
     lora: LoraArgs = field(default_factory=LoraArgs)
@@ -230,6 +258,7 @@ class Config:
     train: TrainArgs = field(default_factory=TrainArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
     generate: GenerateArgs = field(default_factory=GenerateArgs)
+    grpo: GrpoArgs = field(default_factory=GrpoArgs)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -417,3 +446,10 @@ def _field_docs() -> dict[str, str]:
                         docs[a.target.id] = str(b.value.value)
         _DOCS = docs
     return _DOCS
+
+
+def beta_of(cfg: Config) -> float:
+    """`beta` as the method reads it: the value given, else TRL's default (DPO/KTO 0.1, GRPO 0)."""
+    if cfg.train.beta is not None:
+        return cfg.train.beta
+    return 0.0 if cfg.train.method == "grpo" else 0.1

@@ -59,6 +59,15 @@ def family(model_type: str | None) -> Family | None:
     return FAMILIES.get(model_type or "")
 
 
+def decoder_and_head(model):
+    """(decoder, lm_head) of a causal LM whose logits are a plain linear map, else None."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    fam = family(getattr(lm.config, "model_type", None))
+    if not (fam and fam.plain_head) or not hasattr(lm, "get_decoder"):
+        return None
+    return lm.get_decoder(), lm.get_output_embeddings()
+
+
 def fused_families() -> list[str]:
     return [name for name, f in FAMILIES.items() if f.fused_path]
 
@@ -72,6 +81,8 @@ def fused_path_choice(cfg: Config, model_type: str | None, *, fsdp: bool, cuda: 
     mode = cfg.model.fast_kernels
     if mode == "off":
         return False, "fast_kernels off"
+    if cfg.train.method == "grpo":
+        return False, "GRPO's per-token log-probs come from the model's own forward"
     why_not = None
     if fsdp:
         why_not = "the fused kernels read whole base weights, which FSDP shards"

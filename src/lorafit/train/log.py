@@ -130,7 +130,8 @@ class TrainLog:
     def _console(self, rec: dict[str, Any]) -> None:
         loss = sum(r["loss"] for r in self.window) / len(self.window)
         tps = sum(r["tokens"] for r in self.window) / max(sum(r["step_time"] for r in self.window), 1e-9)
-        line = (f"step {rec['step']}/{self.total}  loss {loss:.4f}  lr {rec['lr']:.3g}  "
+        reward = f"  reward {sum(r['reward'] for r in self.window) / len(self.window):.4f}" if "reward" in rec else ""
+        line = (f"step {rec['step']}/{self.total}  loss {loss:.4f}{reward}  lr {rec['lr']:.3g}  "
                 f"grad_norm {rec['grad_norm']:.3g}  {tps:,.0f} tok/s  mem {rec['mem_gib']:.2f} GiB  "
                 f"ETA {_hms(rec['eta_s'])}")
         self.info(line)
@@ -153,10 +154,12 @@ class TrainLog:
         self._write({"step": step, "val_loss": loss, "val_ppl": ppl, "val_tokens": n_tokens})
         self.info(f"step {step}: validation loss {loss:.4f}, perplexity {ppl:.2f} ({n_tokens:,} tokens)")
 
-    def preview(self, step: int, prompt: str, text: str) -> None:
+    def preview(self, step: int, prompt: str, text: str, **extra: Any) -> None:
+        """One previewed reply; `extra` (GRPO: reward, rewards per function) goes into its previews.jsonl line."""
         with open(self.run_dir / PREVIEWS, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "prompt": prompt, "text": text}, ensure_ascii=False) + "\n")
-        self.info(f"step {step} preview\n  prompt: {prompt[:200]!r}\n  reply:  {text[:400]!r}")
+            f.write(json.dumps({"step": step, "prompt": prompt, "text": text, **extra}, ensure_ascii=False) + "\n")
+        scored = f"  (reward {extra['reward']:.3f})" if "reward" in extra else ""
+        self.info(f"step {step} preview{scored}\n  prompt: {prompt[:200]!r}\n  reply:  {text[:400]!r}")
 
     def _write(self, rec: dict[str, Any]) -> None:
         rec = {k: (round(v, 8) if isinstance(v, float) else v) for k, v in rec.items()}
@@ -176,7 +179,8 @@ class TrainLog:
 
 
 def _info(rec: dict[str, Any]) -> str:
-    return (f"loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  {rec['tokens_per_s']:,.0f} tok/s  "
+    reward = f"reward {rec['reward']:.3f}  " if "reward" in rec else ""
+    return (f"loss {rec['loss']:.4f}  {reward}lr {rec['lr']:.2e}  {rec['tokens_per_s']:,.0f} tok/s  "
             f"mem {rec['mem_gib']:.2f} GiB")
 
 
@@ -197,6 +201,7 @@ class NullLog:
 
 for _name in [n for n in vars(TrainLog) if not n.startswith("_") and callable(getattr(TrainLog, n))]:
     setattr(NullLog, _name, lambda self, *args, **kwargs: None)
+_NOT_PLOTTED = ("step", "epoch", "tokens", "step_time", "eta_s", "val_tokens")
 
 
 class _TensorBoard:
@@ -208,9 +213,11 @@ class _TensorBoard:
 
     def log(self, rec: dict[str, Any]) -> None:
         step = rec["step"]
-        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mem_gib", "val_loss", "val_ppl"):
-            if key in rec and isinstance(rec[key], (int, float)) and math.isfinite(rec[key]):
-                self.w.add_scalar(("val/" if key.startswith("val") else "train/") + key, rec[key], step)
+        for key, value in rec.items():  # loss, lr, ... and whatever an objective logs (GRPO: reward, kl, ...)
+            if key in _NOT_PLOTTED or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if math.isfinite(value):
+                self.w.add_scalar(("val/" if key.startswith("val") else "train/") + key, value, step)
 
     def close(self) -> None:
         self.w.flush()

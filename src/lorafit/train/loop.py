@@ -84,12 +84,13 @@ def _train(cfg: Config, d: dist.Dist) -> Path:
     # -- load: tokenizer, then data (its errors come before the model loads), then the model --
     source = _resolve_on_rank0_first(d, lambda: resolve_model(cfg))
     tokenizer = load_tokenizer(cfg, source)
-    r = TrainState(cfg, d, run_dir, tokenizer, prepare_data(cfg, tokenizer), build_objective(cfg), dtype=compute_dtype(cfg),
-                   fsdp=sharding)
+    data = prepare_data(cfg, tokenizer)
+    r = TrainState(cfg, d, run_dir, tokenizer, data, build_objective(cfg), dtype=compute_dtype(cfg), fsdp=sharding)
     r.model = _load_model(r, source)
 
     # -- setup: batch plan, loss path, wrapping (DDP or FSDP), optimizer, schedule, resume, run files --
-    fast, why = loss_path(r.model, r.fused, r.fused_why, cfg.model.gradient_checkpointing)
+    fast, why = loss_path(r.model, r.fused, r.fused_why, cfg.model.gradient_checkpointing) \
+        if r.objective.fused_loss else (None, f"{r.objective.name} scores whole sequences on the reference path")
     budget = find_pass_budget(r, LossModule(r.model, r.objective, fast, r.dtype), pass_budget(r, fast is not None))
     r.plan = plan_steps(cfg, r.data, d, budget)
     r.fast = fast
@@ -242,14 +243,18 @@ def _optimizer_step(r: TrainState, passes: list[Pass], records: list[int]) -> No
     """One optimizer step over the step's `records` (all ranks'), this rank computing `passes`."""
     d = r.d
     started = time.perf_counter()
-    batches = _host_batches(r, passes)
+    batches = r.objective.prepare(r, _host_batches(r, passes))  # GRPO: its rollouts, sampled and scored
     counted = [(b, p.counted) for b, p in zip(batches, passes, strict=True)]
-    # the step's units on all ranks, counted here: every rank knows the whole step, so no collective (whose
-    # read-back would wait for the previous step's optimizer on the GPU)
-    whole = r.objective.collate(r.data.train, records, r.cfg.data.max_seq_length) if d.enabled else None
     mine = [b for b, c in counted if c]
-    n_global = float(r.objective.units(whole) if whole is not None else sum(r.objective.units(b) for b in mine))
-    tokens = whole["input_ids"].numel() if whole is not None else sum(b["input_ids"].numel() for b in mine)
+    if r.objective.rollout:  # units exist once the completions do: summed over ranks
+        n_global, tokens = dist.all_reduce_sum(d, [float(sum(r.objective.units(b) for b in mine)),
+                                                   float(sum(b["attention_mask"].sum() for b in mine))])
+    else:
+        # the step's units on all ranks, counted here: every rank knows the whole step, so no collective (whose
+        # read-back would wait for the previous step's optimizer on the GPU)
+        whole = r.objective.collate(r.data.train, records, r.cfg.data.max_seq_length) if d.enabled else None
+        n_global = float(r.objective.units(whole) if whole is not None else sum(r.objective.units(b) for b in mine))
+        tokens = whole["input_ids"].numel() if whole is not None else sum(b["input_ids"].numel() for b in mine)
     samples = len(records)
     autocast = torch.autocast(d.device.type, dtype=r.dtype, enabled=r.dtype != torch.float32)
     totals: dict[str, torch.Tensor] = {"loss": torch.zeros((), dtype=torch.float64, device=d.device)}

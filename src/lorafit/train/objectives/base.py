@@ -18,21 +18,29 @@ Metrics = dict[str, torch.Tensor]
 
 class Objective(Protocol):
     name: str
+    sequences_per_example: int
+    """Sequences one example puts in a pass (a DPO pair: 2); step planning allows that many times max_seq_length."""
+    fused_loss: bool
+    """The loss can run through the fused path's summed cross-entropy (train/fast.py): SFT only."""
+    rollout: bool
+    """`prepare` makes the step's batches (GRPO samples completions), so units are counted after it."""
+
+    def collate(self, examples: list, records: list[int], max_seq_length: int) -> Batch:
+        """The records' examples as one pass, as `loss` reads it (SFT: data.batching.collate_pass, padding-free;
+        preference objectives put a pair's sequences side by side as documents of the row; GRPO: its prompts)."""
+        ...
+
+    def prepare(self, state: Any, batches: list[Batch]) -> list[Batch]:
+        """Called once per optimizer step with this rank's collated passes (TrainState `state`); returns what
+        the passes train on. GRPO samples and scores completions of the prompts here; the others return them."""
+        ...
 
     def units(self, batch: Batch) -> int:
-        """How many units this batch's loss sums over, counted on the host before the forward pass."""
+        """How many units this batch's loss sums over (labelled tokens, pairs, completion tokens)."""
         ...
 
     def loss(self, model: Any, batch: Batch, fast_loss: Any, mask_dtype: torch.dtype) -> tuple[torch.Tensor, Metrics]:
         """(loss summed over the batch's units, metric sums). `fast_loss`: the fused path, or None."""
-        ...
-
-    sequences_per_example: int
-    """Sequences one example puts in a pass (a DPO pair: 2); step planning allows that many times max_seq_length."""
-
-    def collate(self, examples: list, records: list[int], max_seq_length: int) -> Batch:
-        """The records' examples as one padding-free pass, as `loss` reads it (SFT: data.batching.collate_pass;
-        preference objectives put a pair's sequences side by side as documents of the row)."""
         ...
 
 

@@ -16,16 +16,12 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from lorafit.config.schema import Config
+from lorafit.config.schema import Config, beta_of
 from lorafit.data.preference import CHOSEN, REJECTED, collate_preference
 from lorafit.train.objectives.base import Batch, Metrics
 from lorafit.train.objectives.logprobs import ReferenceLogps, sequence_logps
 
 log = logging.getLogger("lorafit")
-
-REFERENCE_PATH = ("the fused path returns one cross-entropy sum per batch, and preference losses need one "
-                  "log-prob per sequence; this objective runs the reference PyTorch forward")
-
 
 def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid") -> torch.Tensor:
@@ -59,22 +55,21 @@ class PreferenceBatches:
     """What DPO, ORPO and KTO share: units are pairs (or completions), batches come from data/preference.py."""
 
     kl_pairs = False
-    _said = False
+    sequences_per_example = 2  # chosen and rejected; KTO: the completion and its mismatched KL sequence
+    # the fused path returns one cross-entropy sum per pass, and preference losses need one log-prob per sequence
+    fused_loss = False
+    rollout = False
 
     def units(self, batch: Batch) -> int:
         return int((batch["seq_kind"] <= REJECTED).sum()) // (1 if self.kl_pairs else 2)
 
-    @property
-    def sequences_per_example(self) -> int:
-        return 2  # chosen and rejected; KTO: the completion and its mismatched KL sequence
+    def prepare(self, state, batches: list[Batch]) -> list[Batch]:
+        return batches
 
     def collate(self, examples, records: list[int], max_seq_length: int) -> Batch:
         return collate_preference([examples[i] for i in records], kl_pairs=self.kl_pairs)
 
-    def policy_logps(self, model, batch: Batch, fast_loss, mask_dtype: torch.dtype):
-        if fast_loss is not None and not self._said:
-            log.info("%s: %s", self.name, REFERENCE_PATH)
-            self._said = True
+    def policy_logps(self, model, batch: Batch, mask_dtype: torch.dtype):
         return sequence_logps(model, batch, mask_dtype)
 
 
@@ -82,12 +77,12 @@ class DPO(PreferenceBatches):
     name = "dpo"
 
     def __init__(self, cfg: Config):
-        self.beta, self.loss_type = cfg.train.beta, cfg.train.dpo_loss
+        self.beta, self.loss_type = beta_of(cfg), cfg.train.dpo_loss
         self.reference = ReferenceLogps(cfg.train.ref_adapter)
 
     def loss(self, model, batch: Batch, fast_loss, mask_dtype: torch.dtype) -> tuple[torch.Tensor, Metrics]:
         ref = self.reference(model, batch, mask_dtype)
-        logps, counts = self.policy_logps(model, batch, fast_loss, mask_dtype)
+        logps, counts = self.policy_logps(model, batch, mask_dtype)
         pc, pr = split_pairs(logps, batch)
         rc, rr = split_pairs(ref, batch)
         if self.loss_type == "ipo":

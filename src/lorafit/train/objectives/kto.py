@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from lorafit.config.schema import Config
+from lorafit.config.schema import Config, beta_of
 from lorafit.data.preference import CHOSEN, KL, REJECTED
 from lorafit.train.objectives.base import Batch, Metrics
 from lorafit.train.objectives.dpo import PreferenceBatches
@@ -42,12 +42,12 @@ class KTO(PreferenceBatches):
 
     def __init__(self, cfg: Config):
         t = cfg.train
-        self.beta, self.weights = t.beta, (t.kto_desirable_weight, t.kto_undesirable_weight)
+        self.beta, self.weights = beta_of(cfg), (t.kto_desirable_weight, t.kto_undesirable_weight)
         self.reference = ReferenceLogps(t.ref_adapter)
 
     def loss(self, model, batch: Batch, fast_loss, mask_dtype: torch.dtype) -> tuple[torch.Tensor, Metrics]:
         ref = self.reference(model, batch, mask_dtype)
-        logps, _ = self.policy_logps(model, batch, fast_loss, mask_dtype)
+        logps, _ = self.policy_logps(model, batch, mask_dtype)
         kind = batch["seq_kind"]
         target, mismatched = kind <= REJECTED, kind == KL
         z = kl_baseline(logps[mismatched].detach(), ref[mismatched])

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from lorafit.data.batching import packed_attention_mask
 from lorafit.data.records import IGNORE_INDEX
 from lorafit.errors import UserError
+from lorafit.model.arch import decoder_and_head
 from lorafit.train.objectives.base import Batch
-from lorafit.train.objectives.sft import _decoder_and_head
 
 REFERENCE = "reference"
 """The name the `ref_adapter` is loaded under, next to the trained adapter ('default')."""
@@ -36,7 +36,7 @@ def sequence_logps(model, batch: Batch, mask_dtype: torch.dtype) -> tuple[torch.
     seq = batch["seq_index"][:, 1:][keep]  # (N,) the sequence of each target
     inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"],
               "use_cache": False}
-    split = _decoder_and_head(model)
+    split = decoder_and_head(model)
     if split is None:
         logits = model(**inputs).logits[:, :-1][keep]  # (N, V)
     else:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from lorafit.data.batching import collate_pass, packed_attention_mask
 from lorafit.data.records import IGNORE_INDEX
-from lorafit.model.arch import family
+from lorafit.model.arch import decoder_and_head
 from lorafit.train.objectives.base import Batch, Metrics
 
 
@@ -15,6 +15,11 @@ class SFT:
 
     name = "sft"
     sequences_per_example = 1
+    fused_loss = True
+    rollout = False
+
+    def prepare(self, state, batches: list[Batch]) -> list[Batch]:
+        return batches
 
     def units(self, batch: Batch) -> int:
         return labelled_tokens(batch["labels"])
@@ -35,15 +40,6 @@ def labelled_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def _decoder_and_head(model):
-    """(decoder, lm_head) of a causal LM whose logits are a plain linear map, else None."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    fam = family(getattr(lm.config, "model_type", None))
-    if not (fam and fam.plain_head) or not hasattr(lm, "get_decoder"):
-        return None
-    return lm.get_decoder(), lm.get_output_embeddings()
-
-
 def reference_loss(model, batch: dict[str, torch.Tensor], mask_dtype=torch.float32):
     """Plain PyTorch: CE summed over labelled tokens, shifted by one as HF does.
 
@@ -59,7 +55,7 @@ def reference_loss(model, batch: dict[str, torch.Tensor], mask_dtype=torch.float
     keep = labels != IGNORE_INDEX
     inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"],
               "use_cache": False}
-    split = _decoder_and_head(model)
+    split = decoder_and_head(model)
     if split is None:
         return labelled_ce_sum(model(**inputs).logits, batch["labels"])
     decoder, head = split
