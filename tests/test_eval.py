@@ -1,4 +1,4 @@
-"""evaluate.py: held-out examples, reply perplexity, ROUGE-L / BLEU / exact match, eval.json/md/png."""
+"""evaluate/: held-out examples, both baselines, reply perplexity, metrics, bootstrap intervals, eval.json/md/png."""
 from __future__ import annotations
 
 import json
@@ -25,8 +25,16 @@ def test_eval_writes_json_markdown_and_chart(llama_run, report, capsys):  # noqa
         assert m["exact_match_n"] == 6 and 0 <= m["exact_match"] <= 100  # demo answers are all short
     assert saved["base"]["perplexity"] != saved["tuned"]["perplexity"]
     assert len(saved["examples"]) == 6 and {"prompt", "reference", "base", "tuned"} <= set(saved["examples"][0])
+    # chatml run, chatml tokenizer: the base's own chat template renders the same prompts, so one base
+    assert saved["base_chat"] is None and "one base" in saved["settings"]["base_note"]
+    for key in ("perplexity", "rouge_l", "bleu", "exact_match"):
+        c = saved["comparisons"]["base"][key]
+        assert c["low"] <= c["diff"] <= c["high"] and c["wins"] + c["losses"] + c["ties"] == c["n"] == 6
+        assert c["verdict"] in ("better", "worse", "not significant")
+    assert saved["verdict"].startswith("Gain that holds against the base:")
     md = (llama_run / "eval.md").read_text()
     assert "| Perplexity (lower is better) |" in md and "![base vs tuned](eval.png)" in md
+    assert "[95% CI]" in md and "| Empty answers |" in md and "| Looping answers |" in md
     assert (llama_run / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -50,7 +58,7 @@ def test_perplexity_is_over_reply_tokens(llama_run):  # noqa: F811
     import torch
 
     from lorafit.data.encode import encode_conversation
-    from lorafit.evaluate.run import EvalExample, reply_perplexity
+    from lorafit.evaluate.run import EvalExample, perplexity, reply_nll
     from lorafit.infer.generate import load_session
     from lorafit.run_dir import load_run_config
 
@@ -61,20 +69,23 @@ def test_perplexity_is_over_reply_tokens(llama_run):  # noqa: F811
                                       512, False, "truncate")
     with torch.no_grad():
         loss = s.model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
-    assert reply_perplexity(s, [ex], cfg) == pytest.approx(math.exp(float(loss)), rel=1e-4)
+    assert perplexity(reply_nll(s, s.template, [ex], cfg)) == pytest.approx(math.exp(float(loss)), rel=1e-4)
 
 
 def test_text_metrics_and_normalization():
-    from lorafit.evaluate.run import is_short_answer, normalize, text_metrics
+    from lorafit.evaluate.metrics import is_short_answer, normalize, parse_metrics
 
     assert normalize("  Paris. ") == normalize("paris") == "paris"
     assert normalize("2,  5, 9!") == "2, 5, 9"
     assert is_short_answer("APPLE") and not is_short_answer("one two three four five six")
-    m = text_metrics(["Paris.", "42", "banana"], ["paris", "42", "apple"])
-    assert m["exact_match"] == pytest.approx(200 / 3, abs=0.01) and m["exact_match_n"] == 3
-    assert m["bleu"] > 0  # one-word answers still score (effective order)
-    long = text_metrics(["the cat sat on the mat today"], ["the cat sat on the mat and then slept all day"])
-    assert long["exact_match"] is None and long["exact_match_n"] == 0 and 0 < long["rouge_l"] < 100
+    em, bleu, rouge, contains = parse_metrics(["exact_match", "bleu", "rouge_l", "contains"])
+    m = em.score(["Paris.", "42", "banana"], ["paris", "42", "apple"])
+    assert m.value == pytest.approx(200 / 3, abs=0.01) and len(m.applies) == 3
+    assert bleu.score(["Paris.", "42", "banana"], ["paris", "42", "apple"]).value > 0  # effective order
+    assert contains.score(["It is Paris, France", "no"], ["paris", "yes"]).per_example == [100.0, 0.0]
+    answers, refs = ["the cat sat on the mat today"], ["the cat sat on the mat and then slept all day"]
+    assert em.score(answers, refs).value is None and em.score(answers, refs).applies == []
+    assert 0 < rouge.score(answers, refs).value < 100
 
 
 def test_other_dataset_is_evaluated_whole_and_skip_base(llama_run, tmp_path, capsys):  # noqa: F811

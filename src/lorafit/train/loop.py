@@ -193,6 +193,8 @@ def _loop(r: Run, signals: StopSignals) -> None:
 
     cfg, d, p, pos = r.cfg, r.d, r.plan, r.pos
     delay = float(os.environ.get("LORAFIT_TEST_STEP_DELAY", "0"))  # test hook: room to inject a fault mid-run
+    if pos.step == 0 and r.data.val and cfg.train.eval_strategy != "no":
+        _validate(r)  # the baseline: the curve starts at the base's own validation loss
     while pos.step < p.total_steps:
         batches = make_batches(r.data.train, p.micro_batch, packing=cfg.data.packing,
                                max_seq_length=cfg.data.max_seq_length, pad_token_id=r.tokenizer.pad_token_id,
@@ -282,7 +284,7 @@ def _after_step(r: Run, signals: StopSignals, epoch_end: bool) -> bool:
     """Validation, early stopping, previews, checkpoints and stop signals after a step; True means stop."""
     t, step = r.cfg.train, r.pos.step
     last = step >= r.plan.total_steps
-    eval_every = t.eval_steps or t.logging_steps * 10
+    eval_every = t.eval_steps or max(1, r.plan.total_steps // 10)  # ~10 points on a run of any length
     stop = False
     if r.data.val and ((t.eval_strategy == "steps" and (step % eval_every == 0 or last))
                        or (t.eval_strategy == "epoch" and (epoch_end or last))):
