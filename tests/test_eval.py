@@ -139,3 +139,43 @@ def test_other_dataset_is_read_in_its_own_format(tiny_model_dir, tmp_path):
     assert main(["eval", "--adapter_path", str(run), "--dataset", str(other), "--skip_base"]) == 0
     saved = json.loads((run / "eval.json").read_text())
     assert saved["settings"]["samples"] == 3 and saved["examples"][0]["prompt"].startswith("What comes after")
+
+
+def test_alpaca_run_scores_the_base_both_ways_with_named_metrics(tiny_model_dir, tmp_path):
+    """An Instruction:/Response: run: the base through that template and through its own chat template, each
+    compared with the tuned model; a user's metric function scored alongside; the answer cap from the references."""
+    from test_generate_rundir import make_run
+
+    from lorafit.cli import main
+
+    run = make_run(tmp_path / "run", tiny_model_dir("llama"), template="alpaca")
+    fn = tmp_path / "length_metric.py"
+    fn.write_text("def words(predictions, references):\n    return [len(p.split()) for p in predictions]\n")
+    assert main(["eval", "--adapter_path", str(run), "--max_samples", "4", "--eval_max_new_tokens", "auto",
+                 "--metrics", f"rouge_l,chrf,{fn}:words", "--bootstrap_samples", "200"]) == 0
+    saved = json.loads((run / "eval.json").read_text())
+    s = saved["settings"]
+    assert s["template"] == "alpaca" and s["metrics"] == ["rouge_l", "chrf", f"{fn}:words"]
+    assert s["max_new_tokens"] == 16 and s["max_new_tokens_rule"].startswith("auto")  # short demo answers: the floor
+    assert saved["base"] and saved["base_chat"] and set(saved["comparisons"]) == {"base", "base_chat"}
+    assert saved["base"]["perplexity"] != saved["base_chat"]["perplexity"]  # other prompts, other NLL
+    for base in ("base", "base_chat"):
+        assert set(saved["comparisons"][base]) == {"perplexity", "rouge_l", "chrf", f"{fn}:words"}
+    words = [len(e["tuned"].split()) for e in saved["examples"]]
+    assert saved["tuned"][f"{fn}:words"] == pytest.approx(sum(words) / 4, abs=0.01)
+    assert saved["verdict"].startswith("Gain that holds against both bases:")
+    md = (run / "eval.md").read_text()
+    assert "| metric | base, run's template | base, own chat template | tuned |" in md
+    assert "tuned − base, own chat template [95% CI]" in md and "words (length_metric.py)" in md
+
+
+def test_bad_metric_fails_before_the_model_loads(llama_run, capsys, monkeypatch):  # noqa: F811
+    import lorafit.evaluate.run
+    from lorafit.cli import main
+
+    monkeypatch.setattr(lorafit.evaluate.run, "load_session", lambda *a, **k: pytest.fail("the model loaded"))
+    assert main(["eval", "--adapter_path", str(llama_run), "--metrics", "rouge_l,missing.py:f"]) == 2
+    err = capsys.readouterr().err
+    assert "metric 'missing.py:f': file 'missing.py' does not exist" in err and "Traceback" not in err
+    assert main(["eval", "--adapter_path", str(llama_run), "--eval_max_new_tokens", "lots"]) == 2
+    assert "'eval_max_new_tokens' must be a number or auto" in capsys.readouterr().err
