@@ -128,6 +128,17 @@ def test_cli_data_json_and_human(capsys, patched_tokenizer):
     assert "records" in out and "steps per epoch" in out and "trained" in out
 
 
+def test_cli_data_without_a_split_for_a_test_file(capsys, patched_tokenizer):
+    assert main(["data", "demo", "--demo_size", "60", "--val_size", "6", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["val_examples"] == 6
+    assert main(["data", "demo", "--demo_size", "60", "--val_size", "6", "--split", "none", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["val_examples"] == 0 and report["train_examples"] == 60
+    assert main(["data", "demo", "--demo_size", "60", "--split", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "60 kept, no train/validation split" in out and "validation)" not in out
+
+
 def test_cli_data_with_a_model_folder(capsys, request):
     try:
         model_dir = request.getfixturevalue("tiny_model_dir")("llama")

@@ -1,4 +1,4 @@
-"""evaluate.py: held-out examples, reply perplexity, ROUGE-L / BLEU / exact match, eval.json/md/png."""
+"""evaluate/: held-out examples, both baselines, reply perplexity, metrics, bootstrap intervals, eval.json/md/png."""
 from __future__ import annotations
 
 import json
@@ -25,8 +25,16 @@ def test_eval_writes_json_markdown_and_chart(llama_run, report, capsys):
         assert m["exact_match_n"] == 6 and 0 <= m["exact_match"] <= 100  # demo answers are all short
     assert saved["base"]["perplexity"] != saved["tuned"]["perplexity"]
     assert len(saved["examples"]) == 6 and {"prompt", "reference", "base", "tuned"} <= set(saved["examples"][0])
+    # chatml run, chatml tokenizer: the base's own chat template renders the same prompts, so one base
+    assert saved["base_chat"] is None and "one base" in saved["settings"]["base_note"]
+    for key in ("perplexity", "rouge_l", "bleu", "exact_match"):
+        c = saved["comparisons"]["base"][key]
+        assert c["low"] <= c["diff"] <= c["high"] and c["wins"] + c["losses"] + c["ties"] == c["n"] == 6
+        assert c["verdict"] in ("better", "worse", "not significant")
+    assert saved["verdict"].startswith("Gain that holds against the base:")
     md = (llama_run / "eval.md").read_text()
     assert "| Perplexity (lower is better) |" in md and "![base vs tuned](eval.png)" in md
+    assert "[95% CI]" in md and "| Empty answers |" in md and "| Looping answers |" in md
     assert (llama_run / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -50,7 +58,7 @@ def test_perplexity_is_over_reply_tokens(llama_run):
     import torch
 
     from lorafit.data.encode import encode_conversation
-    from lorafit.evaluate.run import EvalExample, reply_perplexity
+    from lorafit.evaluate.run import EvalExample, perplexity, reply_nll
     from lorafit.infer.generate import load_session
     from lorafit.run_dir import load_run_config
 
@@ -61,10 +69,10 @@ def test_perplexity_is_over_reply_tokens(llama_run):
                                       512, False, "truncate")
     with torch.no_grad():
         loss = s.model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
-    assert reply_perplexity(s, [ex], cfg) == pytest.approx(math.exp(float(loss)), rel=1e-4)
+    assert perplexity(reply_nll(s, s.template, [ex], cfg)) == pytest.approx(math.exp(float(loss)), rel=1e-4)
 
 
-def test_perplexity_passes_are_padding_free_and_token_weighted(llama_run):  # noqa: F811
+def test_perplexity_passes_are_padding_free_and_token_weighted(llama_run):
     """Several answers concatenated in padding-free passes (two here) give the token-weighted mean NLL of the
     answers scored one by one."""
     import dataclasses
@@ -73,7 +81,7 @@ def test_perplexity_passes_are_padding_free_and_token_weighted(llama_run):  # no
     import torch
 
     from lorafit.data.encode import encode_conversation
-    from lorafit.evaluate.run import EvalExample, reply_perplexity
+    from lorafit.evaluate.run import EvalExample, perplexity, reply_nll
     from lorafit.infer.generate import load_session
     from lorafit.run_dir import load_run_config
 
@@ -81,33 +89,38 @@ def test_perplexity_passes_are_padding_free_and_token_weighted(llama_run):  # no
     s = load_session(llama_run, cfg)
     exs = [EvalExample([{"role": "user", "content": q}], a)
            for q, a in (("What is 2 + 2?", "4"), ("Name a fruit.", "An apple, or a pear."), ("Say hi.", "hi there"))]
-    nll = n = 0.0
-    sizes = []
+    each, sizes = [], []
     with torch.no_grad():
         for e in exs:
             ids, labels = encode_conversation(s.template, e.prompt + [{"role": "assistant", "content": e.reference}],
                                               s.tokenizer, 512, False, "truncate")
             k = sum(1 for t in labels[1:] if t != -100)
-            nll += float(s.model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss) * k
-            n += k
+            each.append((float(s.model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss) * k, k))
             sizes.append(len(ids))
     budget = max(sizes[0] + sizes[2], sizes[1])  # every answer fits, not all three in one pass
     assert budget < sum(sizes)
     small = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_tokens_per_pass=budget))
-    assert reply_perplexity(s, exs, small) == pytest.approx(math.exp(nll / n), rel=1e-4)
+    got = reply_nll(s, s.template, exs, small)
+    for (nll, k), (want, n) in zip(got, each, strict=True):  # summed per record by its document id
+        assert k == n and nll == pytest.approx(want, rel=1e-4)
+    total = sum(x for x, _ in each) / sum(k for _, k in each)
+    assert perplexity(got) == pytest.approx(math.exp(total), rel=1e-4)
 
 
 def test_text_metrics_and_normalization():
-    from lorafit.evaluate.run import is_short_answer, normalize, text_metrics
+    from lorafit.evaluate.metrics import is_short_answer, normalize, parse_metrics
 
     assert normalize("  Paris. ") == normalize("paris") == "paris"
     assert normalize("2,  5, 9!") == "2, 5, 9"
     assert is_short_answer("APPLE") and not is_short_answer("one two three four five six")
-    m = text_metrics(["Paris.", "42", "banana"], ["paris", "42", "apple"])
-    assert m["exact_match"] == pytest.approx(200 / 3, abs=0.01) and m["exact_match_n"] == 3
-    assert m["bleu"] > 0  # one-word answers still score (effective order)
-    long = text_metrics(["the cat sat on the mat today"], ["the cat sat on the mat and then slept all day"])
-    assert long["exact_match"] is None and long["exact_match_n"] == 0 and 0 < long["rouge_l"] < 100
+    em, bleu, rouge, contains = parse_metrics(["exact_match", "bleu", "rouge_l", "contains"])
+    m = em.score(["Paris.", "42", "banana"], ["paris", "42", "apple"])
+    assert m.value == pytest.approx(200 / 3, abs=0.01) and len(m.applies) == 3
+    assert bleu.score(["Paris.", "42", "banana"], ["paris", "42", "apple"]).value > 0  # effective order
+    assert contains.score(["It is Paris, France", "no"], ["paris", "yes"]).per_example == [100.0, 0.0]
+    answers, refs = ["the cat sat on the mat today"], ["the cat sat on the mat and then slept all day"]
+    assert em.score(answers, refs).value is None and em.score(answers, refs).applies == []
+    assert 0 < rouge.score(answers, refs).value < 100
 
 
 def test_other_dataset_is_evaluated_whole_and_skip_base(llama_run, tmp_path, capsys):
@@ -160,3 +173,42 @@ def test_other_dataset_is_read_in_its_own_format(tiny_model_dir, tmp_path):
     assert main(["eval", "--adapter_path", str(run), "--dataset", str(other), "--skip_base"]) == 0
     saved = json.loads((run / "eval.json").read_text())
     assert saved["settings"]["samples"] == 3 and saved["examples"][0]["prompt"].startswith("What comes after")
+
+
+def test_alpaca_run_scores_the_base_both_ways_with_named_metrics(tiny_model_dir, tmp_path):
+    """An Instruction:/Response: run: the base through that template and through its own chat template, each
+    compared with the tuned model; a user's metric function scored alongside; the answer cap from the references."""
+
+    from lorafit.cli import main
+
+    run = make_run(tmp_path / "run", tiny_model_dir("llama"), template="alpaca")
+    fn = tmp_path / "length_metric.py"
+    fn.write_text("def words(predictions, references):\n    return [len(p.split()) for p in predictions]\n")
+    assert main(["eval", "--adapter_path", str(run), "--max_samples", "4", "--eval_max_new_tokens", "auto",
+                 "--metrics", f"rouge_l,chrf,{fn}:words", "--bootstrap_samples", "200"]) == 0
+    saved = json.loads((run / "eval.json").read_text())
+    s = saved["settings"]
+    assert s["template"] == "alpaca" and s["metrics"] == ["rouge_l", "chrf", f"{fn}:words"]
+    assert s["max_new_tokens"] == 16 and s["max_new_tokens_rule"].startswith("auto")  # short demo answers: the floor
+    assert saved["base"] and saved["base_chat"] and set(saved["comparisons"]) == {"base", "base_chat"}
+    assert saved["base"]["perplexity"] != saved["base_chat"]["perplexity"]  # other prompts, other NLL
+    for base in ("base", "base_chat"):
+        assert set(saved["comparisons"][base]) == {"perplexity", "rouge_l", "chrf", f"{fn}:words"}
+    words = [len(e["tuned"].split()) for e in saved["examples"]]
+    assert saved["tuned"][f"{fn}:words"] == pytest.approx(sum(words) / 4, abs=0.01)
+    assert saved["verdict"].startswith("Gain that holds against both bases:")
+    md = (run / "eval.md").read_text()
+    assert "| metric | base, run's template | base, own chat template | tuned |" in md
+    assert "tuned − base, own chat template [95% CI]" in md and "words (length_metric.py)" in md
+
+
+def test_bad_metric_fails_before_the_model_loads(llama_run, capsys, monkeypatch):
+    import lorafit.evaluate.run
+    from lorafit.cli import main
+
+    monkeypatch.setattr(lorafit.evaluate.run, "load_session", lambda *a, **k: pytest.fail("the model loaded"))
+    assert main(["eval", "--adapter_path", str(llama_run), "--metrics", "rouge_l,missing.py:f"]) == 2
+    err = capsys.readouterr().err
+    assert "metric 'missing.py:f': file 'missing.py' does not exist" in err and "Traceback" not in err
+    assert main(["eval", "--adapter_path", str(llama_run), "--eval_max_new_tokens", "lots"]) == 2
+    assert "'eval_max_new_tokens' must be a number or auto" in capsys.readouterr().err

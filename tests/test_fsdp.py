@@ -73,7 +73,7 @@ def test_fsdp_two_ranks_equal_one_process(runs, tiny_model_dir):
     assert val_losses(run) == pytest.approx(val_losses(single), rel=1e-4)
     assert_same_adapter(run, single, atol=1e-5)
     # rank 0 alone wrote: one metrics line per step and validation, one checkpoint per save, one summary
-    assert sum(1 for _ in (run / "metrics.jsonl").open()) == 4 + 2
+    assert sum(1 for _ in (run / "metrics.jsonl").open()) == 4 + 3  # validations at steps 0, 2 and 4
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["fsdp"] is True and len(summary["peak_memory_gib_per_rank"]) == 2

@@ -26,12 +26,28 @@ def _gen(**kw):
 
 
 def test_session_loads_adapter_and_template(session, llama_run):
-    from peft import PeftModel
-
-    assert isinstance(session.model, PeftModel)
     assert not session.model.training
     assert session.template.name == "chatml"
     assert session.name == llama_run.name
+
+
+def test_session_generates_with_the_adapter_merged(session, llama_run):
+    """Merged in memory: a plain transformers model (no LoRA layers per token) with the adapter's logits."""
+    import torch
+    from peft import PeftModel
+
+    from lorafit.infer.generate import load_session
+    from lorafit.run_dir import load_run_config
+
+    unmerged = load_session(llama_run, load_run_config(llama_run), merge=False)
+    assert isinstance(unmerged.model, PeftModel) and not isinstance(session.model, PeftModel)
+    assert not any("lora" in n for n, _ in session.model.named_modules())
+    ids = torch.tensor([[5, 17, 33, 60, 2, 9]])
+    with torch.no_grad():
+        merged, adapter = session.model(ids).logits, unmerged.model(ids).logits
+        with unmerged.model.disable_adapter():
+            base = unmerged.model(ids).logits
+    assert torch.allclose(merged, adapter, atol=1e-5) and not torch.allclose(merged, base, atol=1e-3)
 
 
 def test_greedy_is_deterministic_and_stream_matches(session):
@@ -182,7 +198,7 @@ def test_4bit_session_generates(tiny_model_dir, tmp_path):
 
     run = make_run(tmp_path / "run", tiny_model_dir("qwen2"), template="alpaca", load_in_4bit=True,
                    bnb_4bit_compute_dtype="float32")
-    s = load_session(run, load_run_config(run))
+    s = load_session(run, load_run_config(run))  # a 4-bit base keeps its adapter (merging would re-quantize)
     assert type(s.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
     r = generate_text(s.model, s.tokenizer, s.template, MSGS, _gen(temperature=0.7, max_new_tokens=4), seed=0)
     assert r.completion_tokens <= 4 and r.prompt_tokens > 0

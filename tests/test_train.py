@@ -33,7 +33,7 @@ def test_run_directory_and_peft_loading(tiny_model_dir, tmp_path):
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000004"]  # save_total_limit 1
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4, 5]
-    assert [r["step"] for r in recs if "val_loss" in r] == [2, 4, 5]
+    assert [r["step"] for r in recs if "val_loss" in r] == [0, 2, 4, 5]  # step 0: the base, the curve's start
     assert all(math.isclose(r["val_ppl"], math.exp(r["val_loss"]), rel_tol=1e-6) for r in recs if "val_loss" in r)
     previews = [json.loads(x) for x in (out / "previews.jsonl").read_text().splitlines()]
     assert len(previews) == 2 and previews[0]["step"] == 5  # the first two held-out prompts
@@ -50,6 +50,16 @@ def test_run_directory_and_peft_loading(tiny_model_dir, tmp_path):
         plain = AutoModelForCausalLM.from_pretrained(model_dir)(ids).logits
         adapted = tuned(ids).logits
     assert not torch.allclose(plain, adapted)  # the adapter was trained and loaded, not zero
+
+
+def test_validation_default_cadence_gives_a_curve(tiny_model_dir, tmp_path):
+    """eval_steps unset: every total_steps // 10 steps (at least 1), plus step 0 and the last step."""
+    out = run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path / "run", eval_strategy="steps",
+                                 max_steps=3))
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in recs if "val_loss" in r]
+    assert [r["step"] for r in val] == [0, 1, 2, 3]
+    assert val[0]["val_loss"] != val[-1]["val_loss"]
 
 
 def test_pinned_losses(tiny_model_dir, tmp_path):
@@ -83,7 +93,7 @@ def test_packing_and_epochs(tiny_model_dir, tmp_path):
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in recs if "loss" in r]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2
-    assert [r["step"] for r in recs if "val_loss" in r] == [steps[-1]]
+    assert [r["step"] for r in recs if "val_loss" in r] == [0, steps[-1]]
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{steps[-1]:06d}"]
     assert all(math.isfinite(r["loss"]) for r in recs if "loss" in r)
 

@@ -190,6 +190,9 @@ def cmd_data(argv: list[str]) -> int:
     p.add_argument("source", nargs="?", help="dataset: file, folder, hub id or `demo`")
     p.add_argument("--config", help="recipe YAML whose data and model settings to use")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--split", choices=["auto", "none"], default="auto",
+                   help="none: report the whole file with no train/validation split (a test file; same as "
+                        "--val_size 0)")
     args, rest = p.parse_known_args(argv)
     from lorafit.config.load import build_config
     from lorafit.data.check import data_command
@@ -197,6 +200,8 @@ def cmd_data(argv: list[str]) -> int:
     overrides = parse_overrides(rest)
     if args.source:
         overrides["dataset"] = args.source
+    if args.split == "none":
+        overrides["val_size"] = 0
     return data_command(build_config(args.config, overrides), as_json=args.json)
 
 

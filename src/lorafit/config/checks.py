@@ -68,7 +68,13 @@ def validate(cfg: Config) -> None:
     positive("logging_steps", t.logging_steps)
     positive("save_steps", t.save_steps)
     positive("max_new_tokens", g.max_new_tokens)
-    positive("eval_max_new_tokens", e.eval_max_new_tokens)
+    if isinstance(e.eval_max_new_tokens, str) and e.eval_max_new_tokens != "auto":
+        raise ConfigError(f"'eval_max_new_tokens' must be a number or auto, got {e.eval_max_new_tokens!r}")
+    if isinstance(e.eval_max_new_tokens, int):
+        positive("eval_max_new_tokens", e.eval_max_new_tokens)
+    if e.eval_base_template not in ("both", "run", "chat"):
+        raise ConfigError(f"'eval_base_template' must be both, run or chat, got {e.eval_base_template!r}")
+    positive("bootstrap_samples", e.bootstrap_samples)
     if not 0 <= lo.lora_dropout < 1:
         raise ConfigError(f"'lora_dropout' must be in [0, 1), got {lo.lora_dropout}")
     if not 0 <= t.warmup_ratio <= 1:

@@ -169,7 +169,7 @@ class TrainArgs:
     eval_strategy: str = "steps"
     """When to compute validation loss: steps, epoch or no."""
     eval_steps: int | None = None
-    """Validation every N optimizer steps (default: logging_steps * 10)."""
+    """Validation every N optimizer steps, and at step 0 (default: total_steps // 10, so ~10 points per run)."""
     save_strategy: str = "steps"
     """When to checkpoint: steps, epoch or no."""
     save_steps: int = 500
@@ -204,8 +204,14 @@ class TrainArgs:
 class EvalArgs:
     max_samples: int | None = 200
     """Held-out examples to evaluate (None: all)."""
-    eval_max_new_tokens: int = 128
-    """Tokens to generate per answer when scoring ROUGE-L / BLEU / exact match."""
+    eval_max_new_tokens: int | str = "auto"
+    """Tokens per answer when scoring (auto: 1.5 x the 95th-percentile reference length, >= 16, <= max_seq_length)."""
+    metrics: list[str] = field(default_factory=lambda: ["rouge_l", "bleu", "exact_match"])
+    """Task metrics: exact_match, contains, rouge_l, bleu, chrf, or file.py:function (perplexity is always on)."""
+    eval_base_template: str = "both"
+    """Prompts for the base: both (the run's template and the base's own chat template, when they differ), run, chat."""
+    bootstrap_samples: int = 1000
+    """Paired bootstrap resamples for the 95% intervals of tuned minus base."""
     skip_base: bool = False
     """Only evaluate the tuned model."""
 

@@ -50,8 +50,12 @@ def print_report(report: dict) -> None:
     over = (f"{report['truncated_share']:.1%} of {report['max_seq_length']} tokens "
             f"({report['truncated']} truncated, {report['dropped']} dropped)")
     on_inputs = " (train_on_inputs)" if report["train_on_inputs"] else ""
+    if report["val_examples"]:
+        split = f"{report['train_examples']} train, {report['val_examples']} validation"
+    else:  # val_size 0 (or --split none): a test file, or training on everything; a split would mean nothing
+        split = f"{report['train_examples']} kept, no train/validation split"
     rows = [
-        ("records", f"{report['records']} ({report['train_examples']} train, {report['val_examples']} validation)"),
+        ("records", f"{report['records']} ({split})"),
         ("format / template", f"{report['format']} / {report['template']}"),
         ("tokens per example", "  ".join(f"{k} {v}" for k, v in pct.items())),
         ("longer than max_seq_length", over),

@@ -203,6 +203,8 @@ def _loop(r: TrainState, signals: StopSignals) -> None:
     cfg, d, p, pos = r.cfg, r.d, r.plan, r.pos
     lengths = [len(e.input_ids) for e in r.data.train]
     clip = cfg.data.max_seq_length * r.objective.sequences_per_example  # the longest an example can be
+    if pos.step == 0 and r.data.val and cfg.train.eval_strategy != "no":
+        _validate(r)  # the baseline: the curve starts at the base's own validation loss
     while pos.step < p.total_steps:
         steps = epoch_steps(lengths, p.global_batch, packing=cfg.data.packing, max_seq_length=cfg.data.max_seq_length,
                             seed=cfg.train.seed, epoch=pos.epoch, group_by_length=cfg.data.group_by_length)
@@ -333,7 +335,7 @@ def _after_step(r: TrainState, signals: StopSignals, epoch_end: bool) -> bool:
     """Validation, early stopping, previews, checkpoints and stop signals after a step; True means stop."""
     t, step = r.cfg.train, r.pos.step
     last = step >= r.plan.total_steps
-    eval_every = t.eval_steps or t.logging_steps * 10
+    eval_every = t.eval_steps or max(1, r.plan.total_steps // 10)  # ~10 points on a run of any length
     stop = False
     if r.data.val and ((t.eval_strategy == "steps" and (step % eval_every == 0 or last))
                        or (t.eval_strategy == "epoch" and (epoch_end or last))):
