@@ -49,7 +49,7 @@ def test_corrupt_checkpoint_is_skipped_and_resume_is_exact(four_steps, tmp_path,
     weights.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="lorafit"):
         assert cli_main(["train", "--output_dir", str(run), "--resume"]) == 0
-    assert "step-000004 is corrupt or partial (adapter_model.safetensors does not match its checksum)" in caplog.text
+    assert "step-000004 is damaged (adapter_model.safetensors does not match its checksum)" in caplog.text
     assert losses(run) == pytest.approx(losses(four_steps), abs=1e-6)
     assert_same_adapter(run, four_steps)
 
