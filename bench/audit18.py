@@ -64,7 +64,8 @@ def setup(root: Path) -> dict[str, Path]:
 def files(root: Path, p: dict[str, Path]) -> None:
     w = {"deep.json": "[" * 100000 + "]" * 100000, "surrogate.jsonl": '{"instruction": "\\ud800", "output": "x"}\n',
          "hugeint.jsonl": '{"instruction": ' + "1" * 5000 + ', "output": "x"}\n',
-         "nan.jsonl": '{"instruction": "a", "output": NaN}\n', "nul.jsonl": '{"instruction": "a\\u0000b", "output": "x"}\n',
+         "nan.jsonl": '{"instruction": "a", "output": NaN}\n',
+         "nul.jsonl": '{"instruction": "a\\u0000b", "output": "x"}\n',
          "quote.csv": 'instruction,output\n"What is 2+2,4\nSay hi,hello\n',
          "null.jsonl": '{"instruction": null, "output": "x"}\n',
          "cycle.jsonl": "".join(json.dumps(r) + "\n" for r in [
@@ -85,7 +86,8 @@ def files(root: Path, p: dict[str, Path]) -> None:
                          ("run-list", lambda d: (d / "config.yaml").write_text("- 1\n")),
                          ("run-trunc", lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x00" * 50)),
                          ("run-badcfg", lambda d: (d / "adapter_config.json").write_text('{"r": ')),
-                         ("run-badcfg2", lambda d: (d / "adapter_config.json").write_text('{"r": 4, "target_modules": 5}'))]:
+                         ("run-badcfg2",
+                          lambda d: (d / "adapter_config.json").write_text('{"r": 4, "target_modules": 5}'))]:
         mutate(shutil.copytree(p["run"], root / name))
     (root / "empty").mkdir()
     (root / "link-empty").symlink_to(root / "empty")
@@ -129,7 +131,8 @@ def cli_cases(root: Path, p: dict[str, Path]) -> list[tuple[str, list[str], str]
         ("adapter_config broken", ["chat", "--adapter_path", str(root / "run-badcfg"), "hi"], "refuse"),
         ("adapter_config types", ["chat", "--adapter_path", str(root / "run-badcfg2"), "hi"], "refuse"),
         ("serve port 99999", ["serve", "--adapter_path", r, "--port", "99999"], "refuse"),
-        ("merge into link to empty", ["merge", "--adapter_path", r, "--output_dir", str(root / "link-empty")], "refuse"),
+        ("merge into link to empty", ["merge", "--adapter_path", r, "--output_dir", str(root / "link-empty")],
+         "refuse"),
         ("merge into dangling link", ["merge", "--adapter_path", r, "--output_dir", str(root / "link-dangling")],
          "refuse"),
         ("resume --lora_r 4", ["train", "--output_dir", t, "--resume", "--max_steps", "3", "--lora_r", "4"], "refuse"),
@@ -239,7 +242,7 @@ def main() -> None:
         results = list(pool.map(lambda c: (c, *lorafit(*c[1])), cases))
     counts = {"ok": 0, "traceback": 0, "hang": 0, "silent": 0, "refused": 0}
     with open(out_dir / "audit18.jsonl", "w", encoding="utf-8") as f:
-        for (name, argv, kind), code, text in results:
+        for (name, _, kind), code, text in results:
             verdict = classify(kind, code, text)
             counts[verdict] += 1
             last = [ln for ln in text.splitlines() if ln.startswith(("error:", "checkpoint"))][:2]

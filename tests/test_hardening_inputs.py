@@ -112,7 +112,8 @@ def test_parsing_limits():
     for text in ("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), '"\\ud800"', "NaN", "1" * 5000, DEEP):
         with pytest.raises(BadInput):
             json_loads(text)
-    bomb = "a: &a [1]\n" + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    levels = zip("abcdefgh", "bcdefghi", strict=True)
+    bomb = "a: &a [1]\n" + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in levels)
     t0 = time.monotonic()
     assert yaml_load(bomb)["a"] == [1]  # 9**8 references, each list visited once
     assert time.monotonic() - t0 < 2

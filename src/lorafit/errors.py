@@ -10,6 +10,8 @@ import stat
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 
 class UserError(Exception):
     """A mistake the user can fix. `str(err)` is the whole message shown to them."""
@@ -64,11 +66,7 @@ def reading_files(what: str, path: Path | str, fix: str | None = None):
         raise UserError(f"could not load the {what} from '{path}': {_first_line(e)}",
                         fix=fix or "the files look damaged or incomplete (a copy or download cut short?): "
                                    "copy or download them again") from None
-    except Exception as e:
-        from safetensors import SafetensorError  # only where a file failed to load: importing it costs ~50 ms
-
-        if not isinstance(e, SafetensorError):
-            raise
+    except SafetensorError as e:
         raise UserError(f"could not load the {what} from '{path}': a safetensors file is damaged ({_first_line(e)})",
                         fix=fix or "copy or download the files again") from None
 

@@ -12,6 +12,8 @@ import json
 import re
 from typing import Any
 
+import yaml
+
 MAX_DEPTH = 64
 """Deepest nesting of lists/objects accepted. Real records nest 3-4 deep (messages -> turn -> content parts);
 beyond ~1000 Python's recursive code (json, yaml, copy, repr) overflows the stack."""
@@ -51,8 +53,6 @@ def json_loads(text: str | bytes) -> Any:
 
 def yaml_load(text: str) -> Any:
     """yaml.safe_load with YAMLError, deep nesting and alias bombs turned into BadInput."""
-    import yaml
-
     try:
         value = yaml.safe_load(text)
     except RecursionError:

@@ -244,7 +244,7 @@ def _read_csv(path: Path, text: str) -> list[Record]:
                             f"of their own ({len(cells)} of {len(columns)} cells): a quote is probably not closed "
                             "where it should be", fix="check the quotes on that line")
         # A missing trailing cell is empty text, as spreadsheets write it.
-        records.append(Record(dict(zip(columns, cells + [""] * (len(columns) - len(cells)))), where))
+        records.append(Record(dict(zip(columns, cells + [""] * (len(columns) - len(cells)), strict=True)), where))
     return records
 
 

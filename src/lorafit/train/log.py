@@ -109,7 +109,8 @@ class TrainLog:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(),
                                  TextColumn("{task.fields[info]}"), console=Console(stderr=True), transient=False)
         self.progress.start()
         self.task = self.progress.add_task("train", total=self.total, info="")
