@@ -75,7 +75,7 @@ def test_resume_writes_config_only_after_its_first_step(two_steps, tmp_path, mon
     run = _copy(two_steps, tmp_path / "run")
     before = (run / "config.yaml").read_text()
 
-    def fail(r, group):
+    def fail(*args):
         raise UserError("first step failed")
 
     monkeypatch.setattr(L, "_optimizer_step", fail)
