@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO / "tests"))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
        "PYTHONPATH": str(REPO / "src")}
 LIMIT_S = 240
+NOISE = ("Failed to load CPU gemm_4bit_forward", "Loading weights", "Writing model shards", "Warning:")
 
 
 def lorafit(*argv: str, timeout: float = LIMIT_S) -> tuple[int | None, str]:
@@ -240,11 +241,12 @@ def main() -> None:
     cases = cli_cases(root, p)
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda c: (c, *lorafit(*c[1])), cases))
-    counts = {"ok": 0, "traceback": 0, "hang": 0, "silent": 0, "refused": 0}
+    counts = {"ok": 0, "traceback": 0, "hang": 0, "silent": 0, "refused": 0, "library_noise": 0}
     with open(out_dir / "audit18.jsonl", "w", encoding="utf-8") as f:
         for (name, _, kind), code, text in results:
             verdict = classify(kind, code, text)
             counts[verdict] += 1
+            counts["library_noise"] += any(n in text for n in NOISE)
             last = [ln for ln in text.splitlines() if ln.startswith(("error:", "checkpoint"))][:2]
             f.write(json.dumps({"case": name, "kind": kind, "exit": code, "verdict": verdict, "said": last}) + "\n")
             print(f"{verdict:10} {name:30} exit {code}  {' | '.join(last)[:150]}")
