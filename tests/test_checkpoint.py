@@ -49,7 +49,7 @@ def test_corrupt_checkpoint_is_skipped_and_resume_is_exact(four_steps, tmp_path,
     weights.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="lorafit"):
         assert cli_main(["train", "--output_dir", str(run), "--resume"]) == 0
-    assert "step-000004 is corrupt or partial (adapter_model.safetensors does not match its checksum)" in caplog.text
+    assert "step-000004 is damaged (adapter_model.safetensors does not match its checksum)" in caplog.text
     assert losses(run) == pytest.approx(losses(four_steps), abs=1e-6)
     assert_same_adapter(run, four_steps)
 
@@ -120,6 +120,7 @@ def test_partial_folders_are_cleaned_and_pruning_keeps_newest(tmp_path):
 def test_unfinished_run_needs_resume_or_overwrite(four_steps, tmp_path):
     from lorafit.config.load import build_config
     from lorafit.errors import UserError
+    from lorafit.run_dir import load_run_config
     from lorafit.train.run_files import check_output_dir
 
     run = _copy(four_steps, tmp_path / "run")
@@ -128,7 +129,7 @@ def test_unfinished_run_needs_resume_or_overwrite(four_steps, tmp_path):
     with pytest.raises(UserError, match="checkpoints of an unfinished run") as e:
         check_output_dir(build_config(None, {"output_dir": str(run)}), run)
     assert "--resume" in str(e.value)
-    check_output_dir(build_config(None, {"output_dir": str(run), "resume": "true"}), run)
+    check_output_dir(load_run_config(run, {"resume": "true"}), run)  # how `train --resume` builds it
 
 
 def test_resume_with_more_steps_follows_the_new_schedule(four_steps, tiny_model_dir, tmp_path, caplog):

@@ -24,6 +24,7 @@ openai = pytest.importorskip("openai")
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
+JSON = {"Content-Type": "application/json"}
 
 
 def make_run_dir(root: Path, model_dir: Path) -> Path:
@@ -79,7 +80,7 @@ class Server:
         if isinstance(body, dict):
             body = json.dumps(body)
         conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        conn.request(method, path, body=body, headers=JSON)
         resp = conn.getresponse()
         out = resp.status, json.loads(resp.read())
         conn.close()
@@ -241,7 +242,7 @@ BAD_REQUESTS = [
     ("chat-too-long", "/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, 400,
      "messages", "context_length_exceeded"),
     ("reply-too-long", "/v1/chat/completions", {"messages": USER, "max_tokens": 600}, 400,
-     "messages", "context_length_exceeded"),
+     "max_tokens", "context_length_exceeded"),
     ("missing-prompt", "/v1/completions", {"model": "tiny-run"}, 400, "prompt", "missing_required_parameter"),
     ("prompt-number", "/v1/completions", {"prompt": 42}, 400, "prompt", "invalid_type"),
     ("prompt-too-long", "/v1/completions", {"prompt": LONG}, 400, "prompt", "context_length_exceeded"),
@@ -272,21 +273,22 @@ def test_errors_through_the_openai_client(server, client):
 def test_connection_survives_an_error(server, client):
     """Keep-alive: after a rejected request the connection stays usable, or is closed when the body went unread."""
     conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
-    conn.request("POST", "/v1/chat/completions", body="{bad json")
+    conn.request("POST", "/v1/chat/completions", body="{bad json", headers=JSON)
     resp = conn.getresponse()
     resp.read()
     assert resp.status == 400 and not resp.will_close
-    conn.request("POST", "/nowhere", body='{"x": 1}')
+    conn.request("POST", "/nowhere", body='{"x": 1}', headers=JSON)
     resp = conn.getresponse()
     resp.read()
     assert resp.status == 404 and resp.will_close  # its body was never read: closing beats misreading it
-    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "the", "max_tokens": 2}))
+    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "the", "max_tokens": 2}), headers=JSON)
     assert conn.getresponse().status == 200
 
 
 def test_a_client_leaving_mid_stream_frees_the_server(server, client):
     conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
-    conn.request("POST", "/v1/chat/completions", body=json.dumps({"messages": USER, "stream": True, "max_tokens": 400}))
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({"messages": USER, "stream": True, "max_tokens": 400}),
+                 headers=JSON)
     resp = conn.getresponse()
     assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/event-stream")
     assert resp.read1(64).startswith(b"data: ")
@@ -428,7 +430,8 @@ def test_chat_page_streams_answers_in_chromium(server, client, tmp_path):
 def test_ctrl_c_stops_cleanly(server):
     """Runs last: SIGINT (Ctrl-C) mid-stream ends that stream at its next token, then the server, with exit code 0."""
     conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
-    conn.request("POST", "/v1/chat/completions", body=json.dumps({"messages": USER, "stream": True, "max_tokens": 480}))
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({"messages": USER, "stream": True, "max_tokens": 480}),
+                 headers=JSON)
     resp = conn.getresponse()
     assert resp.read1(64).startswith(b"data: ")
     server.proc.send_signal(signal.SIGINT)

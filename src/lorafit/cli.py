@@ -7,11 +7,13 @@ anything else keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lorafit.console import quiet_libraries
 from lorafit.errors import UserError
 
 USAGE = """lorafit COMMAND [options]
@@ -26,7 +28,8 @@ commands:
   data      check a dataset before training             lorafit data alpaca.json --model smollm2-135m
   doctor    what this machine can run                   lorafit doctor
 
-Every config field is also a flag: `lorafit train --help` lists them."""
+Every config field is also a flag: `lorafit train --help` lists them. --verbose (any command) shows the
+libraries' own warnings and progress bars (otherwise in the run's libraries.log)."""
 
 
 def parse_overrides(rest: list[str]) -> dict[str, Any]:
@@ -177,11 +180,24 @@ def cmd_serve(argv: list[str]) -> int:
     p.add_argument("--adapter_path", required=True, help="run directory written by `lorafit train`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--allowed_hosts", help="Host header names to accept, comma-separated ('*': any; default: "
+                   "localhost, 127.0.0.1, ::1 and the --host address)")
+    p.add_argument("--cors_origins", help="origins whose pages may call the API, e.g. http://localhost:3000 "
+                   "('*': any; default: none, only the server's own page)")
+    p.add_argument("--api_key", default=os.environ.get("LORAFIT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $LORAFIT_API_KEY, else no key)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds a client may take to send a request")
     args, rest = p.parse_known_args(argv)
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port} is not a TCP port", fix="pass a port in 1-65535 (0: any free one)")
+    if not args.timeout > 0:
+        raise UserError(f"--timeout {args.timeout} must be > 0 seconds")
+    from lorafit.serve.access import Access
     from lorafit.serve.http import serve
 
     cfg = _run_config(args.adapter_path, parse_overrides(rest))
-    serve(Path(args.adapter_path), cfg, host=args.host, port=args.port)
+    access = Access.build(args.host, args.allowed_hosts, args.cors_origins, args.api_key)
+    serve(Path(args.adapter_path), cfg, host=args.host, port=args.port, access=access, timeout=args.timeout)
     return 0
 
 
@@ -228,10 +244,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"lorafit {__version__}")
         return 0
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
     command = COMMANDS.get(argv[0])
     if command is None:
         print(f"error: unknown command '{argv[0]}'\n\n{USAGE}", file=sys.stderr)
         return 2
+    quiet_libraries(verbose)
     try:
         return command(argv[1:]) or 0
     except UserError as e:

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from lorafit.config.checks import validate
-from lorafit.config.load import config_from_dict
+from lorafit.config.load import config_from_dict, read_yaml_mapping
 from lorafit.config.schema import Config, DataArgs, canonical_key
-from lorafit.errors import UserError
+from lorafit.errors import UserError, path_problem
 
 CONFIG_FILE = "config.yaml"
 TEMPLATE_FILE = "template.json"
@@ -76,20 +76,16 @@ def save_config(run_dir: Path, cfg: Config) -> None:
 
 def load_run_config(adapter_path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
     """The config a run was trained with, with `overrides` (eval/chat flags) applied on top."""
-    import yaml
-
     run = Path(adapter_path)
-    if not run.exists():
-        raise UserError(f"adapter path '{run}' does not exist",
+    problem = path_problem(run, want="dir")
+    if problem:
+        raise UserError(f"adapter path '{run}' {problem}",
                         fix="train first (`lorafit train --output_dir DIR`) or pass the run directory it wrote")
     cfg_file = run / CONFIG_FILE
     if not cfg_file.is_file():
         raise UserError(f"'{run}' holds no {CONFIG_FILE}: it is not a lorafit run directory",
                         fix="pass the output_dir of a `lorafit train` run")
-    try:
-        cfg = config_from_dict(yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {})
-    except yaml.YAMLError as e:
-        raise UserError(f"'{cfg_file}' is not valid YAML: {e}") from None
+    cfg = read_run_config(cfg_file)
     overrides = overrides or {}
     given = {canonical_key(k) for k in overrides}
     if "dataset" in given:
@@ -98,6 +94,15 @@ def load_run_config(adapter_path: str | Path, overrides: dict[str, Any] | None =
         cfg.set(key, value)
     validate(cfg)
     return cfg
+
+
+def read_run_config(cfg_file: Path) -> Config:
+    """A run's config.yaml as a Config; a damaged file is one UserError that says how to get a good one back."""
+    try:
+        return config_from_dict(read_yaml_mapping(cfg_file, "run config") or {})
+    except UserError as e:
+        raise UserError(e.message, fix="write it again as `lorafit train` does (sections model, lora, data, train, "
+                        "eval, generate; `model: PATH` at least), or train the run again") from None
 
 
 # How the run's own data file was read; another file has its own fields, splits and format.

@@ -81,6 +81,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'warmup_ratio' must be in [0, 1], got {t.warmup_ratio}")
     if t.warmup_steps < 0:
         raise ConfigError(f"'warmup_steps' must be >= 0, got {t.warmup_steps}")
+    if not 0 <= t.seed < 2**32:  # numpy's generator (seeded by transformers.set_seed) takes 32-bit seeds only
+        raise ConfigError(f"'seed' must be a whole number in [0, 2**32), got {t.seed}")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= cfg.get(key) < 1:  # beta >= 1 never forgets: the moment estimates stop averaging
+            raise ConfigError(f"'{key}' must be in [0, 1), got {cfg.get(key)}", fix="the usual values are 0.9 / 0.999")
+    positive("adam_epsilon", t.adam_epsilon)
     if t.weight_decay < 0:
         raise ConfigError(f"'weight_decay' must be >= 0, got {t.weight_decay}")
     if t.max_grad_norm < 0:

@@ -39,9 +39,14 @@ def _role(d: dict, where: str) -> str:
 def _from_flat(records: list[Record]) -> list[Conversation]:
     children: dict[str, list[Record]] = {}
     roots: list[Record] = []
+    first_of: dict[str, str] = {}
     for r in records:
-        text_field_of(r.data, "message_id", r.where)
+        mid = text_field_of(r.data, "message_id", r.where)
         text_field_of(r.data, "text", r.where)
+        # A repeated id can make a message its own ancestor: the walk below would never end.
+        if (other := first_of.setdefault(mid, r.where)) != r.where:
+            raise DataError(f"record at {r.where} repeats message_id {mid!r} of the record at {other}",
+                            fix="every oasst message needs its own message_id; drop the duplicate")
         if r.data.get("deleted") is True:
             continue
         parent = r.data.get("parent_id")
@@ -53,7 +58,9 @@ def _from_flat(records: list[Record]) -> list[Conversation]:
     for root in roots:
         conv: Conversation = []
         node: Record | None = root
-        while node is not None:
+        seen: set[str] = set()
+        while node is not None and str(node.data["message_id"]) not in seen:
+            seen.add(str(node.data["message_id"]))
             conv.append({"role": _role(node.data, node.where), "content": str(node.data["text"])})
             kids = children.get(str(node.data["message_id"]), [])
             node = min(kids, key=lambda k: _rank_key(k.data)) if kids else None

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from lorafit.data.demo import demo_records
-from lorafit.errors import DataError
+from lorafit.errors import DataError, path_problem
 from lorafit.hub import looks_like_hub_id
+from lorafit.parsing import BadInput, check_value, json_loads
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
@@ -29,7 +30,22 @@ class Record:
 
 
 def load_records(source: str, split: str = "train", demo_size: int = 1200) -> list[Record]:
-    """All records of `source`: 'demo', a local file or folder, or a hub dataset id."""
+    """All records of `source`: 'demo', a local file or folder, or a hub dataset id; each checked by check_records."""
+    return check_records(_load(source, split, demo_size))
+
+
+def check_records(records: list[Record]) -> list[Record]:
+    """Refuse values no later stage can use (NUL bytes, lone surrogates, absurd nesting), naming the record,
+    whatever the source (a hub dataset or a Parquet file can hold them as well as JSON)."""
+    for r in records:
+        problem = check_value(r.data)
+        if problem:
+            raise DataError(f"record at {r.where}: {problem}",
+                            fix="clean that record (or drop it) and run again")
+    return records
+
+
+def _load(source: str, split: str, demo_size: int) -> list[Record]:
     path = Path(source).expanduser()
     if (source == "demo" or path.is_file()) and split != "train":
         # One file (or the demo set) is one split; reading it whole under another name would hide the mistake.
@@ -45,9 +61,10 @@ def load_records(source: str, split: str = "train", demo_size: int = 1200) -> li
         return read_file(path)
     if path.is_dir():
         return read_folder(path, split)
-    if looks_like_hub_id(source) and Path(source).suffix not in SUFFIXES:
+    if looks_like_hub_id(source) and Path(source).suffix not in SUFFIXES and not path.exists() \
+            and not path.is_symlink():
         return load_hub(source, split)
-    raise DataError(f"dataset '{source}' does not exist",
+    raise DataError(f"dataset '{source}' {path_problem(path)}",
                     fix="pass an existing file or folder (json, jsonl, csv, parquet), a hub id (org/name), or `demo`")
 
 
@@ -122,6 +139,10 @@ def _first_line(e: BaseException) -> str:
 
 def _read_utf8(path: Path) -> str:
     raw = path.read_bytes()
+    utf16 = _utf16(raw)
+    if utf16:
+        raise DataError(f"'{path}' is {utf16} text, not UTF-8",
+                        fix=f"re-encode the file, e.g. `iconv -f UTF-16 -t UTF-8 {path.name} > fixed{path.suffix}`")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -129,6 +150,19 @@ def _read_utf8(path: Path) -> str:
         raise DataError(f"'{path}:{line}' is not UTF-8 text (byte {e.start} is {raw[e.start]:#04x})",
                         fix=f"re-encode the file, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}`") from None
     return text.removeprefix("\ufeff")  # a byte-order mark some editors write
+
+
+def _utf16(raw: bytes) -> str | None:
+    """'UTF-16' when the bytes are UTF-16 (a byte-order mark, or ASCII with every other byte NUL), else None.
+
+    Windows tools (PowerShell's `>`, Notepad's "Unicode") write UTF-16; read as UTF-8 it fails at byte 0
+    or 1 and latin1, the usual advice, would turn it into text full of NULs."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16"
+    head = raw[:4096]
+    if len(head) >= 8 and (head[1::2].count(0) > 0.9 * len(head[1::2]) or head[0::2].count(0) > 0.9 * len(head[0::2])):
+        return "UTF-16 (no byte-order mark)"
+    return None
 
 
 def _as_dict(value: Any, where: str) -> dict[str, Any]:
@@ -145,10 +179,12 @@ def _read_jsonl(path: Path, text: str) -> list[Record]:
             continue
         where = f"{path}:{lineno}"
         try:
-            value = json.loads(line)
+            value = json_loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"malformed JSON at {where}: {e.msg} (column {e.colno})",
                             fix="fix or remove that line; each line must be one JSON object") from None
+        except BadInput as e:
+            raise DataError(f"record at {where}: {e}", fix="fix or remove that line") from None
         records.append(Record(_as_dict(value, where), where))
     return records
 
@@ -158,7 +194,9 @@ def _read_json(path: Path, text: str) -> list[Record]:
     if not text.strip():
         return []
     try:
-        value = json.loads(text)
+        value = json_loads(text)
+    except BadInput as e:
+        raise DataError(f"'{path}': {e}", fix="fix that value in the file") from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # several top-level values: JSON lines in a .json file
             return _read_jsonl(path, text)
@@ -177,22 +215,48 @@ def _read_json(path: Path, text: str) -> list[Record]:
 
 
 def _read_csv(path: Path, text: str) -> list[Record]:
+    """Strict CSV: a quote left open is an error at the line where its row starts, not a silent merge of
+    every row up to the next quote into one cell (the lenient reader's behaviour)."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows: list[tuple[int, list[str]]] = []
+    start = 1
     try:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        rows = list(reader)
+        for row in reader:
+            rows.append((start, row))
+            start = reader.line_num + 1
     except csv.Error as e:
-        raise DataError(f"malformed CSV in '{path}': {e}") from None
-    columns = [c for c in (reader.fieldnames or []) if c is not None]
-    if not columns:
+        raise DataError(f"malformed CSV at {path}:{start}: {e} (a quote opened in the row starting on line {start} "
+                        "is not closed)" if "end of data" in str(e) else f"malformed CSV at {path}:{start}: {e}",
+                        fix='close the quote, or double a quote inside a quoted cell ("")') from None
+    if not rows:
         return []
+    columns = rows[0][1]
     records = []
-    for i, row in enumerate(rows):
-        if None in row:  # more cells than header columns
-            raise DataError(f"'{path}' row {i + 2} has more cells than the header's {len(columns)} columns",
-                            fix="quote cells that hold commas")
-        # A missing trailing cell is None; treat it as empty text like the other cells.
-        records.append(Record({k: ("" if v is None else v) for k, v in row.items()}, f"{path} row {i + 2}"))
+    for line, cells in rows[1:]:
+        if not cells:
+            continue  # a blank line
+        where = f"{path} row {len(records) + 2}"
+        if len(cells) > len(columns):
+            raise DataError(f"'{path}' row {len(records) + 2} (line {line}) has more cells than the header's "
+                            f"{len(columns)} columns", fix="quote cells that hold commas")
+        if _merged_rows(cells, len(columns)):
+            raise DataError(f"'{path}' row {len(records) + 2} (line {line}) spans several lines that look like rows "
+                            f"of their own ({len(cells)} of {len(columns)} cells): a quote is probably not closed "
+                            "where it should be", fix="check the quotes on that line")
+        # A missing trailing cell is empty text, as spreadsheets write it.
+        records.append(Record(dict(zip(columns, cells + [""] * (len(columns) - len(cells)), strict=True)), where))
     return records
+
+
+def _merged_rows(cells: list[str], n_columns: int) -> bool:
+    """A row a stray quote glued together: a multi-line cell and too few cells, or a cell whose later lines
+    have as many commas as a whole row. A real multi-line cell (an answer with line breaks) has neither."""
+    multi = [c for c in cells if "\n" in c]
+    if not multi:
+        return False
+    if len(cells) < n_columns:
+        return True
+    return n_columns > 1 and any(line.count(",") >= n_columns - 1 for c in multi for line in c.splitlines()[1:])
 
 
 def _read_parquet(path: Path) -> list[Record]:

@@ -263,14 +263,19 @@ def _detect_end_of_turn(t: Template, tokenizer: Any) -> str | None:
     return after.split()[0] if after else None
 
 
-def render_prompt(template: Template, messages: list[dict], tokenizer: Any) -> str:
-    """The generation prompt for chat, eval and serving: the conversation so far plus the reply header."""
+def render_prompt(template: Template, messages: list[dict], tokenizer: Any, continue_last: bool = False) -> str:
+    """The generation prompt for chat, eval and serving: the conversation so far plus the reply header.
+
+    A trailing assistant message is dropped, or with `continue_last` (an API client's prefill) kept as the
+    start of the reply, which the model then continues."""
+    prefill = ""
     if messages and messages[-1]["role"] == "assistant":
+        prefill = messages[-1]["content"] if continue_last else ""
         messages = messages[:-1]
-    return template.render(messages, tokenizer, add_generation_prompt=True)
+    return template.render(messages, tokenizer, add_generation_prompt=True) + prefill
 
 
-def encode_prompt(template: Template, messages: list[dict], tokenizer: Any) -> list[int]:
+def encode_prompt(template: Template, messages: list[dict], tokenizer: Any, continue_last: bool = False) -> list[int]:
     """Token ids of `render_prompt`, tokenized exactly as training tokenized the same text."""
-    text = render_prompt(template, messages, tokenizer)
+    text = render_prompt(template, messages, tokenizer, continue_last)
     return list(tokenizer(text, add_special_tokens=template.add_special_tokens)["input_ids"])

@@ -177,6 +177,9 @@ def _logits(model, inputs: list[list[int]]) -> list:
 
 
 def _check_output_dir(run_dir: Path, out_dir: Path) -> None:
+    if out_dir.is_symlink():  # the finished folder is renamed onto out_dir: a link would be replaced, not followed
+        raise UserError(f"output_dir '{out_dir}' is a symbolic link (to '{os.readlink(out_dir)}')",
+                        fix="pass the real folder (or a new path) to --output_dir")
     if out_dir.resolve() == run_dir.resolve():
         raise UserError("output_dir is the run directory itself", fix="pass a new folder to --output_dir")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):

@@ -149,10 +149,11 @@ def generate_text(model, tokenizer, template: Template, messages: list[dict], ge
 
 
 def stream_text(model, tokenizer, template: Template, messages: list[dict], gen: GenerateArgs,
-                seed: int | None = None, stop: list[str] | None = None) -> TextStream:
-    """Like generate_text, yielding text deltas as tokens come; `.result` afterwards (see TextStream)."""
+                seed: int | None = None, stop: list[str] | None = None, continue_last: bool = False) -> TextStream:
+    """Like generate_text, yielding text deltas as tokens come; `.result` afterwards (see TextStream).
+    `continue_last`: a trailing assistant message is the reply's start, continued (render_prompt)."""
 
-    ids = encode_prompt(template, messages, tokenizer)
+    ids = encode_prompt(template, messages, tokenizer, continue_last)
     stops = list(template.stop_strings) + list(stop or [])
     eos = eos_token_ids(model, tokenizer, template)
     return TextStream(_token_loop(model, tokenizer, ids, gen, seed, stops, eos))

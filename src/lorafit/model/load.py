@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafit.config.schema import BUILTIN_MODEL, Config
-from lorafit.errors import UserError
+from lorafit.errors import UserError, reading_files
 from lorafit.hub import looks_like_hub_id
 
 log = logging.getLogger("lorafit")
@@ -132,11 +132,13 @@ def _hub_kwargs(cfg: Config, src: ModelSource) -> dict:
 
 def _from_pretrained(loader, src: ModelSource, what: str, **kw):
     """Call a transformers loader, turning 'cannot reach the hub' into a user-facing message."""
+    if src.is_local:
+        where = Path(src.path) / src.gguf_file if src.gguf_file else src.path
+        with reading_files(what, where):
+            return loader(src.path, **kw)
     try:
         return loader(src.path, **kw)
     except OSError as e:
-        if src.is_local:
-            raise UserError(f"could not load the {what} from '{src.path}': {str(e).splitlines()[0]}") from None
         raise UserError(
             f"could not load the {what} '{src.path}' from the Hugging Face hub: {str(e).splitlines()[0]}",
             fix="check the id and your network / HF_TOKEN, or pass a local folder or .gguf file to --model",

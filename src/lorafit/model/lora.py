@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorafit.config.schema import Config
-from lorafit.errors import ConfigError
+from lorafit.errors import ConfigError, UserError, reading_files
 from lorafit.model.arch import family
+from lorafit.parsing import json_loads
 
 
 def linear_layer_names(model) -> list[str]:
@@ -93,7 +94,31 @@ def load_adapter(base_model, adapter_dir: Path, trainable: bool = False):
     """The base with a saved adapter on top (PEFT's own loader, so any PEFT adapter works)."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=trainable)
+    fix = "train it again, or resume its run with --resume (a checkpoint under checkpoints/ holds a whole copy)"
+    with reading_files("adapter", adapter_dir, fix=fix):
+        problem = adapter_config_problem(json_loads((Path(adapter_dir) / "adapter_config.json").read_bytes()))
+        if problem:
+            raise UserError(f"'{Path(adapter_dir) / 'adapter_config.json'}' is damaged: {problem}", fix=fix)
+        return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=trainable)
+
+
+_ADAPTER_FIELDS = {"r": int, "lora_alpha": (int, float), "target_modules": (list, str, type(None)),
+                   "base_model_name_or_path": (str, type(None)), "peft_type": str}
+
+
+def adapter_config_problem(data) -> str | None:
+    """Why PEFT would fail on this adapter_config.json with a TypeError deep in its code, or None.
+    PEFT passes the fields to LoraConfig unchecked (`"target_modules": 5` ends in "'int' object is not iterable")."""
+    if not isinstance(data, dict):
+        return f"it holds a JSON {type(data).__name__}, not an object"
+    for key, types in _ADAPTER_FIELDS.items():
+        if key in data and (not isinstance(data[key], types) or isinstance(data[key], bool)):
+            return f"'{key}' is {data[key]!r}"
+    if isinstance(data.get("target_modules"), list) and not all(isinstance(x, str) for x in data["target_modules"]):
+        return f"'target_modules' is {data['target_modules']!r}, not a list of module names"
+    if data.get("peft_type", "LORA") != "LORA" or not isinstance(data.get("r", 1), int) or data.get("r", 1) < 1:
+        return f"peft_type {data.get('peft_type')!r} / r {data.get('r')!r} is not a LoRA adapter lorafit can load"
+    return None
 
 
 def parameter_counts(model) -> tuple[int, int]:

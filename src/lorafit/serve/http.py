@@ -17,6 +17,7 @@ the request checks and the response bodies live in serve_api.py, the HTTP side h
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import sys
@@ -34,6 +35,8 @@ from lorafit.config.schema import Config, GenerateArgs
 from lorafit.data.templates import encode_prompt
 from lorafit.errors import DataError, UserError
 from lorafit.infer.generate import load_session, stream_from_prompt, stream_text
+from lorafit.parsing import BadInput, json_loads
+from lorafit.serve.access import Access
 from lorafit.serve.openai import (
     ApiError,
     GenRequest,
@@ -50,6 +53,11 @@ from lorafit.serve.openai import (
 
 MAX_BODY = 8 * 1024 * 1024
 """Largest request body in bytes (a full 32k-token context is ~150 KB of text)."""
+MAX_CONNECTIONS = 128
+"""Connections served at once (a thread each, mostly waiting for the generation lock); more wait in the
+listen backlog, of the same size, instead of being reset (the standard library's backlog is 5)."""
+SHUTDOWN_GRACE = 10.0
+"""Seconds Ctrl-C / SIGTERM waits for answers to reach their next token and end, before exiting anyway."""
 PAGE = Path(__file__).parent / "static" / "chat.html"
 # Everything the page loads comes from this server: the browser refuses anything else.
 PAGE_CSP = "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:"
@@ -60,8 +68,10 @@ PAGE_CSP = "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-in
 class App:
     """The loaded run and what every request needs from it."""
 
-    def __init__(self, session, defaults: GenerateArgs):
+    def __init__(self, session, defaults: GenerateArgs, access: Access | None = None, timeout: float = 30.0):
         self.session = session
+        self.access = access or Access()
+        self.timeout = timeout
         self.defaults = defaults
         self.model_id = session.name
         self.created = int(time.time())
@@ -81,9 +91,9 @@ class App:
                 self.busy -= 1
                 self.idle.notify_all()
 
-    def wait_idle(self) -> None:
+    def wait_idle(self, timeout: float | None = None) -> bool:
         with self.idle:
-            self.idle.wait_for(lambda: self.busy == 0)
+            return self.idle.wait_for(lambda: self.busy == 0, timeout=timeout)
 
     def model_card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "lorafit"}
@@ -102,10 +112,26 @@ def _context_length(model, tokenizer) -> int | None:
 
 class ApiServer(ThreadingHTTPServer):
     daemon_threads = True  # an open stream must not keep Ctrl-C from exiting
+    request_queue_size = MAX_CONNECTIONS
 
     def __init__(self, address: tuple[str, int], app: App):
         self.app = app
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, Handler)
+
+    def process_request(self, request, client_address) -> None:
+        self.slots.acquire()  # at the limit, the accept loop waits and new connections queue in the backlog
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def handle_error(self, request, client_address) -> None:
         if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up is no error of ours
@@ -122,18 +148,30 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "lorafit"
     server: ApiServer
 
+    def setup(self) -> None:
+        self.timeout = self.server.app.timeout  # a client that stops sending mid-request is dropped after this
+        super().setup()
+
     def do_GET(self) -> None:
         self._route("GET")
 
     def do_POST(self) -> None:
-        with self.server.app.answering():
-            self._route("POST")
+        self._route("POST")
+
+    def _not_allowed(self) -> None:
+        self.close_connection = True  # any body stays unread; HEAD answers must not carry one either
+        self._route(self.command)
+
+    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed
 
     def _route(self, method: str) -> None:
         app = self.server.app
         path = urlsplit(self.path).path.rstrip("/") or "/"
-        self._consumed = method != "POST"  # an unread body would be parsed as the next request
+        self._consumed = method not in ("POST", "PUT", "PATCH")  # an unread body would be parsed as the next request
+        self._cors = {}
         try:
+            if self._refused(method, path):
+                return
             if method == "POST" and app.stopping.is_set():
                 raise ApiError("The server is shutting down.", status=503, kind="server_error", code="shutting_down")
             if method == "GET" and path in ("/", "/index.html"):
@@ -146,40 +184,81 @@ class Handler(BaseHTTPRequestHandler):
                 check_model({"model": path[len("/v1/models/"):]}, app.model_id)
                 self._json(200, app.model_card())
             elif method == "POST" and path == "/v1/chat/completions":
-                self._chat(parse_chat(self._body(), app.model_id, app.defaults))
+                req = parse_chat(self._body(), app.model_id, app.defaults)
+                with app.answering():  # only generation counts: a half-sent body must not hold up Ctrl-C
+                    self._chat(req)
             elif method == "POST" and path == "/v1/completions":
-                self._completion(parse_completion(self._body(), app.model_id, app.defaults))
-            elif path in ("/v1/chat/completions", "/v1/completions", "/health", "/v1/models"):
+                req = parse_completion(self._body(), app.model_id, app.defaults)
+                with app.answering():
+                    self._completion(req)
+            elif path in ("/v1/chat/completions", "/v1/completions", "/health", "/v1/models", "/") or \
+                    method not in ("GET", "POST"):
                 raise ApiError(f"Method {method} is not allowed on {path}.", status=405, code="method_not_allowed")
             else:
                 raise ApiError(f"Invalid URL ({method} {path}).", status=404, code="unknown_url")
         except ApiError as e:
             self.close_connection = self.close_connection or not self._consumed
             self._json(e.status, e.body())
-        except ConnectionError:
+        except (ConnectionError, TimeoutError):
             self.close_connection = True
         except Exception as e:  # noqa: BLE001 -- a bug: log it, answer 500, keep serving
             traceback.print_exc()
             self._json(500, ApiError(f"Internal error: {type(e).__name__}: {e}", kind="server_error",
                                      status=500).body())
 
+    def _refused(self, method: str, path: str) -> bool:
+        """Host, Origin, CORS preflight, API key and content type (access.py); True when answered here."""
+        access, origin = self.server.app.access, self.headers.get("Origin")
+        if not access.host_ok(self.headers.get("Host")):
+            raise ApiError(f"Host '{self.headers.get('Host')}' is not allowed (a DNS-rebinding page would send one "
+                           "like it); start the server with --allowed_hosts NAME to accept it.", status=403,
+                           code="host_not_allowed")
+        if not access.origin_ok(origin):
+            raise ApiError(f"Requests from pages at {origin} are not allowed; start the server with --cors_origins "
+                           f"{origin} to allow them.", status=403, code="origin_not_allowed")
+        self._cors = access.cors_headers(origin)
+        if method == "OPTIONS" and self._cors:  # a CORS preflight from a listed origin
+            self._send(204, b"", "text/plain", {})
+            return True
+        if path.startswith("/v1") and method in ("GET", "POST") and \
+                not access.authorized(self.headers.get("Authorization")):
+            raise ApiError("Missing or wrong API key: send 'Authorization: Bearer KEY' with the key given to "
+                           "--api_key (or LORAFIT_API_KEY).", status=401, kind="invalid_request_error",
+                           code="invalid_api_key")
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if method == "POST" and content_type != "application/json":
+            raise ApiError(f"Content-Type must be application/json, got '{content_type or 'none'}' (with curl: "
+                           "-H 'Content-Type: application/json').", status=415, code="unsupported_media_type")
+        return False
+
     def _body(self) -> dict:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             raise ApiError("Chunked request bodies are not supported; send a Content-Length.", status=411,
                            code="length_required")
+        given = self.headers.get("Content-Length")
+        if given is None:
+            raise ApiError("A POST needs a Content-Length header.", status=411, code="length_required")
         try:
-            length = int(self.headers.get("Content-Length") or 0)
+            length = int(given)
         except ValueError:
             raise ApiError("The Content-Length header is not a number.", code="invalid_request") from None
+        if length < 0:  # rfile.read(-1) would wait for the client to close the connection
+            raise ApiError(f"Content-Length {length} is negative.", code="invalid_request")
         if length > MAX_BODY:
-            self.close_connection = True  # the body stays unread
             raise ApiError(f"Request body of {length} bytes is over the {MAX_BODY}-byte limit.", status=413,
                            code="request_too_large")
-        raw = self.rfile.read(length) if length else b""
+        try:
+            raw = self.rfile.read(length) if length else b""
+        except TimeoutError:
+            raise ApiError(f"The request body did not arrive within {self.timeout:g} s.", status=408,
+                           code="request_timeout") from None
+        if len(raw) < length:
+            raise ApiError(f"The body ended after {len(raw)} of the {length} bytes of its Content-Length.",
+                           code="invalid_request")
         self._consumed = True
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            body = json_loads(raw)
+        except (json.JSONDecodeError, BadInput) as e:
             raise ApiError(f"We could not parse the JSON body of your request ({e}). Send a JSON object with "
                            f"Content-Type: application/json.", code="invalid_json") from None
         if not isinstance(body, dict):
@@ -192,12 +271,13 @@ class Handler(BaseHTTPRequestHandler):
 
         app, s = self.server.app, self.server.app.session
         try:
-            n_prompt = len(encode_prompt(s.template, req.messages, s.tokenizer))
+            n_prompt = len(encode_prompt(s.template, req.messages, s.tokenizer, continue_last=req.prefill))
         except DataError as e:  # a chat template that rejects this order of roles
             raise ApiError(e.message, param="messages", code="invalid_value") from None
         fit_context(req, n_prompt, app.context, "messages")
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        stream = stream_text(s.model, s.tokenizer, s.template, req.messages, req.gen, seed=req.seed, stop=req.stop)
+        stream = stream_text(s.model, s.tokenizer, s.template, req.messages, req.gen, seed=req.seed, stop=req.stop,
+                             continue_last=req.prefill)
         if not req.stream:
             self._json(200, chat_body(cid, created, app.model_id, self._finish(stream)))
             return
@@ -281,7 +361,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
-        for key, value in (headers or {}).items():
+        for key, value in {**getattr(self, "_cors", {}), **(headers or {})}.items():
             self.send_header(key, value)
         if self.close_connection:
             self.send_header("Connection", "close")
@@ -293,22 +373,24 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def serve(run_dir: Path, cfg: Config, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(run_dir: Path, cfg: Config, host: str = "127.0.0.1", port: int = 8000, access: Access | None = None,
+          timeout: float = 30.0) -> None:
     """Load the run, listen on host:port, answer until Ctrl-C (or SIGTERM)."""
 
+    access = access or Access.build(host, None, None, None)
     print(f"loading {run_dir} ...", file=sys.stderr, flush=True)
-    app = App(load_session(Path(run_dir), cfg), cfg.generate)
+    app = App(load_session(Path(run_dir), cfg), cfg.generate, access, timeout)
     server_cls = ApiServer6 if ":" in host else ApiServer
     try:
         server = server_cls((host, port), app)
-    except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}",
+    except (OSError, OverflowError) as e:
+        raise UserError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}",
                         fix="pick another --port (0 lets the system choose a free one)") from None
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{server.server_address[1]}"
     print(f"serving '{app.model_id}' at {url}  (chat page: {url}/, OpenAI API: {url}/v1; Ctrl-C stops)", flush=True)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: listening on {host}, reachable from other machines; the API has no authentication",
+    if host not in ("127.0.0.1", "localhost", "::1") and access.api_key is None:
+        print(f"note: listening on {host}, reachable from other machines; the API has no key (--api_key)",
               file=sys.stderr, flush=True)
     # Ctrl-C even when started from a script with `&` (which ignores SIGINT); `kill` and container stops too.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -318,10 +400,12 @@ def serve(run_dir: Path, cfg: Config, host: str = "127.0.0.1", port: int = 8000)
     except KeyboardInterrupt:
         app.stopping.set()  # streams end at their next token
         server.server_close()  # no new connections meanwhile
-        # Exit only once every answer has ended and freed its tensors: finalizing Python while a thread is
-        # still in torch code aborts the process ("terminate called without an active exception").
-        # A second Ctrl-C does not wait.
-        app.wait_idle()
+        # Exit once every answer has ended and freed its tensors: finalizing Python while a thread is still
+        # in torch code aborts the process ("terminate called without an active exception"). Past the grace
+        # period (a token that takes that long) os._exit skips finalization instead.
+        if not app.wait_idle(SHUTDOWN_GRACE):
+            print(f"stopped after {SHUTDOWN_GRACE:g} s with an answer still generating", flush=True)
+            os._exit(0)
         print("stopped", flush=True)
     finally:
         server.server_close()

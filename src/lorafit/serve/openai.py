@@ -41,6 +41,8 @@ class GenRequest:
     """Chat: role/content dicts, content flattened to text."""
     prompt: str | None = None
     """Completions: the raw text to continue."""
+    prefill: bool = False
+    """Chat: the last message is the assistant's, to be continued (not answered)."""
     echo: bool = False
 
 
@@ -173,9 +175,22 @@ def parse_chat(body: dict, model_id: str, defaults: GenerateArgs) -> GenRequest:
                            code="missing_required_parameter")
         content = _text_content(m["content"] or "", f"{where}.content")
         messages.append({"role": "system" if role == "developer" else role, "content": content})
+    _response_format(body)
     req = _sampling(body, defaults, ("max_tokens", "max_completion_tokens"))
     req.messages = messages
+    req.prefill = messages[-1]["role"] == "assistant" and bool(messages[-1]["content"])
     return req
+
+
+def _response_format(body: dict) -> None:
+    """Only free text: a JSON mode the model is not constrained to would be a promise this server breaks."""
+    fmt = _field(body, "response_format", "object")
+    if fmt is None:
+        return
+    kind = fmt.get("type")
+    _require(kind == "text", "response_format",
+             f"response_format type {kind!r} is not supported: this server does not constrain output to JSON; "
+             "ask for JSON in the prompt and send response_format {\"type\": \"text\"} or none.", code=UNSUPPORTED)
 
 
 def parse_completion(body: dict, model_id: str, defaults: GenerateArgs) -> GenRequest:
@@ -212,7 +227,8 @@ def fit_context(req: GenRequest, prompt_tokens: int, context: int | None, param:
         asked = (f"{prompt_tokens + n} tokens ({prompt_tokens} in the prompt, {n} for the completion)" if room >= 1
                  else f"{prompt_tokens} tokens in the prompt")
         raise ApiError(f"This model's maximum context length is {context} tokens. However, you requested {asked}. "
-                       f"Please shorten the prompt or lower max_tokens.", param=param, code="context_length_exceeded")
+                       f"Please shorten the prompt or lower max_tokens.", param="max_tokens" if room >= 1 else param,
+                       code="context_length_exceeded")
     req.gen.max_new_tokens = min(req.gen.max_new_tokens, room)
 
 

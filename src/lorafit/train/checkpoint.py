@@ -33,8 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from lorafit.errors import UserError
+from lorafit.parsing import json_loads
 from lorafit.run_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_json_atomic
 from lorafit.train.fsdp import load_adapter_state, shard_optimizer_state
 
@@ -95,18 +97,25 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, state: d
             _discard(final)
         os.rename(tmp, final)
         _fsync_dir(root)
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        good = [p.name for p in list_checkpoints(run_dir)]
-        what = "no space left on the device" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
-        raise UserError(f"could not write checkpoint {final}: {what}. Earlier checkpoints are untouched: "
-                        f"{', '.join(good) or 'none'}",
-                        fix="free disk space (or lower save_total_limit, or use another output_dir), "
-                            "then run the same command with --resume") from None
+        raise write_failed(run_dir, f"checkpoint {final}", e) from None
     if limit is not None:
         for old in list_checkpoints(run_dir)[:-limit]:
             _discard(old)
     return final
+
+
+def write_failed(run_dir: Path, what: str, e: BaseException) -> UserError:
+    """The one message for a write that failed (a full disk above all), naming the checkpoints that stay whole.
+    safetensors and torch report ENOSPC in their own types, so the words are checked as well as errno."""
+    full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "os error 28" in str(e) \
+        or "file write failed" in str(e)
+    why = "no space left on the device" if full else f"{type(e).__name__}: {str(e).strip()[:300]}"
+    good = [p.name for p in list_checkpoints(run_dir)]
+    return UserError(f"could not write {what}: {why}. Earlier checkpoints are untouched: {', '.join(good) or 'none'}",
+                     fix="free disk space (or lower save_total_limit, or use another output_dir), "
+                         "then run the same command with --resume")
 
 
 def _torch_save(obj: Any, path: Path) -> None:
@@ -174,13 +183,55 @@ def verify(path: Path) -> str | None:
 
 
 def latest_good(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that verifies, and its trainer state; broken ones are reported and skipped."""
+    """The newest checkpoint that verifies and loads, and its trainer state; broken ones are reported and skipped.
+
+    A matching manifest proves only that the files are the ones written; a hand-edited trainer state or an
+    optimizer.pt that is not a torch file would still fail mid-restore, so each is read here first."""
     for path in reversed(list_checkpoints(run_dir)):
         problem = verify(path)
         if problem is None:
-            return path, json.loads((path / STATE).read_text(encoding="utf-8"))
-        log.warning("checkpoint %s is corrupt or partial (%s); trying the previous one", path, problem)
+            try:
+                return path, read_checkpoint(path)[0]
+            except DamagedCheckpoint as e:
+                problem = str(e)
+        log.warning("checkpoint %s is damaged (%s); trying the previous one", path, problem)
     return None
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file that cannot be read back into the types training needs."""
+
+
+# Every field training reads from trainer_state.json, with its type (best_val: a float or null).
+_STATE_TYPES = {"step": int, "epoch": int, "micro_in_epoch": int, "samples": int, "tokens": int, "bad_evals": int,
+                "skipped": int, "best_val": (int, float, type(None))}
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(trainer state, optimizer file, rng file) of a checkpoint, each checked; DamagedCheckpoint says what is wrong.
+
+    torch.load runs with weights_only=True: a checkpoint is data, and a pickle that needs more is refused."""
+    try:
+        state = json_loads((path / STATE).read_bytes())
+    except (OSError, ValueError) as e:
+        raise DamagedCheckpoint(f"{STATE} is not readable JSON: {e}") from None
+    if not isinstance(state, dict):
+        raise DamagedCheckpoint(f"{STATE} holds a {type(state).__name__}, not an object")
+    for key, types in _STATE_TYPES.items():
+        value = state.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, types) or (isinstance(value, int) and value < 0):
+            raise DamagedCheckpoint(f"{STATE} has {key} = {value!r}")
+    files = []
+    for name, keys in (("optimizer.pt", ("optimizer", "scheduler")), ("rng.pt", ("python", "torch", "numpy"))):
+        try:
+            obj = torch.load(path / name, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 -- torch raises UnpicklingError, RuntimeError, EOFError ... per damage
+            raise DamagedCheckpoint(f"{name} is not a torch file lorafit wrote ({type(e).__name__}: "
+                                    f"{str(e).strip().split('. ')[0][:120]})") from None
+        if not isinstance(obj, dict) or any(k not in obj for k in keys):
+            raise DamagedCheckpoint(f"{name} does not hold {', '.join(keys)}")
+        files.append(obj)
+    return state, files[0], files[1]
 
 
 def restore(path: Path, model, optimizer, scheduler, scaler) -> None:
@@ -188,23 +239,30 @@ def restore(path: Path, model, optimizer, scheduler, scaler) -> None:
     Checkpoints hold whole tensors however they were trained; under FSDP each rank keeps its shard."""
     from safetensors.torch import load_file
 
-
-    weights = load_file(str(path / ADAPTER_WEIGHTS), device="cpu")
-    unexpected = load_adapter_state(model, weights)
+    fix = "resume with the same model and LoRA settings (lora_r, lora_alpha, target_modules) and optim"
+    try:
+        _, opt, rng = read_checkpoint(path)
+        weights = load_file(str(path / ADAPTER_WEIGHTS), device="cpu")
+    except (DamagedCheckpoint, OSError) as e:
+        raise UserError(f"checkpoint {path} is damaged: {e}",
+                        fix="move it aside; --resume then starts from the one before it") from None
+    try:
+        unexpected = load_adapter_state(model, weights)
+    except RuntimeError as e:  # "size mismatch for ...lora_A.weight": another rank or model
+        raise UserError(f"checkpoint {path} does not fit this model: {str(e).strip().splitlines()[-1][:300]}",
+                        fix=fix) from None
     if unexpected:
         raise UserError(f"checkpoint {path} does not fit this model ({len(unexpected)} unknown tensors, "
-                        f"e.g. {unexpected[0]})", fix="resume with the same model and LoRA settings")
-    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+                        f"e.g. {unexpected[0]})", fix=fix)
     try:
         optimizer.load_state_dict(opt["optimizer"])
-    except (ValueError, KeyError) as e:
-        raise UserError(f"checkpoint {path} has optimizer state for other parameters: {e}",
-                        fix="resume with the same optim, target_modules and lora_r") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"checkpoint {path} has optimizer state for other parameters: {e}", fix=fix) from None
     shard_optimizer_state(optimizer)
     scheduler.load_state_dict(opt["scheduler"])
     if scaler is not None and opt.get("scaler"):
         scaler.load_state_dict(opt["scaler"])
-    set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True))
+    set_rng_state(rng)
 
 
 def rng_state() -> dict[str, Any]:
@@ -235,7 +293,11 @@ def check_disk_space(run_dir: Path, need_bytes: int) -> None:
     probe = Path(run_dir).resolve()
     while not probe.exists():
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    usage = shutil.disk_usage(probe)
+    if usage.total == 0 or not os.access(probe, os.W_OK):  # /proc, /sys: virtual, nothing can be written there
+        why = "is on a virtual filesystem that holds no files" if usage.total == 0 else "is not writable"
+        raise UserError(f"output_dir '{run_dir}' {why} ('{probe}')", fix="pick an output_dir on a real disk you own")
+    free = usage.free
     if free < need_bytes:
         raise UserError(f"not enough disk space for this run in '{run_dir}': it will write about "
                         f"{need_bytes / 2**20:.1f} MiB, and {free / 2**20:.1f} MiB are free",

@@ -12,11 +12,15 @@ import json
 import logging
 import math
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lorafit.console import attach_log_file
 from lorafit.run_dir import write_text_atomic
+from lorafit.train.checkpoint import write_failed
 
 log = logging.getLogger("lorafit")
 
@@ -95,6 +99,8 @@ class TrainLog:
         self.steady_seconds = 0.0
         """Tokens and step time of this process's steps after its first (which compiles and warms up)."""
         self.trackers = _open_trackers(self.run_dir, report_to, config or {}, purge_step)
+        attach_log_file(self.run_dir)
+        self._hook = _quiet_tracker_threads()
         self.progress = self.task = None
         if sys.stderr.isatty():
             self._open_progress()
@@ -103,7 +109,8 @@ class TrainLog:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(),
                                  TextColumn("{task.fields[info]}"), console=Console(stderr=True), transient=False)
         self.progress.start()
         self.task = self.progress.add_task("train", total=self.total, info="")
@@ -127,11 +134,27 @@ class TrainLog:
             self._console(rec)
             self.window = []
 
+    @contextmanager
+    def phase(self, name: str, total: int | None = None):
+        """A stretch of work between steps (validation, saving) shown as its own bar, not as a frozen train bar.
+        Yields `advance()`, to call once per unit of `total`."""
+        if self.progress is None:
+            yield lambda: None
+            return
+        task = self.progress.add_task(name, total=total, info="")
+        try:
+            yield lambda: self.progress.advance(task) if self.progress is not None else None
+        finally:
+            if self.progress is not None:
+                self.progress.remove_task(task)
+
     def _console(self, rec: dict[str, Any]) -> None:
         loss = sum(r["loss"] for r in self.window) / len(self.window)
         tps = sum(r["tokens"] for r in self.window) / max(sum(r["step_time"] for r in self.window), 1e-9)
         reward = f"  reward {sum(r['reward'] for r in self.window) / len(self.window):.4f}" if "reward" in rec else ""
-        line = (f"step {rec['step']}/{self.total}  loss {loss:.4f}{reward}  lr {rec['lr']:.3g}  "
+        # The bar shows the last step's loss; this line averages the window: say which is which.
+        which = f"loss (avg of last {len(self.window)} steps)" if len(self.window) > 1 else "loss (last step)"
+        line = (f"step {rec['step']}/{self.total}  {which} {loss:.4f}{reward}  lr {rec['lr']:.3g}  "
                 f"grad_norm {rec['grad_norm']:.3g}  {tps:,.0f} tok/s  mem {rec['mem_gib']:.2f} GiB  "
                 f"ETA {_hms(rec['eta_s'])}")
         self.info(line)
@@ -163,24 +186,53 @@ class TrainLog:
 
     def _write(self, rec: dict[str, Any]) -> None:
         rec = {k: (round(v, 8) if isinstance(v, float) else v) for k, v in rec.items()}
-        self.metrics.write(json.dumps(rec) + "\n")
-        self.metrics.flush()
-        for t in self.trackers:
-            t.log(rec)
+        try:
+            self.metrics.write(json.dumps(rec) + "\n")
+            self.metrics.flush()
+        except OSError as e:
+            raise write_failed(self.run_dir, f"{METRICS} in '{self.run_dir}'", e) from None
+        for t in list(self.trackers):
+            try:
+                t.log(rec)
+            except OSError as e:  # TensorBoard's writer thread hit the disk (full, or gone)
+                raise write_failed(self.run_dir, f"TensorBoard events under '{self.run_dir / 'tb'}'", e) from None
+            except Exception as e:  # noqa: BLE001 -- a tracker (wandb, mlflow servers) must not stop training
+                log.warning("%s failed (%s: %s); continuing without it", type(t).__name__.strip("_"),
+                            type(e).__name__, e)
+                self.trackers.remove(t)
 
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
         for t in self.trackers:
-            t.close()
+            try:
+                t.close()
+            except Exception as e:  # noqa: BLE001 -- closing after a full disk: the run's own error says it
+                log.warning("%s could not close (%s: %s)", type(t).__name__.strip("_"), type(e).__name__, e)
         self.trackers = []
         self.metrics.close()
+        threading.excepthook = self._hook
+
+
+def _quiet_tracker_threads():
+    """Install a threading.excepthook that leaves TensorBoard's writer-thread I/O errors to the main thread,
+    which gets the same exception at its next write (and turns it into one message); returns the old hook.
+
+    The writer thread re-raises after storing the error, so Python would print its traceback first."""
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if not (type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    threading.excepthook = hook
+    return previous
 
 
 def _info(rec: dict[str, Any]) -> str:
     reward = f"reward {rec['reward']:.3f}  " if "reward" in rec else ""
-    return (f"loss {rec['loss']:.4f}  {reward}lr {rec['lr']:.2e}  {rec['tokens_per_s']:,.0f} tok/s  "
+    return (f"last step loss {rec['loss']:.4f}  {reward}lr {rec['lr']:.2e}  {rec['tokens_per_s']:,.0f} tok/s  "
             f"mem {rec['mem_gib']:.2f} GiB")
 
 
@@ -191,17 +243,23 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-# -- trackers -----------------------------------------------------------------------------------
-
-
 class NullLog:
     """What ranks other than 0 log: nothing. It has TrainLog's methods, each doing nothing, and no others
     (a misspelt method fails on every rank, not only on rank 0)."""
 
+    @contextmanager
+    def phase(self, name: str, total: int | None = None):
+        yield lambda: None
 
-for _name in [n for n in vars(TrainLog) if not n.startswith("_") and callable(getattr(TrainLog, n))]:
+
+for _name in [n for n in vars(TrainLog) if not n.startswith("_") and callable(getattr(TrainLog, n))
+              and n not in vars(NullLog)]:
     setattr(NullLog, _name, lambda self, *args, **kwargs: None)
+
 _NOT_PLOTTED = ("step", "epoch", "tokens", "step_time", "eta_s", "val_tokens")
+
+
+# -- trackers -----------------------------------------------------------------------------------
 
 
 class _TensorBoard:

@@ -52,6 +52,7 @@ from lorafit.train.run_files import (
     prepare_output_dir,
     push_adapter,
     save_adapter,
+    save_run_config,
     write_run_files,
     write_summary,
 )
@@ -159,7 +160,7 @@ def _open_log(r: TrainState, resumed: bool, lines: list[str]) -> None:
         r.tlog = NullLog()
         return
     t = r.cfg.train
-    write_run_files(r)
+    write_run_files(r, resumed)
     r.tlog = TrainLog(r.run_dir, t.report_to, r.plan.total_steps, t.logging_steps, r.d.device, r.cfg.to_dict(),
                       purge_step=r.pos.step + 1 if resumed else None)
     trainable, total = parameter_counts(r.model)
@@ -205,12 +206,15 @@ def _loop(r: TrainState, signals: StopSignals) -> None:
     clip = cfg.data.max_seq_length * r.objective.sequences_per_example  # the longest an example can be
     if pos.step == 0 and r.data.val and cfg.train.eval_strategy != "no":
         _validate(r)  # the baseline: the curve starts at the base's own validation loss
+    first = pos.step
     while pos.step < p.total_steps:
         steps = epoch_steps(lengths, p.global_batch, packing=cfg.data.packing, max_seq_length=cfg.data.max_seq_length,
                             seed=cfg.train.seed, epoch=pos.epoch, group_by_length=cfg.data.group_by_length)
         for k in range(_resume_index(steps, pos.items_in_epoch), len(steps)):
             passes = step_passes(steps[k], lengths, clip, p.tokens_per_pass, d.rank, d.world_size)
             _optimizer_step(r, passes, [i for item in steps[k] for i in item])
+            if pos.step == first + 1 and d.main:  # a resumed run has started: its settings become the run's
+                save_run_config(r)
             pos.items_in_epoch += len(steps[k])
             stop = _after_step(r, signals, epoch_end=k == len(steps) - 1)
             if stop or pos.step >= p.total_steps:
@@ -360,12 +364,14 @@ def _validate(r: TrainState) -> bool:
     loss_fn = r.ddp if r.fsdp else LossModule(r.model, r.objective, None, r.dtype)
     r.model.eval()
     ce, n, sums = 0.0, 0.0, {}
-    with torch.no_grad(), torch.autocast(d.device.type, dtype=r.dtype, enabled=r.dtype != torch.float32):
+    autocast = torch.autocast(d.device.type, dtype=r.dtype, enabled=r.dtype != torch.float32)
+    with torch.no_grad(), autocast, r.tlog.phase("validation", len(r.val_batches)) as advance:
         for batch, counted in r.val_batches:
             loss_sum, metrics = loss_fn({k: v.to(d.device) for k, v in batch.items()})
             if counted:
                 ce, n = ce + loss_sum.detach().double(), n + r.objective.units(batch)  # summed on the device
                 sums = {k: sums.get(k, 0.0) + v.detach().double() for k, v in metrics.items()}
+            advance()
     r.model.train()
     names = dist.broadcast(d, sorted(sums))  # rank 0's names: a rank with an empty shard has none
     ce, n, *values = dist.all_reduce_sum(d, [float(ce), float(n), *(float(sums.get(k, 0.0)) for k in names)])
@@ -422,8 +428,9 @@ def _save_checkpoint(r: TrainState) -> Path:
         whole = fsdp.adapter_state(r.model, r.d.main), fsdp.optimizer_state(r.optimizer, r.d.main)
     if r.d.main:
         try:
-            path = ckpt.save_checkpoint(r.run_dir, r.model, r.optimizer, r.scheduler, r.scaler,
-                                        r.pos.to_state(r.plan, r.d), r.cfg.train.save_total_limit, whole)
+            with r.tlog.phase("saving checkpoint"):
+                path = ckpt.save_checkpoint(r.run_dir, r.model, r.optimizer, r.scheduler, r.scaler,
+                                            r.pos.to_state(r.plan, r.d), r.cfg.train.save_total_limit, whole)
             r.tlog.info(f"step {r.pos.step}: checkpoint saved to {path}")
         except UserError as e:
             error = e

@@ -9,17 +9,21 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from lorafit.config.schema import Config
-from lorafit.errors import UserError
+from lorafit.errors import UserError, path_problem
 from lorafit.model.lora import parameter_counts
 from lorafit.run_dir import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    CONFIG_FILE,
     DATA_FILE,
     VERSIONS_FILE,
     has_adapter,
     package_versions,
+    read_run_config,
+    same_source,
     save_config,
     write_json_atomic,
 )
@@ -41,6 +45,9 @@ _RUN_FILES = ("metrics.jsonl", "previews.jsonl", "loss.png", SUMMARY_FILE, ADAPT
 def check_output_dir(cfg: Config, run_dir: Path) -> None:
     """Refuse to train over a finished or unfinished run unless told to overwrite or resume it."""
     t = cfg.train
+    problem = path_problem(run_dir, want="dir")
+    if problem and problem != "does not exist":
+        raise UserError(f"output_dir '{run_dir}' {problem}", fix="choose a folder for --output_dir")
     if not run_dir.exists() or t.overwrite_output_dir:
         return
     finished, checkpoints = has_adapter(run_dir), ckpt.list_checkpoints(run_dir)
@@ -48,6 +55,7 @@ def check_output_dir(cfg: Config, run_dir: Path) -> None:
         if finished and not checkpoints:
             raise UserError(f"'{run_dir}' holds a finished run and no checkpoint: nothing to resume",
                             fix="pass --overwrite_output_dir true to train it again, or choose another --output_dir")
+        check_resume_settings(cfg, run_dir)
         return
     if finished:
         raise UserError(f"'{run_dir}' already holds a trained adapter",
@@ -56,6 +64,32 @@ def check_output_dir(cfg: Config, run_dir: Path) -> None:
     if checkpoints:
         raise UserError(f"'{run_dir}' holds checkpoints of an unfinished run ({checkpoints[-1].name})",
                         fix="add --resume to continue it, or --overwrite_output_dir true to start over")
+
+
+# What a checkpoint's tensors and optimizer state are shaped by: resuming with another value either fails
+# mid-restore or trains something that is neither run. Everything else (steps, epochs, learning rate and its
+# schedule, logging, eval and save cadence, batch size) may change on --resume.
+RESUME_FIXED = ("model", "gguf_file", "revision", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type",
+                "bnb_4bit_use_double_quant", "lora_r", "lora_alpha", "target_modules", "lora_bias", "use_rslora",
+                "optim")
+
+
+def check_resume_settings(cfg: Config, run_dir: Path) -> None:
+    """Before anything loads or is written: the settings --resume may not change, compared with the run's
+    config.yaml (the one its checkpoints were trained with)."""
+    saved_file = run_dir / CONFIG_FILE
+    if not saved_file.is_file():
+        return  # a run killed before its first write; restore() still checks the tensors' shapes
+    saved = read_run_config(saved_file)
+    for key in RESUME_FIXED:
+        old, new = saved.get(key), cfg.get(key)
+        if old == new or (key == "model" and same_source(str(old), str(new))):
+            continue
+        raise UserError(f"--resume cannot change '{key}': the checkpoints in '{run_dir}' were trained with "
+                        f"{key}={old!r}, this command asks for {new!r}",
+                        fix=f"drop --{key} to resume with {old!r}, or train a new run into another --output_dir. "
+                            "On resume you may change steps and epochs, the learning rate and its schedule, "
+                            "logging, eval and save cadence")
 
 
 def prepare_output_dir(r: TrainState) -> None:
@@ -82,8 +116,28 @@ def prepare_output_dir(r: TrainState) -> None:
     dist.barrier(r.d)
 
 
-def write_run_files(r: TrainState) -> None:
-    """config.yaml, template.json, versions.json, data.json: what eval/chat/merge and resume read back."""
+def write_run_files(r: TrainState, resumed: bool = False) -> None:
+    """config.yaml, template.json, versions.json, data.json: what eval/chat/merge and resume read back.
+
+    A resumed run keeps the config.yaml its checkpoints were trained with until its first step has run
+    (save_run_config): a resume that fails at that step must leave a run that plain --resume picks up again."""
+    try:
+        _write_run_files(r, resumed)
+    except OSError as e:
+        raise ckpt.write_failed(r.run_dir, f"the run files in '{r.run_dir}'", e) from None
+
+
+def save_run_config(r: TrainState) -> None:
+    """The resolved config as config.yaml (how this run was set up, not how it was started)."""
+    saved = copy.deepcopy(r.cfg)
+    saved.train.resume = saved.train.overwrite_output_dir = False
+    try:
+        save_config(r.run_dir, saved)
+    except OSError as e:
+        raise ckpt.write_failed(r.run_dir, f"'{r.run_dir / CONFIG_FILE}'", e) from None
+
+
+def _write_run_files(r: TrainState, resumed: bool) -> None:
     import json
 
 
@@ -93,9 +147,8 @@ def write_run_files(r: TrainState) -> None:
         if before and before != r.data.fingerprint:
             log.warning("the data differ from the checkpoint's run (fingerprint %s.. vs %s..); resuming anyway",
                         before[:12], r.data.fingerprint[:12])
-    saved = copy.deepcopy(r.cfg)
-    saved.train.resume = saved.train.overwrite_output_dir = False  # how this run was set up, not how it was started
-    save_config(r.run_dir, saved)
+    if not resumed:
+        save_run_config(r)
     r.data.template.save(r.run_dir)
     write_json_atomic(r.run_dir / VERSIONS_FILE, package_versions())
     write_json_atomic(old, {"fingerprint": r.data.fingerprint, "report": r.data.report})
@@ -112,9 +165,8 @@ def save_adapter(model, run_dir: Path, state: dict[str, torch.Tensor] | None = N
             if name != ADAPTER_CONFIG:
                 (tmp / name).replace(run_dir / name)
         (tmp / ADAPTER_CONFIG).replace(run_dir / ADAPTER_CONFIG)
-    except OSError as e:
-        raise UserError(f"could not write the adapter to '{run_dir}': {e}",
-                        fix="free disk space, then run the same command with --resume") from None
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise ckpt.write_failed(run_dir, f"the adapter to '{run_dir}'", e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
