@@ -148,14 +148,14 @@ def test_rope_permutation_is_llama_cpp_pairs():
 def test_verify_catches_a_wrong_layout(tiny_model_dir, tmp_path):
     from transformers import AutoConfig
 
-    from lorafit.export.arch import arch_for, tensor_plans
-    from lorafit.export.gguf import _shapes, verify_gguf
+    from lorafit.export.arch import arch_for, folder_shapes, tensor_plans
+    from lorafit.export.gguf import verify_gguf
 
     folder = tiny_model_dir("llama")
     path = _export(folder, tmp_path, "f16")
     verify_gguf(path, folder, "f16")
     config = AutoConfig.from_pretrained(folder)
-    plans = tensor_plans(config, arch_for(config), _shapes(folder))
+    plans = tensor_plans(config, arch_for(config), folder_shapes(folder))
     for p in plans:
         p.transform = None  # as if the Q/K permutation had been forgotten
     with pytest.raises(RuntimeError, match=r"attn_[qk]"):
@@ -176,7 +176,7 @@ def test_failed_check_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
 
 def test_modelfile(tiny_model_dir, tmp_path):
     path = _export(tiny_model_dir("llama"), tmp_path, "f16", temperature="0.3")
-    text = (path.parent / "Modelfile").read_text()
+    text = path.with_suffix(".Modelfile").read_text()
     assert f"FROM ./{path.name}" in text
     assert 'PARAMETER stop "<|im_end|>"' in text and "PARAMETER temperature 0.3" in text
     assert "{{ range .Messages }}" in text
@@ -193,10 +193,11 @@ def test_run_directory_is_merged_then_exported(tiny_model_dir, tmp_path):
     path = _export(run, tmp_path / "out", "f32")
     jinja = gguf.GGUFReader(path).fields["tokenizer.chat_template"].contents()
     assert "Instruction: " in jinja and "Be brief." in jinja
-    text = (path.parent / "Modelfile").read_text()
+    text = path.with_suffix(".Modelfile").read_text()
     assert 'SYSTEM """Be brief."""' in text and 'PARAMETER stop "Instruction:"' in text
     assert "PARAMETER temperature 0.2" in text  # the run's generation settings
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["Modelfile", path.name]  # temp merge gone
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted([path.name, path.with_suffix(".Modelfile").name])  # the temporary merge is gone
 
 
 # -- templates -------------------------------------------------------------------------------------
@@ -345,7 +346,7 @@ def test_cli_exit_codes(tiny_model_dir, tmp_path):
     out = tmp_path / "cli.gguf"
     assert main(["export", "--adapter_path", str(tiny_model_dir("llama")), "--output", str(out),
                  "--dtype", "q8_0"]) == 0
-    assert out.is_file() and (tmp_path / "Modelfile").is_file()
+    assert out.is_file() and (tmp_path / "cli.Modelfile").is_file()
     assert main(["export", "--adapter_path", str(tmp_path / "missing"), "--output", str(out)]) == 2
 
 
