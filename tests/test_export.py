@@ -200,6 +200,109 @@ def test_run_directory_is_merged_then_exported(tiny_model_dir, tmp_path):
     assert written == sorted([path.name, path.with_suffix(".Modelfile").name])  # the temporary merge is gone
 
 
+# -- quantized exports, overwriting, temporary files ------------------------------------------------
+
+def _wide_llama(tmp_path: Path, tiny_tokenizer) -> Path:
+    """A 2-layer llama whose rows (256, 512) hold k-quant super-blocks."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    folder = tmp_path / "wide"
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=tiny_tokenizer.eos_token_id,
+                         pad_token_id=tiny_tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_q4_k_m_model_reads_back(tiny_tokenizer, tmp_path):
+    """q4_k_m of a model with 256-wide rows: llama.cpp's mix in the file, the gguf reader and transformers'
+    GGUF loader read it, logits close to the original's, and the cost report beside it."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    folder = _wide_llama(tmp_path, tiny_tokenizer)
+    path = _export(folder, tmp_path / "out", "q4_k_m")
+    Q = gguf.GGMLQuantizationType
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == Q.Q4_K and types["blk.1.ffn_gate.weight"] == Q.Q4_K
+    assert types["blk.0.attn_v.weight"] == Q.Q6_K and types["blk.0.ffn_down.weight"] == Q.Q6_K  # first eighth
+    assert types["output.weight"] == Q.Q6_K and types["token_embd.weight"] == Q.Q4_K
+    assert types["blk.0.attn_norm.weight"] == Q.F32
+    ids = tiny_tokenizer(PROMPT)["input_ids"]
+    want = _logits_and_greedy(AutoModelForCausalLM.from_pretrained(folder).eval(), ids)[0]
+    got = _logits_and_greedy(_load_gguf(path), ids)[0]
+    assert (got - want).abs().max() <= 0.1 * want.abs().max()  # measured 0.03 (random weights, 4-bit)
+    report = json.loads(path.with_suffix(".quant.json").read_text())
+    assert set(report["by_type"]) == {"F32", "Q4_K", "Q6_K"} and report["perplexity"] is None  # not a run
+    q4 = [r["rel_rmse"] for r in report["tensors"] if r["type"] == "Q4_K"]
+    assert 0.05 < min(q4) and max(q4) < 0.12
+    assert "| Q4_K |" in path.with_suffix(".quant.md").read_text()
+
+
+def test_narrow_rows_take_the_fallback_types(tiny_model_dir, tmp_path):
+    """64-wide rows cannot hold a 256-weight super-block: Q4_K -> Q5_0, Q6_K -> Q8_0, as llama-quantize does."""
+    import gguf
+
+    path = _export(tiny_model_dir("qwen2"), tmp_path, "q4_k_m")
+    Q = gguf.GGMLQuantizationType
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.1.attn_q.weight"] == Q.Q5_0 and types["output.weight"] == Q.Q8_0
+    assert types["blk.0.attn_v.weight"] == Q.Q8_0 and types["blk.0.attn_q.bias"] == Q.F32
+
+
+def test_existing_export_needs_overwrite(tiny_model_dir, tmp_path):
+    from lorafit.export.gguf import export_gguf
+
+    folder = tiny_model_dir("llama")
+    out = tmp_path / "m.gguf"
+    export_gguf(folder, out, "f16")
+    before = out.read_bytes()
+    with pytest.raises(UserError, match="already exists") as e:
+        export_gguf(folder, out, "q8_0")
+    assert "--overwrite" in e.value.fix and out.read_bytes() == before
+    out.unlink()
+    with pytest.raises(UserError, match=r"m\.Modelfile' already exists"):  # its Modelfile alone counts too
+        export_gguf(folder, out, "q8_0")
+    export_gguf(folder, out, "q8_0", overwrite=True)
+    assert out.read_bytes() != before
+    export_gguf(folder, tmp_path / "other.gguf", "f16")  # a second export in the folder gets its own Modelfile
+    assert "FROM ./m.gguf" in (tmp_path / "m.Modelfile").read_text()
+    assert "FROM ./other.gguf" in (tmp_path / "other.Modelfile").read_text()
+
+
+def test_planted_symlinks_are_not_followed(tiny_model_dir, tmp_path):
+    """Links at the names a careless writer would use (`x.gguf.tmp`, `x.Modelfile.tmp`) stay untouched, and so
+    does what they point to."""
+    from lorafit.export.gguf import export_gguf
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for name in ("x.gguf.tmp", "x.Modelfile.tmp", "Modelfile.tmp", "Modelfile"):
+        (out_dir / name).symlink_to(victim)
+    export_gguf(tiny_model_dir("llama"), out_dir / "x.gguf", "f16")
+    assert victim.read_text() == "precious"
+    assert all((out_dir / n).is_symlink() for n in ("x.gguf.tmp", "x.Modelfile.tmp", "Modelfile.tmp", "Modelfile"))
+    assert (out_dir / "x.gguf").read_bytes()[:4] == b"GGUF" and not (out_dir / "x.gguf").is_symlink()
+    leftovers = [p.name for p in out_dir.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_run_export_reports_held_out_perplexity(tiny_model_dir, tmp_path):
+    from test_generate_rundir import make_run
+
+    run = make_run(tmp_path / "run", tiny_model_dir("llama"), template="chatml", val_size=8, max_samples=8)
+    path = _export(run, tmp_path / "out", "q4_0")
+    ppl = json.loads(path.with_suffix(".quant.json").read_text())["perplexity"]
+    assert ppl["examples"] == 8 and ppl["f16"] > 1 and ppl["quantized"] > 1
+    assert ppl["quantized"] != ppl["f16"] and abs(ppl["change"]) < 0.5
+    text = path.with_suffix(".Modelfile").read_text()
+    assert "PARAMETER num_predict 16" in text  # the run's max_new_tokens
+
+
 # -- templates -------------------------------------------------------------------------------------
 
 CONVERSATIONS = [

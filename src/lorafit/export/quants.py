@@ -21,8 +21,9 @@ import torch
 
 QK_K = 256  # weights per k-quant super-block
 GROUP_MAX_EPS = 1e-15  # llama.cpp treats a group with max |w| below this as all zero
-# Sub-blocks per chunk: bounds the working set (about 30 float32 temporaries of 32 weights each) to ~1 GiB.
-CHUNK_SUBBLOCKS = 1 << 18
+# Float32 elements of the largest temporary, the (sub-blocks, trial scales, weights) tensor of one chunk: a few
+# MiB stays in a CPU's cache; on a GPU fewer, larger chunks keep the kernels busy (~2 GiB per temporary).
+CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 29}
 # (nmax, rmin, rdelta, nstep) of llama.cpp's reference min/scale search for each type.
 SEARCH = {"Q4_K": (15, -1.0, 0.1, 20), "Q5_K": (31, -0.5, 0.1, 15)}
 
@@ -41,7 +42,7 @@ def quantize(t: torch.Tensor, qtype, importance: torch.Tensor | None = None) -> 
     w = None
     if importance is not None:
         w = importance.float().to(x.device).reshape(1, cols // QK_K, QK_K).expand(rows, -1, -1).reshape(-1, QK_K)
-    step = CHUNK_SUBBLOCKS // (QK_K // 32)
+    step = max(1, CHUNK_ELEMENTS.get(x.device.type, 1 << 21) // (QK_K * 22))  # super-blocks per chunk
     parts = []
     for start in range(0, x.shape[0], step):
         xb = x[start:start + step]
@@ -70,7 +71,8 @@ def _fit_min_scale(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rde
     """Per row of `x` (n, 32): scale and min (x ~ scale * L - min, L in 0..nmax) minimizing sum w * err^2.
 
     Each trial scale rounds L once; the best scale and min for that L are then the weighted least-squares
-    solution (2x2 normal equations), with the min clamped to <= 0 as the format stores a subtracted min.
+    solution (2x2 normal equations), with the min clamped to <= 0 as the format stores a subtracted min. All
+    trials run at once, as a (n, trials, 32) tensor whose weighted sums are batched matmuls.
     """
     lo = x.amin(-1).clamp(max=0)
     rng = x.amax(-1) - lo
@@ -79,29 +81,29 @@ def _fit_min_scale(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rde
     wx = w * x
     sw, sx, sxx = w.sum(-1), wx.sum(-1), (wx * x).sum(-1)
     xs = x - lo[:, None]
-    scale = rng / nmax
-    L = _round_clamp(xs * (nmax / rng)[:, None], 0, nmax)
-    best = (w * (scale[:, None] * L + lo[:, None] - x) ** 2).sum(-1)
-    best_min = lo
-    for i in range(nstep + 1):
-        trial = np.float32(rmin) + np.float32(rdelta) * np.float32(i) + np.float32(nmax)
-        L = _round_clamp(xs * (float(trial) / rng)[:, None], 0, nmax)
-        wL = w * L
-        sl, sl2, sxl = wL.sum(-1), (wL * L).sum(-1), (wL * x).sum(-1)
-        D = sw * sl2 - sl * sl
-        s = (sw * sxl - sx * sl) / D
-        m = (sl2 * sx - sl * sxl) / D
-        pos = m > 0
-        s = torch.where(pos, sxl / sl2, s)
-        m = torch.where(pos, torch.zeros_like(m), m)
-        # sum w (s L + m - x)^2 expanded into the sums above: one pass over the weights fewer per trial
-        err = s * s * sl2 + 2 * s * m * sl + m * m * sw - 2 * s * sxl - 2 * m * sx + sxx
-        better = (D > 0) & (err < best)
-        best = torch.where(better, err, best)
-        scale = torch.where(better, s, scale)
-        best_min = torch.where(better, m, best_min)
+    steps = np.float32(rmin) + np.float32(rdelta) * np.arange(nstep + 1, dtype=np.float32) + np.float32(nmax)
+    trials = torch.tensor(np.concatenate([[np.float32(nmax)], steps]), device=x.device)  # (T,) first: plain max-min
+    L = _round_clamp(xs[:, None, :] * (trials[None, :, None] / rng[:, None, None]), 0, nmax)  # (n, T, 32)
+    sl = torch.einsum("ntk,nk->nt", L, w)
+    sl2 = torch.einsum("ntk,nk->nt", L * L, w)
+    sxl = torch.einsum("ntk,nk->nt", L, wx)
+    sw, sx, sxx = sw[:, None], sx[:, None], sxx[:, None]
+    D = sw * sl2 - sl * sl
+    s = (sw * sxl - sx * sl) / D
+    m = (sl2 * sx - sl * sxl) / D
+    pos = m > 0
+    s = torch.where(pos, sxl / sl2, s)
+    m = torch.where(pos, torch.zeros_like(m), m)
+    s[:, 0], m[:, 0] = rng / nmax, lo  # trial 0 keeps the max-min scale and min themselves, as llama.cpp starts
+    # sum w (s L + m - x)^2 expanded into the sums above, so no pass over the weights per trial
+    err = s * s * sl2 + 2 * s * m * sl + m * m * sw - 2 * s * sxl - 2 * m * sx + sxx
+    ok = D > 0
+    ok[:, 0] = True
+    err = torch.where(ok & torch.isfinite(err), err, torch.full_like(err, float("inf")))
+    best = err.argmin(-1, keepdim=True)  # the first of equal errors, as llama.cpp's strict `<` keeps
+    scale, the_min = s.gather(-1, best).squeeze(-1), m.gather(-1, best).squeeze(-1)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
-    return scale, -best_min
+    return scale, -the_min
 
 
 def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
@@ -152,19 +154,18 @@ def _symmetric_scale(x: torch.Tensor, w: torch.Tensor, nmax: int) -> torch.Tenso
     mx = x.gather(-1, idx).squeeze(-1)
     zero = mx.abs() < GROUP_MAX_EPS
     mx = torch.where(zero, torch.ones_like(mx), mx)
-
-    def fit(step: float):
-        L = _round_clamp(x * (-(nmax + step) / mx)[:, None], -nmax, nmax - 1)
-        return (w * x * L).sum(-1), (w * L * L).sum(-1)
-
-    sumlx, suml2 = fit(0.0)
-    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
-    best = scale * sumlx
-    for i in [*range(-9, 0), *range(1, 10)]:
-        sumlx, suml2 = fit(float(np.float32(0.1) * np.float32(i)))
-        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        scale = torch.where(better, sumlx / suml2, scale)
-        best = torch.where(better, scale * sumlx, best)
+    order = [0, *range(-9, 0), *range(1, 10)]  # llama.cpp's order: ties go to the earliest
+    trials = torch.tensor([np.float32(nmax) + np.float32(0.1) * np.float32(i) for i in order], device=x.device)
+    L = _round_clamp(x[:, None, :] * (-trials[None, :, None] / mx[:, None, None]), -nmax, nmax - 1)  # (n, T, 16)
+    sumlx = torch.einsum("ntk,nk->nt", L, w * x)
+    suml2 = torch.einsum("ntk,nk->nt", L * L, w)
+    has = suml2 > 0
+    # the weighted least-squares scale for L is sumlx / suml2, and its error falls as sumlx^2 / suml2 grows
+    gain = torch.where(has, sumlx * sumlx / torch.where(has, suml2, torch.ones_like(suml2)), -torch.inf)
+    gain[:, 0] = torch.where(has[:, 0], gain[:, 0], torch.zeros_like(gain[:, 0]))
+    best = gain.argmax(-1, keepdim=True)
+    lx, l2 = sumlx.gather(-1, best).squeeze(-1), suml2.gather(-1, best).squeeze(-1)
+    scale = torch.where(l2 > 0, lx / torch.where(l2 > 0, l2, torch.ones_like(l2)), torch.zeros_like(lx))
     return torch.where(zero, torch.zeros_like(scale), scale)
 
 
