@@ -227,7 +227,8 @@ def test_q4_k_m_model_reads_back(tiny_tokenizer, tmp_path):
     Q = gguf.GGMLQuantizationType
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
     assert types["blk.0.attn_q.weight"] == Q.Q4_K and types["blk.1.ffn_gate.weight"] == Q.Q4_K
-    assert types["blk.0.attn_v.weight"] == Q.Q6_K and types["blk.0.ffn_down.weight"] == Q.Q6_K  # first eighth
+    assert types["blk.1.attn_v.weight"] == Q.Q6_K and types["blk.1.ffn_down.weight"] == Q.Q6_K  # the last eighth
+    assert types["blk.0.attn_v.weight"] == Q.Q4_K and types["blk.0.ffn_down.weight"] == Q.Q4_K
     assert types["output.weight"] == Q.Q6_K and types["token_embd.weight"] == Q.Q4_K
     assert types["blk.0.attn_norm.weight"] == Q.F32
     ids = tiny_tokenizer(PROMPT)["input_ids"]
@@ -340,6 +341,10 @@ def test_templates_match_training(template):
         for gen in (True, False):
             assert render(fmt.jinja, conv, gen, eos="</s>") == template.render(conv, None, gen)
         assert go_render(fmt.go, conv, fmt.system) == template.render(conv, None, True)
+        # ending on an assistant message: Ollama continues that reply instead of opening a new turn
+        prefill = conv + [{"role": "assistant", "content": "Partial"}]
+        text = go_render(fmt.go, prefill, fmt.system)
+        assert text.endswith("Partial") and template.render(prefill, None, False).startswith(text)
 
 
 def test_unsplittable_template_gets_a_plain_modelfile():
@@ -371,9 +376,10 @@ def go_render(template: str, messages: list[dict], system: str | None) -> str:
             act = tok[2:-2].strip()
             if act in ("end", "else") or act.startswith("else if"):
                 return i
-            if act == "range .Messages":
+            if act in ("range .Messages", "range $i, $_ := .Messages"):
                 end = i + 1
-                for m in messages:
+                for n, m in enumerate(messages):
+                    env["$last"] = n == len(messages) - 1  # what `$last := eq (len (slice ...)) 1` computes
                     end = run(i + 1, m, emit)
                 if not messages:
                     end = run(i + 1, None, False)
@@ -391,7 +397,7 @@ def go_render(template: str, messages: list[dict], system: str | None) -> str:
                 i += 1
             elif ":=" in act or "=" in act:
                 name, value = (s.strip() for s in act.replace(":=", "=").split("="))
-                if emit:
+                if emit and value in ("true", "false"):
                     env[name] = value == "true"
                 i += 1
             else:
@@ -407,6 +413,11 @@ def go_render(template: str, messages: list[dict], system: str | None) -> str:
 def _go_cond(cond: str, msg: dict | None, env: dict) -> bool:
     if cond == "true":
         return True
+    if cond.startswith("not "):
+        return not _go_cond(cond[4:], msg, env)
+    both = re.fullmatch(r'and (\$\w+) \(ne \.Role "(\w+)"\)', cond)
+    if both:
+        return env.get(both.group(1), False) and bool(msg) and msg["role"] != both.group(2)
     if cond.startswith("$"):
         return env.get(cond, False)
     m = re.fullmatch(r'eq \.Role "(\w+)"', cond)
