@@ -220,7 +220,10 @@ def test_q4_k_m_model_reads_back(tiny_tokenizer, tmp_path):
     """q4_k_m of a model with 256-wide rows: llama.cpp's mix in the file, the gguf reader and transformers'
     GGUF loader read it, logits close to the original's, and the cost report beside it."""
     import gguf
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorafit.export.arch import arch_for, folder_shapes, tensor_plans
+    from lorafit.export.cost import _file_tensors
 
     folder = _wide_llama(tmp_path, tiny_tokenizer)
     path = _export(folder, tmp_path / "out", "q4_k_m")
@@ -232,9 +235,16 @@ def test_q4_k_m_model_reads_back(tiny_tokenizer, tmp_path):
     assert types["output.weight"] == Q.Q6_K and types["token_embd.weight"] == Q.Q4_K
     assert types["blk.0.attn_norm.weight"] == Q.F32
     ids = tiny_tokenizer(PROMPT)["input_ids"]
-    want = _logits_and_greedy(AutoModelForCausalLM.from_pretrained(folder).eval(), ids)[0]
+    original = AutoModelForCausalLM.from_pretrained(folder).eval()
+    want = _logits_and_greedy(original, ids)[0]
     got = _logits_and_greedy(_load_gguf(path), ids)[0]
-    assert (got - want).abs().max() <= 0.1 * want.abs().max()  # measured 0.03 (random weights, 4-bit)
+    assert (got - want).abs().max() <= 0.25 * want.abs().max()  # measured 0.11 (random weights, 4-bit)
+    config = AutoConfig.from_pretrained(folder)
+    plans = [p for p in tensor_plans(config, arch_for(config), folder_shapes(folder)) if p.source]
+    with torch.no_grad():  # the file's tensors put back by lorafit's own reader: what transformers computes
+        for plan, values in _file_tensors(path, plans):
+            original.get_parameter(plan.source).copy_(values)
+    assert (_logits_and_greedy(original, ids)[0] - got).abs().max() <= 1e-4 * want.abs().max()
     report = json.loads(path.with_suffix(".quant.json").read_text())
     assert set(report["by_type"]) == {"F32", "Q4_K", "Q6_K"} and report["perplexity"] is None  # not a run
     q4 = [r["rel_rmse"] for r in report["tensors"] if r["type"] == "Q4_K"]
@@ -250,7 +260,8 @@ def test_narrow_rows_take_the_fallback_types(tiny_model_dir, tmp_path):
     Q = gguf.GGMLQuantizationType
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
     assert types["blk.1.attn_q.weight"] == Q.Q5_0 and types["output.weight"] == Q.Q8_0
-    assert types["blk.0.attn_v.weight"] == Q.Q8_0 and types["blk.0.attn_q.bias"] == Q.F32
+    assert types["blk.1.attn_v.weight"] == Q.Q8_0 and types["blk.0.attn_v.weight"] == Q.Q5_0  # the last eighth
+    assert types["blk.0.attn_q.bias"] == Q.F32
 
 
 def test_existing_export_needs_overwrite(tiny_model_dir, tmp_path):

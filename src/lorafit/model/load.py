@@ -23,6 +23,7 @@ from lorafit.errors import UserError
 log = logging.getLogger("lorafit")
 
 BUILTIN_ALIASES = (BUILTIN_MODEL, "smollm2", "builtin", "smollm2-135m-instruct")
+BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # where the built-in model's weights come from
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
