@@ -83,6 +83,23 @@ def add_vocab(writer: Any, folder: Path, tokenizer: Any, config: Any) -> VocabIn
     return VocabInfo(kind, pre, len(tokens), name(ids["bos"]), name(ids["eos"]), warning)
 
 
+def plain_byte_level(path: Path) -> None:
+    """Rewrite a byte-level BPE tokenizer.json the way such tokenizers are normally saved: no byte fallback and
+    a ByteLevel decoder. transformers' GGUF loader (how the built-in SmolLM2 arrives) sets `byte_fallback` and a
+    SentencePiece-style decoder on byte-level vocabularies; llama.cpp's convert_hf_to_gguf.py then takes the
+    folder for SentencePiece and writes a file llama.cpp cannot load. Encoding is unchanged (a byte-level
+    vocabulary covers every byte, so the fallback never fires) and so is decoding."""
+    if not path.is_file():
+        return
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    if _kind(spec) != "gpt2" or not (spec["model"].get("byte_fallback") or "ByteFallback" in json.dumps(
+            spec.get("decoder"))):
+        return
+    spec["model"]["byte_fallback"] = False
+    spec["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    path.write_text(json.dumps(spec, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
 def _kind(spec: dict[str, Any]) -> str:
     """Byte-level BPE maps bytes to printable characters (a ByteLevel pre-tokenizer); SentencePiece-style BPE
     marks spaces with '▁' and falls back to <0xNN> byte tokens. (transformers sets byte_fallback on tokenizers
