@@ -196,7 +196,8 @@ def _go_generation(text: str) -> str:
 
 def modelfile(gguf_name: str, fmt: ChatFormat, params: dict[str, Any]) -> str:
     """Text of an Ollama Modelfile for `gguf_name`, which lies beside it."""
-    lines = ["# Written by `lorafit export`. Use: ollama create NAME -f Modelfile", f"FROM ./{gguf_name}"]
+    own = gguf_name.removesuffix(".gguf") + ".Modelfile"
+    lines = [f"# Written by `lorafit export`. Use: ollama create NAME -f {own}", f"FROM ./{gguf_name}"]
     go = fmt.go or "{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}"
     lines.append(f'TEMPLATE """{go}"""')
     if fmt.system:
