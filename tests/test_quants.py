@@ -117,3 +117,35 @@ def test_type_mix_falls_back_for_rows_not_a_multiple_of_256():
     assert types["blk.0.ffn_down.weight"] == Q.Q6_K and types["blk.4.ffn_down.weight"] == Q.Q4_K  # 1536 fits
     assert tensor_types([("blk.0.ffn_up.weight", (64, 48))], "q5_k_m", 1)["blk.0.ffn_up.weight"] == Q.F16
     assert tensor_types([("blk.0.ffn_up.weight", (64, 96))], "q5_k_m", 1)["blk.0.ffn_up.weight"] == Q.Q5_1
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda q: q.name)
+def test_importance_lowers_the_error_where_it_matters(qtype):
+    """64 of 512 columns 100x as important: the importance-weighted error falls (measured to 0.46 / 0.57 / 0.65
+    of the unweighted quantizer's for Q4_K / Q5_K / Q6_K)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 512, generator=g)
+    imp = torch.ones(512)
+    imp[torch.randperm(512, generator=g)[:64]] = 100.0
+
+    def weighted(data: np.ndarray) -> float:
+        return float(((gguf.quants.dequantize(data, qtype) - x.numpy()) ** 2 * imp.numpy()).sum())
+
+    assert weighted(quantize(x, qtype, imp)) < 0.8 * weighted(quantize(x, qtype))
+
+
+def test_importance_from_training_data(tiny_model_dir, tmp_path):
+    """Mean squared inputs per column of every linear layer, keyed by GGUF name, from the run's conversations."""
+    from test_generate_rundir import make_run
+
+    from lorafit.export.gguf import _folder_plans
+    from lorafit.export.imatrix import importance
+    from lorafit.run_dir import load_run_config
+
+    folder = tiny_model_dir("llama")
+    run = make_run(tmp_path / "run", folder, template="chatml")
+    plans = _folder_plans(folder)
+    imp = importance(folder, run, load_run_config(run), plans)
+    assert set(imp) == {p.name for p in plans if len(p.shape) == 2 and p.name != "token_embd.weight"}
+    assert imp["blk.0.ffn_down.weight"].shape == (128,) and imp["blk.1.attn_q.weight"].shape == (64,)
+    assert all(bool((v >= 0).all()) and float(v.sum()) > 0 for v in imp.values())

@@ -165,11 +165,13 @@ def cmd_export(argv: list[str]) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing .gguf and its Modelfile")
     p.add_argument("--skip_perplexity", action="store_true",
                    help="for a quantized dtype, skip the held-out perplexity check (per-tensor errors still shown)")
+    p.add_argument("--imatrix", action="store_true",
+                   help="weigh k-quant rounding by importance from the run's training data (mean squared activations)")
     args, rest = p.parse_known_args(argv)
     from lorafit.export.gguf import export_gguf
 
     export_gguf(Path(args.adapter_path), Path(args.output), args.dtype, parse_overrides(rest),
-                overwrite=args.overwrite, perplexity=not args.skip_perplexity)
+                overwrite=args.overwrite, perplexity=not args.skip_perplexity, imatrix=args.imatrix)
     return 0
 
 

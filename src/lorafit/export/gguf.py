@@ -27,6 +27,7 @@ from lorafit.errors import UserError
 from lorafit.export import quants
 from lorafit.export.arch import TensorPlan, add_hparams, arch_for, folder_shapes, tensor_plans
 from lorafit.export.cost import quant_cost
+from lorafit.export.imatrix import importance
 from lorafit.export.merge import merge_to_folder
 from lorafit.export.quant_mix import DTYPES, QUANTIZED, file_type, tensor_types
 from lorafit.export.template import chat_format, modelfile
@@ -46,22 +47,31 @@ MAX_REL_RMSE = {"Q4_0": 0.3, "Q4_K": 0.3, "Q5_0": 0.15, "Q5_1": 0.15, "Q5_K": 0.
 
 
 def export_gguf(path: Path, output: Path, dtype: str = "f16", overrides: dict[str, Any] | None = None,
-                overwrite: bool = False, perplexity: bool = True) -> Path:
+                overwrite: bool = False, perplexity: bool = True, imatrix: bool = False) -> Path:
     """Write `output` (.gguf) and its Modelfile from a run directory (merged first) or a merged folder; for a
-    quantized dtype also `output`.quant.json/.md: per-tensor error and (for a run) held-out perplexity vs f16."""
+    quantized dtype also `output`.quant.json/.md: per-tensor error and (for a run) held-out perplexity vs f16.
+    `imatrix`: weigh the k-quant scale search by importance from the run's training data (imatrix.py)."""
     from rich.console import Console
 
     console = Console(stderr=True)
     path, output = Path(path), Path(output)
     _check_args(path, output, dtype, overwrite)
-    if (path / "adapter_config.json").is_file():
+    is_run = (path / "adapter_config.json").is_file()
+    if imatrix and (not is_run or dtype not in QUANTIZED):
+        raise UserError("--imatrix needs a run directory (its training data) and a quantized --dtype",
+                        fix="pass the output_dir of `lorafit train` and e.g. --dtype q4_k_m, or drop --imatrix")
+    if is_run:
         cfg = load_run_config(path, overrides)
         template = _read_template(path)
         with tempfile.TemporaryDirectory(prefix=".lorafit-merge-", dir=output.parent) as tmp:
             console.print(f"merging the adapter in {path} into its base ...")
             folder = merge_to_folder(path, Path(tmp), cfg)
+            weights = None
+            if imatrix:
+                console.print("importance matrix from the run's training data ...")
+                weights = importance(folder, path, cfg, _folder_plans(folder))
             errors = write_gguf(folder, output, dtype, template=template, params=_ollama_params(cfg),
-                                console=console, source=path.name)
+                                console=console, source=path.name, importance=weights)
             if dtype in QUANTIZED:
                 quant_cost(output, folder, dtype, errors, console, run=(path, cfg) if perplexity else None)
         return output
@@ -79,12 +89,21 @@ def modelfile_path(output: Path) -> Path:
     return output.with_suffix(".Modelfile")
 
 
+def _folder_plans(folder: Path) -> list[TensorPlan]:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    return tensor_plans(config, arch_for(config), folder_shapes(folder))
+
+
 def write_gguf(folder: Path, output: Path, dtype: str = "f16", template: dict | None = None,
-               params: dict[str, Any] | None = None, console: Any = None, source: str | None = None) -> list[dict]:
+               params: dict[str, Any] | None = None, console: Any = None, source: str | None = None,
+               importance: dict[str, torch.Tensor] | None = None) -> list[dict]:
     """Merged HF folder -> verified GGUF at `output`, and its Modelfile. Returns verify_gguf's per-tensor rows.
 
     `template` is a run's template.json (its chat template goes into the file); `params` are Ollama
-    `PARAMETER`s (temperature, top_p, ...); `source` names the model in `general.description`.
+    `PARAMETER`s (temperature, top_p, ...); `source` names the model in `general.description`; `importance`
+    holds per-column weights for the k-quant scale search, by GGUF tensor name.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -106,7 +125,7 @@ def write_gguf(folder: Path, output: Path, dtype: str = "f16", template: dict | 
         fmt = chat_format(template, tokenizer)
         if fmt.jinja:
             writer.add_chat_template(fmt.jinja)
-        _write_tensors(writer, tmp, folder, plans, types, console)
+        _write_tensors(writer, tmp, folder, plans, types, console, importance or {})
         errors = verify_gguf(tmp, folder, dtype, plans)
         os.replace(tmp, output)
     finally:
@@ -276,7 +295,8 @@ def _new_writer(arch: str, source: str, output: Path, dtype: str):
     return writer
 
 
-def _write_tensors(writer: Any, tmp: Path, folder: Path, plans: list[TensorPlan], types: dict, console: Any) -> None:
+def _write_tensors(writer: Any, tmp: Path, folder: Path, plans: list[TensorPlan], types: dict, console: Any,
+                   importance: dict[str, torch.Tensor]) -> None:
     """Header and tensor index first, then each tensor's data streamed from safetensors (no full copy in RAM);
     k-quants on the GPU when there is one."""
     from rich.progress import Progress
@@ -295,7 +315,10 @@ def _write_tensors(writer: Any, tmp: Path, folder: Path, plans: list[TensorPlan]
             for plan, t in _sources(folder, plans):
                 qtype = types[plan.name]
                 progress.update(task, description=f"{plan.name} ({qtype.name})")
-                data = _cast(t.to(device) if qtype.name.endswith("_K") else t, qtype)
+                if qtype.name.endswith("_K"):
+                    data = quants.quantize(t.to(device), qtype, importance.get(plan.name))
+                else:
+                    data = _cast(t, qtype)
                 if data.dtype == np.float16 and not np.isfinite(data).all():
                     raise UserError(f"tensor {plan.source} holds values beyond float16's range (65504)",
                                     fix="export with --dtype bf16 (same size, wider range) or --dtype f32")
