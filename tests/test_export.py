@@ -179,7 +179,7 @@ def test_modelfile(tiny_model_dir, tmp_path):
     text = path.with_suffix(".Modelfile").read_text()
     assert f"FROM ./{path.name}" in text
     assert 'PARAMETER stop "<|im_end|>"' in text and "PARAMETER temperature 0.3" in text
-    assert "{{ range .Messages }}" in text
+    assert "{{ range $i, $_ := .Messages }}" in text
 
 
 def test_run_directory_is_merged_then_exported(tiny_model_dir, tmp_path):
