@@ -42,8 +42,8 @@ Q8_TOLERANCE_STEPS = 0.57
 # Largest relative RMS error (||dequantized - original|| / ||original||) a tensor may read back with; far above
 # what the quantizers reach (gaussian weights: Q4_0 8.6%, Q4_K 7.2%, Q5_0 4.3%, Q5_K 3.6%, Q6_K 1.8%; LLM tensors
 # with outliers a few points more), far below what a wrong block layout gives (~100%). Above it: a lorafit bug.
-_EXACT = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # GGMLQuantizationType F32, F16, BF16 values
 MAX_REL_RMSE = {"Q4_0": 0.3, "Q4_K": 0.3, "Q5_0": 0.15, "Q5_1": 0.15, "Q5_K": 0.15, "Q6_K": 0.08}
+_EXACT = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # GGMLQuantizationType F32, F16, BF16 values
 
 
 def export_gguf(path: Path, output: Path, dtype: str = "f16", overrides: dict[str, Any] | None = None,
