@@ -5,6 +5,7 @@ Random bf16 weights stand in for a checkpoint (the quantizers' work does not dep
 is quantized on --device and copied back to the host as GGUF blocks, as `lorafit export` does.
 
     python bench/quant_speed.py                              # GPU machine: q4_k_m of all 32 layers on CUDA
+    (`gguf` comes from the environment, else from .whl-gguf/: pip download --no-deps gguf==0.19.0 -d .whl-gguf)
     python bench/quant_speed.py --device cpu --layers 1 --shrink 8   # one layer, every size / 8, on the CPU
 
 Prints one line per tensor type and the total last; writes JSON lines to $OUT/quant_speed.jsonl when $OUT is set.
@@ -21,7 +22,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+try:
+    import gguf  # noqa: F401
+except ImportError:  # a GPU image without it: the pure-Python wheel, carried as .whl-gguf/, imports from the zip
+    sys.path[:0] = [str(w) for w in sorted((REPO / ".whl-gguf").glob("gguf-*.whl"))]
 
 from lorafit.export.quant_mix import QUANTIZED, tensor_types
 from lorafit.export.quants import quantize
