@@ -199,8 +199,7 @@ class GenerateArgs:
     max_new_tokens: int = 256
     """Tokens to generate at most."""
     repetition_penalty: float = 1.0
-    """Penalty > 1 discourages repeating tokens (1.0: off, as in transformers and llama.cpp, so temperature 0 is
-    plain greedy decoding and answers match a GGUF export's)."""
+    """Penalty > 1 discourages repeating tokens (1.0: off, as in llama.cpp, so temperature 0 is plain greedy)."""
 
 
 @dataclass
