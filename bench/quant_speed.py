@@ -60,7 +60,7 @@ def main() -> None:
     gen = torch.Generator(device=device).manual_seed(0)
     per_type: dict[str, list[float]] = {}
     rows = []
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for name, shape in tensors:
         w = (torch.randn(shape, generator=gen, device=device) * 0.02).to(torch.bfloat16)
         if device.type == "cuda":
@@ -74,10 +74,10 @@ def main() -> None:
         rows.append({"tensor": name, "type": kind, "weights": w.numel(), "bytes": int(blocks.nbytes),
                      "seconds": round(seconds, 4)})
         del w, blocks
-    total = time.perf_counter() - started
+    total, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     summary = {"dtype": args.dtype, "device": gpu, "layers": args.layers, "shrink": args.shrink, "tensors": len(tensors),
-               "weights": sum(r["weights"] for r in rows), "seconds": round(total, 2),
+               "weights": sum(r["weights"] for r in rows), "seconds": round(total, 2), "cpu_seconds": round(cpu, 2),
                "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None}
     if os.environ.get("OUT"):
         with open(Path(os.environ["OUT"]) / "quant_speed.jsonl", "a", encoding="utf-8") as f:
@@ -87,7 +87,7 @@ def main() -> None:
     for kind, (n, numel, seconds) in sorted(per_type.items()):
         print(f"{kind:6} {n:7d} {numel / 1e6:9.1f} {seconds:8.2f} {numel / 1e6 / max(seconds, 1e-9):10.1f}")
     print(f"total: {args.dtype} of {summary['weights'] / 1e9:.2f}B weights ({args.layers} of {LAYERS} layers) "
-          f"{'' if args.shrink == 1 else f', sizes / {args.shrink}'} on {gpu}: {total:.1f} s" + (f", peak {summary['peak_gib']} GiB" if summary["peak_gib"] else ""))
+          f"{'' if args.shrink == 1 else f', sizes / {args.shrink}'} on {gpu}: {total:.1f} s ({cpu:.1f} s of CPU time)" + (f", peak {summary['peak_gib']} GiB" if summary["peak_gib"] else ""))
 
 
 if __name__ == "__main__":
