@@ -86,7 +86,7 @@ def main() -> None:
     print(f"{'type':6} {'tensors':>7} {'Mweights':>9} {'seconds':>8} {'Mweights/s':>10}")
     for kind, (n, numel, seconds) in sorted(per_type.items()):
         print(f"{kind:6} {n:7d} {numel / 1e6:9.1f} {seconds:8.2f} {numel / 1e6 / max(seconds, 1e-9):10.1f}")
-    print(f"total: {args.dtype} of {summary['weights'] / 1e9:.2f}B weights ({args.layers} of {LAYERS} layers) "
+    print(f"total: {args.dtype} of {summary['weights'] / 1e6:,.1f}M weights ({args.layers} of {LAYERS} layers)"
           f"{'' if args.shrink == 1 else f', sizes / {args.shrink}'} on {gpu}: {total:.1f} s ({cpu:.1f} s of CPU time)" + (f", peak {summary['peak_gib']} GiB" if summary["peak_gib"] else ""))
 
 
