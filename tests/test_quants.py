@@ -6,6 +6,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from test_generate_rundir import llama_run  # noqa: F401  (a session fixture)
 
 from lorafit.export.quant_mix import tensor_types
 from lorafit.export.quants import quantize
@@ -134,18 +135,15 @@ def test_importance_lowers_the_error_where_it_matters(qtype):
     assert weighted(quantize(x, qtype, imp)) < 0.8 * weighted(quantize(x, qtype))
 
 
-def test_importance_from_training_data(tiny_model_dir, tmp_path):
+def test_importance_from_training_data(tiny_model_dir, llama_run):  # noqa: F811
     """Mean squared inputs per column of every linear layer, keyed by GGUF name, from the run's conversations."""
-    from test_generate_rundir import make_run
-
     from lorafit.export.gguf import _folder_plans
     from lorafit.export.imatrix import importance
     from lorafit.run_dir import load_run_config
 
     folder = tiny_model_dir("llama")
-    run = make_run(tmp_path / "run", folder, template="chatml")
     plans = _folder_plans(folder)
-    imp = importance(folder, run, load_run_config(run), plans)
+    imp = importance(folder, llama_run, load_run_config(llama_run), plans, sequences=4)
     assert set(imp) == {p.name for p in plans if len(p.shape) == 2 and p.name != "token_embd.weight"}
     assert imp["blk.0.ffn_down.weight"].shape == (128,) and imp["blk.1.attn_q.weight"].shape == (64,)
     assert all(bool((v >= 0).all()) and float(v.sum()) > 0 for v in imp.values())

@@ -5,7 +5,7 @@ conversations (rendered with the run's template): a weight that multiplies large
 when it is rounded, so the k-quant scale search weighs its error more (quants.py). llama.cpp computes the same
 statistic with a separate `llama-imatrix` run over a text file; here it comes from the data the adapter learned.
 
-  importance(folder, cfg, plans)   {GGUF tensor name: (cols,) float32}
+  importance(folder, run_dir, cfg, plans)   {GGUF tensor name: (cols,) float32}
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 SEQUENCES = 64  # training conversations run through the model; the statistic settles well before (SmolLM2-135M)
 
 
-def importance(folder: Path, run_dir: Path, cfg: Config, plans: list[TensorPlan]) -> dict[str, torch.Tensor]:
+def importance(folder: Path, run_dir: Path, cfg: Config, plans: list[TensorPlan],
+               sequences: int = SEQUENCES) -> dict[str, torch.Tensor]:
     """Mean x^2 per input column of every planned 2-D weight that is a linear layer's (the tied embedding gets
     the output head's, which is what it is used as)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -46,7 +47,7 @@ def importance(folder: Path, run_dir: Path, cfg: Config, plans: list[TensorPlan]
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     try:
         with torch.inference_mode():
-            for conv in train[:SEQUENCES]:
+            for conv in train[:sequences]:
                 enc = encode_conversation(template, conv, tokenizer, cfg.data.max_seq_length, False, "truncate")
                 if enc is not None:
                     model(input_ids=torch.tensor([enc[0]]))
