@@ -95,12 +95,24 @@ def test_interactive_loop_over_stdin_via_main_py(llama_run, session, cfg):
         timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
+    assert "greedy (temperature 0), no repetition penalty" in proc.stderr  # plain greedy, and the banner says so
     gen = dataclasses.replace(cfg.generate, temperature=0.0, max_new_tokens=4)
     first = [{"role": "user", "content": "hello world"}]
     a = generate_text(session.model, session.tokenizer, session.template, first, gen).text
     second = first + [{"role": "assistant", "content": a.strip()}, {"role": "user", "content": "what is the apple?"}]
     b = generate_text(session.model, session.tokenizer, session.template, second, gen).text
     assert proc.stdout == f"{a}\n{b}\n"  # two streamed answers, the second with the first turn as history
+
+
+def test_banner_says_what_decoding_applies():
+    from lorafit.config.schema import Config
+    from lorafit.infer.chat import _sampling
+
+    cfg = Config()
+    assert cfg.generate.repetition_penalty == 1.0  # llama.cpp's and transformers' default: greedy is greedy
+    assert "sampling: temperature 0.7, top_p 0.9, top_k 50, no repetition penalty" in _sampling(cfg)
+    cfg.generate.temperature, cfg.generate.repetition_penalty = 0.0, 1.1
+    assert _sampling(cfg).startswith("greedy (temperature 0), repetition_penalty 1.1")
 
 
 def test_missing_adapter_path_is_a_user_error(tmp_path, capsys):

@@ -148,14 +148,14 @@ def test_rope_permutation_is_llama_cpp_pairs():
 def test_verify_catches_a_wrong_layout(tiny_model_dir, tmp_path):
     from transformers import AutoConfig
 
-    from lorafit.export.arch import arch_for, tensor_plans
-    from lorafit.export.gguf import _shapes, verify_gguf
+    from lorafit.export.arch import arch_for, folder_shapes, tensor_plans
+    from lorafit.export.gguf import verify_gguf
 
     folder = tiny_model_dir("llama")
     path = _export(folder, tmp_path, "f16")
     verify_gguf(path, folder, "f16")
     config = AutoConfig.from_pretrained(folder)
-    plans = tensor_plans(config, arch_for(config), _shapes(folder))
+    plans = tensor_plans(config, arch_for(config), folder_shapes(folder))
     for p in plans:
         p.transform = None  # as if the Q/K permutation had been forgotten
     with pytest.raises(RuntimeError, match=r"attn_[qk]"):
@@ -176,10 +176,10 @@ def test_failed_check_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
 
 def test_modelfile(tiny_model_dir, tmp_path):
     path = _export(tiny_model_dir("llama"), tmp_path, "f16", temperature="0.3")
-    text = (path.parent / "Modelfile").read_text()
+    text = path.with_suffix(".Modelfile").read_text()
     assert f"FROM ./{path.name}" in text
     assert 'PARAMETER stop "<|im_end|>"' in text and "PARAMETER temperature 0.3" in text
-    assert "{{ range .Messages }}" in text
+    assert "{{ range $i, $_ := .Messages }}" in text
 
 
 def test_run_directory_is_merged_then_exported(tiny_model_dir, tmp_path):
@@ -192,10 +192,127 @@ def test_run_directory_is_merged_then_exported(tiny_model_dir, tmp_path):
     path = _export(run, tmp_path / "out", "f32")
     jinja = gguf.GGUFReader(path).fields["tokenizer.chat_template"].contents()
     assert "Instruction: " in jinja and "Be brief." in jinja
-    text = (path.parent / "Modelfile").read_text()
+    text = path.with_suffix(".Modelfile").read_text()
     assert 'SYSTEM """Be brief."""' in text and 'PARAMETER stop "Instruction:"' in text
     assert "PARAMETER temperature 0.2" in text  # the run's generation settings
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["Modelfile", path.name]  # temp merge gone
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted([path.name, path.with_suffix(".Modelfile").name])  # the temporary merge is gone
+
+
+# -- quantized exports, overwriting, temporary files ------------------------------------------------
+
+def _wide_llama(tmp_path: Path, tiny_tokenizer) -> Path:
+    """A 2-layer llama whose rows (256, 512) hold k-quant super-blocks."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    folder = tmp_path / "wide"
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=tiny_tokenizer.eos_token_id,
+                         pad_token_id=tiny_tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_q4_k_m_model_reads_back(tiny_tokenizer, tmp_path):
+    """q4_k_m of a model with 256-wide rows: llama.cpp's mix in the file, the gguf reader and transformers'
+    GGUF loader read it, logits close to the original's, and the cost report beside it."""
+    import gguf
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorafit.export.arch import arch_for, folder_shapes, tensor_plans
+    from lorafit.export.cost import _file_tensors
+
+    folder = _wide_llama(tmp_path, tiny_tokenizer)
+    path = _export(folder, tmp_path / "out", "q4_k_m")
+    Q = gguf.GGMLQuantizationType
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == Q.Q4_K and types["blk.1.ffn_gate.weight"] == Q.Q4_K
+    assert types["blk.1.attn_v.weight"] == Q.Q6_K and types["blk.1.ffn_down.weight"] == Q.Q6_K  # the last eighth
+    assert types["blk.0.attn_v.weight"] == Q.Q4_K and types["blk.0.ffn_down.weight"] == Q.Q4_K
+    assert types["output.weight"] == Q.Q6_K and types["token_embd.weight"] == Q.Q4_K
+    assert types["blk.0.attn_norm.weight"] == Q.F32
+    ids = tiny_tokenizer(PROMPT)["input_ids"]
+    original = AutoModelForCausalLM.from_pretrained(folder).eval()
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        want, got = original(x).logits[0], _load_gguf(path)(x).logits[0]
+    assert (got - want).abs().max() <= 0.25 * want.abs().max()  # measured 0.11 (random weights, 4-bit)
+    config = AutoConfig.from_pretrained(folder)
+    plans = [p for p in tensor_plans(config, arch_for(config), folder_shapes(folder)) if p.source]
+    with torch.no_grad():  # the file's tensors put back by lorafit's own reader: what transformers computes
+        for plan, values in _file_tensors(path, plans):
+            original.get_parameter(plan.source).copy_(values)
+        assert (original(x).logits[0] - got).abs().max() <= 1e-4 * want.abs().max()
+    report = json.loads(path.with_suffix(".quant.json").read_text())
+    assert set(report["by_type"]) == {"F32", "Q4_K", "Q6_K"} and report["perplexity"] is None  # not a run
+    q4 = [r["rel_rmse"] for r in report["tensors"] if r["type"] == "Q4_K"]
+    assert 0.05 < min(q4) and max(q4) < 0.12
+    assert "| Q4_K |" in path.with_suffix(".quant.md").read_text()
+
+
+def test_narrow_rows_take_the_fallback_types(tiny_model_dir, tmp_path):
+    """64-wide rows cannot hold a 256-weight super-block: Q4_K -> Q5_0, Q6_K -> Q8_0, as llama-quantize does."""
+    import gguf
+
+    path = _export(tiny_model_dir("qwen2"), tmp_path, "q4_k_m")
+    Q = gguf.GGMLQuantizationType
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.1.attn_q.weight"] == Q.Q5_0 and types["output.weight"] == Q.Q8_0
+    assert types["blk.1.attn_v.weight"] == Q.Q8_0 and types["blk.0.attn_v.weight"] == Q.Q5_0  # the last eighth
+    assert types["blk.0.attn_q.bias"] == Q.F32
+
+
+def test_existing_export_needs_overwrite(tiny_model_dir, tmp_path):
+    from lorafit.export.gguf import export_gguf
+
+    folder = tiny_model_dir("llama")
+    out = tmp_path / "m.gguf"
+    export_gguf(folder, out, "f16")
+    before = out.read_bytes()
+    with pytest.raises(UserError, match="already exists") as e:
+        export_gguf(folder, out, "q8_0")
+    assert "--overwrite" in e.value.fix and out.read_bytes() == before
+    out.unlink()
+    with pytest.raises(UserError, match=r"m\.Modelfile' already exists"):  # its Modelfile alone counts too
+        export_gguf(folder, out, "q8_0")
+    export_gguf(folder, out, "q8_0", overwrite=True)
+    assert out.read_bytes() != before
+    export_gguf(folder, tmp_path / "other.gguf", "f16")  # a second export in the folder gets its own Modelfile
+    assert "FROM ./m.gguf" in (tmp_path / "m.Modelfile").read_text()
+    assert "FROM ./other.gguf" in (tmp_path / "other.Modelfile").read_text()
+
+
+def test_planted_symlinks_are_not_followed(tiny_model_dir, tmp_path):
+    """Links at the names a careless writer would use (`x.gguf.tmp`, `x.Modelfile.tmp`) stay untouched, and so
+    does what they point to."""
+    from lorafit.export.gguf import export_gguf
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for name in ("x.gguf.tmp", "x.Modelfile.tmp", "Modelfile.tmp", "Modelfile"):
+        (out_dir / name).symlink_to(victim)
+    export_gguf(tiny_model_dir("llama"), out_dir / "x.gguf", "f16")
+    assert victim.read_text() == "precious"
+    assert all((out_dir / n).is_symlink() for n in ("x.gguf.tmp", "x.Modelfile.tmp", "Modelfile.tmp", "Modelfile"))
+    assert (out_dir / "x.gguf").read_bytes()[:4] == b"GGUF" and not (out_dir / "x.gguf").is_symlink()
+    leftovers = [p.name for p in out_dir.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_run_export_reports_held_out_perplexity(tiny_model_dir, tmp_path):
+    from helpers import make_run
+
+    run = make_run(tmp_path / "run", tiny_model_dir("llama"), template="chatml", val_size=8, max_samples=8)
+    path = _export(run, tmp_path / "out", "q4_0")
+    ppl = json.loads(path.with_suffix(".quant.json").read_text())["perplexity"]
+    assert ppl["examples"] == 8 and ppl["f16"] > 1 and ppl["quantized"] > 1
+    assert ppl["quantized"] != ppl["f16"] and abs(ppl["change"]) < 0.5
+    text = path.with_suffix(".Modelfile").read_text()
+    assert "PARAMETER num_predict 16" in text  # the run's max_new_tokens
 
 
 # -- templates -------------------------------------------------------------------------------------
@@ -235,6 +352,10 @@ def test_templates_match_training(template):
         for gen in (True, False):
             assert render(fmt.jinja, conv, gen, eos="</s>") == template.render(conv, None, gen)
         assert go_render(fmt.go, conv, fmt.system) == template.render(conv, None, True)
+        # ending on an assistant message: Ollama continues that reply instead of opening a new turn
+        prefill = conv + [{"role": "assistant", "content": "Partial"}]
+        text = go_render(fmt.go, prefill, fmt.system)
+        assert text.endswith("Partial") and template.render(prefill, None, False).startswith(text)
 
 
 def test_unsplittable_template_gets_a_plain_modelfile():
@@ -266,9 +387,10 @@ def go_render(template: str, messages: list[dict], system: str | None) -> str:
             act = tok[2:-2].strip()
             if act in ("end", "else") or act.startswith("else if"):
                 return i
-            if act == "range .Messages":
+            if act in ("range .Messages", "range $i, $_ := .Messages"):
                 end = i + 1
-                for m in messages:
+                for n, m in enumerate(messages):
+                    env["$last"] = n == len(messages) - 1  # what `$last := eq (len (slice ...)) 1` computes
                     end = run(i + 1, m, emit)
                 if not messages:
                     end = run(i + 1, None, False)
@@ -286,7 +408,7 @@ def go_render(template: str, messages: list[dict], system: str | None) -> str:
                 i += 1
             elif ":=" in act or "=" in act:
                 name, value = (s.strip() for s in act.replace(":=", "=").split("="))
-                if emit:
+                if emit and value in ("true", "false"):
                     env[name] = value == "true"
                 i += 1
             else:
@@ -302,6 +424,11 @@ def go_render(template: str, messages: list[dict], system: str | None) -> str:
 def _go_cond(cond: str, msg: dict | None, env: dict) -> bool:
     if cond == "true":
         return True
+    if cond.startswith("not "):
+        return not _go_cond(cond[4:], msg, env)
+    both = re.fullmatch(r'and (\$\w+) \(ne \.Role "(\w+)"\)', cond)
+    if both:
+        return env.get(both.group(1), False) and bool(msg) and msg["role"] != both.group(2)
     if cond.startswith("$"):
         return env.get(cond, False)
     m = re.fullmatch(r'eq \.Role "(\w+)"', cond)
@@ -344,7 +471,7 @@ def test_cli_exit_codes(tiny_model_dir, tmp_path):
     out = tmp_path / "cli.gguf"
     assert main(["export", "--adapter_path", str(tiny_model_dir("llama")), "--output", str(out),
                  "--dtype", "q8_0"]) == 0
-    assert out.is_file() and (tmp_path / "Modelfile").is_file()
+    assert out.is_file() and (tmp_path / "cli.Modelfile").is_file()
     assert main(["export", "--adapter_path", str(tmp_path / "missing"), "--output", str(out)]) == 2
 
 

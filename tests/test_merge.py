@@ -112,3 +112,49 @@ def test_merge_takes_a_system_prompt_given_now(tiny_model_dir, tmp_path):
     assert Template.load(kept).system_prompt == "Be brief."
     new = merge_to_folder(run, tmp_path / "m2", load_run_config(run, {"system_prompt": "Be a pirate."}))
     assert Template.load(new).system_prompt == "Be a pirate."
+
+
+def test_merged_chat_template_carries_the_trained_system_prompt(tiny_model_dir, tmp_path):
+    """apply_chat_template on the merged folder builds the prompt training built, system prompt included."""
+    from transformers import AutoTokenizer
+
+    from lorafit.data.templates import Template
+    from lorafit.export.merge import merge_to_folder
+    from lorafit.run_dir import load_run_config
+
+    run = make_run(tmp_path / "run", tiny_model_dir("llama"), template="chatml", system_prompt="Answer in one word.")
+    out = merge_to_folder(run, tmp_path / "merged", load_run_config(run))
+    tok = AutoTokenizer.from_pretrained(out)
+    template = Template.load(run)
+    conv = [{"role": "user", "content": "What is 2 + 2?"}]
+    want = template.render(conv, tok, add_generation_prompt=True)
+    assert "Answer in one word." in want
+    assert tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False) == want
+
+
+def test_byte_level_tokenizer_json_loses_the_sentencepiece_decoder(tiny_tokenizer_dir, tmp_path):
+    """What transformers' GGUF loader writes for SmolLM2 (byte_fallback and a SentencePiece-style decoder on a
+    byte-level vocabulary) becomes a plain byte-level tokenizer.json, encoding and decoding the same."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from lorafit.export.vocab import plain_byte_level
+
+    folder = tmp_path / "tok"
+    shutil.copytree(tiny_tokenizer_dir, folder)
+    path = folder / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    spec["model"]["byte_fallback"] = True
+    spec["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}]}
+    path.write_text(json.dumps(spec))
+    text = "hello world, Monday: apple & banana ü 12 <|im_end|>"
+    before = AutoTokenizer.from_pretrained(folder)
+    ids = before(text)["input_ids"]
+    plain_byte_level(path)
+    spec = json.loads(path.read_text())
+    assert spec["model"]["byte_fallback"] is False and spec["decoder"]["type"] == "ByteLevel"
+    after = AutoTokenizer.from_pretrained(folder)
+    assert after(text)["input_ids"] == ids and after.decode(ids) == before.decode(ids) == text

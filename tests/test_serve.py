@@ -119,7 +119,7 @@ def test_binds_loopback_and_lists_the_run(server, client):
     assert client.models.retrieve("tiny-run").owned_by == "lorafit"
     assert server.raw("GET", "/health") == (200, {
         "status": "ok", "model": "tiny-run", "context_length": 512, "template": "chatml",
-        "defaults": {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "max_new_tokens": 256, "repetition_penalty": 1.1}})
+        "defaults": {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "max_new_tokens": 256, "repetition_penalty": 1.0}})
 
 
 def test_chat_matches_in_process_generation_with_the_run_template(server, client):

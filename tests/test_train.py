@@ -42,6 +42,9 @@ def test_run_directory_and_peft_loading(tiny_model_dir, tmp_path):
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 5 and 0 < summary["trainable_share"] < 1
     assert summary["steady_tokens_per_s"] > 0  # the steps after the first
+    card = (out / "README.md").read_text()
+    for part in (f"base_model: {model_dir}", "5 steps", "44 training and 4 held-out", "model's own chat template"):
+        assert part in card, card
 
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     tuned = PeftModel.from_pretrained(base, str(out)).eval()
@@ -60,6 +63,24 @@ def test_validation_default_cadence_gives_a_curve(tiny_model_dir, tmp_path):
     val = [r for r in recs if "val_loss" in r]
     assert [r["step"] for r in val] == [0, 1, 2, 3]
     assert val[0]["val_loss"] != val[-1]["val_loss"]
+
+
+def test_model_card_names_the_hub_base_of_the_builtin(tmp_path):
+    """PEFT writes the built-in model's cache path and an empty card; the run says where the base comes from."""
+    from lorafit.config.schema import Config
+    from lorafit.train.run_files import describe_adapter
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/root/.cache/x", "r": 16}))
+    (tmp_path / "data.json").write_text(json.dumps({"report": {"train_examples": 1140, "val_examples": 60}}))
+    (tmp_path / "template.json").write_text(json.dumps({"name": "model", "system_prompt": "Answer briefly."}))
+    describe_adapter(tmp_path, Config(), {"steps": 30, "epochs": 0.21, "tokens": 12345, "best_val_loss": 1.2345})
+    adapter = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert adapter == {"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "r": 16}
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n")
+    for part in ("1140 training and 60", "'Answer briefly.'", "best validation loss 1.2345", "12,345 tokens",
+                 "AutoPeftModelForCausalLM", "--dtype q4_k_m"):
+        assert part in card, part
 
 
 def test_pinned_losses(tiny_model_dir, tmp_path):

@@ -167,11 +167,20 @@ def cmd_export(argv: list[str]) -> int:
     p.add_argument("--adapter_path", required=True, help="run directory, or a merged model folder")
     p.add_argument("--format", default="gguf", choices=["gguf"], help="export format")
     p.add_argument("--output", required=True, help="the .gguf file to write")
-    p.add_argument("--dtype", default="f16", choices=["f16", "bf16", "f32", "q8_0"], help="tensor type")
+    from lorafit.export.quant_mix import DTYPES
+
+    p.add_argument("--dtype", default="f16", choices=DTYPES,
+                   help="tensor type; q4_k_m is the usual pick (the _s/_m mixes follow llama.cpp's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing .gguf and its Modelfile")
+    p.add_argument("--skip_perplexity", action="store_true",
+                   help="for a quantized dtype, skip the held-out perplexity check (per-tensor errors still shown)")
+    p.add_argument("--imatrix", action="store_true",
+                   help="weigh k-quant rounding by importance from the run's training data (mean squared activations)")
     args, rest = p.parse_known_args(argv)
     from lorafit.export.gguf import export_gguf
 
-    export_gguf(Path(args.adapter_path), Path(args.output), args.dtype, parse_overrides(rest))
+    export_gguf(Path(args.adapter_path), Path(args.output), args.dtype, parse_overrides(rest),
+                overwrite=args.overwrite, perplexity=not args.skip_perplexity, imatrix=args.imatrix)
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -55,17 +56,31 @@ def package_versions() -> dict[str, Any]:
     return {"python": platform.python_version(), "platform": platform.platform(), **installed_versions(PACKAGES)}
 
 
+def new_temp_file(path: Path) -> Path:
+    """A new empty file beside `path`, at a random name, created exclusively (O_EXCL), to be renamed onto `path`.
+
+    A fixed name such as `path.tmp` could be a symlink someone planted, and writing it would follow the link.
+    """
+    fd, name = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=Path(path).parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; the file ends up where a plain open() would have put one
+    finally:
+        os.close(fd)
+    return Path(name)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = new_temp_file(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_config(run_dir: Path, cfg: Config) -> None:

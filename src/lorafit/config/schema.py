@@ -227,8 +227,8 @@ class GenerateArgs:
     """Sample among the k likeliest tokens (0: off)."""
     max_new_tokens: int = 256
     """Tokens to generate at most."""
-    repetition_penalty: float = 1.1
-    """Penalty > 1 discourages repeating tokens."""
+    repetition_penalty: float = 1.0
+    """Penalty > 1 discourages repeating tokens (1.0: off, as in llama.cpp, so temperature 0 is plain greedy)."""
 
 
 @dataclass

@@ -262,6 +262,11 @@ def reply_nll(session: Session, template: Template, examples: list[EvalExample],
     return out
 
 
+def reply_perplexity(session: Session, examples: list[EvalExample], cfg: Config) -> float | None:
+    """Perplexity over the examples' reply tokens under the session's own template (export's cost check)."""
+    return perplexity(reply_nll(session, session.template, examples, cfg))
+
+
 def perplexity(nll: list[tuple[float, int] | None]) -> float | None:
     """exp(total NLL / total reply tokens)."""
     pairs = [p for p in nll if p is not None]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +47,8 @@ class TensorPlan:
     """Layout change applied to the float32 source (same shape out)."""
     value: torch.Tensor | None = None
     """The tensor itself, for computed tensors."""
+    inverse: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Undoes `transform` (the file's tensor back in the HF model's layout)."""
 
 
 def arch_for(config: Any) -> ArchSpec:
@@ -115,6 +119,18 @@ def _add_rope_scaling(writer: Any, rope: dict[str, Any]) -> None:
                         fix="supported rope types: default, linear, yarn, llama3")
 
 
+def folder_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """{safetensors key: shape} of a model folder, read from the headers only."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118  (safe_open is not a dict)
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
 def tensor_plans(config: Any, spec: ArchSpec, shapes: dict[str, tuple[int, ...]]) -> list[TensorPlan]:
     """Every GGUF tensor, in llama.cpp's order, from the safetensors keys and shapes of a merged folder."""
     import gguf
@@ -133,12 +149,11 @@ def tensor_plans(config: Any, spec: ArchSpec, shapes: dict[str, tuple[int, ...]]
             raise UserError(f"tensor '{key}' has no GGUF equivalent for the {spec.hf_type} architecture",
                             fix="the folder may hold an unmerged adapter or extra heads; export a plain merged "
                                 "causal LM (`lorafit merge`)")
-        transform = None
-        if spec.permute_qk and gguf_name.endswith(".attn_q"):
-            transform = _permuter(n_head)
-        elif spec.permute_qk and gguf_name.endswith(".attn_k"):
-            transform = _permuter(n_kv)
-        plans.append(TensorPlan(f"{gguf_name}.{suffix}", key, tuple(shape), transform))
+        transform = inverse = None
+        heads = n_head if gguf_name.endswith(".attn_q") else n_kv if gguf_name.endswith(".attn_k") else None
+        if spec.permute_qk and heads:
+            transform, inverse = partial(rope_interleave, n_head=heads), partial(rope_deinterleave, n_head=heads)
+        plans.append(TensorPlan(f"{gguf_name}.{suffix}", key, tuple(shape), transform, inverse=inverse))
     if "lm_head.weight" in shapes and getattr(config, "tie_word_embeddings", False):
         plans = [p for p in plans if p.source != "lm_head.weight"]  # tied: llama.cpp reuses token_embd
     freqs = _llama3_rope_freqs(config)
@@ -154,13 +169,6 @@ def _order(plan: TensorPlan) -> tuple[int, int, str]:
     if parts[0] == "blk":
         return (1, int(parts[1]), plan.name)
     return (0 if parts[0] != "output_norm" and parts[0] != "output" else 2, 0, plan.name)
-
-
-def _permuter(n_head: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    def permute(w: torch.Tensor) -> torch.Tensor:
-        return rope_interleave(w, n_head)
-
-    return permute
 
 
 def rope_interleave(w: torch.Tensor, n_head: int) -> torch.Tensor:

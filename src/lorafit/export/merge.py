@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lorafit.errors import UserError
+from lorafit.export.template import chat_format
+from lorafit.export.vocab import plain_byte_level
 from lorafit.infer.generate import eos_token_ids, run_template
 from lorafit.model.load import compute_dtype, load_base_model, load_tokenizer, resolve_model
 from lorafit.model.lora import load_adapter
@@ -202,10 +204,14 @@ def _save(model, tokenizer, template, run_dir: Path, out: Path, cfg: Config, dty
     gc.repetition_penalty = g.repetition_penalty
     model.config.use_cache = True
     model.save_pretrained(out, safe_serialization=True)
-    if template.chat_template:  # apply_chat_template on the merged model then renders what training saw
-        tokenizer.chat_template = template.chat_template
+    # apply_chat_template on the merged model renders what training saw: the template, with the trained system
+    # prompt as the default when a conversation brings none
+    jinja = chat_format(template.to_dict(), tokenizer).jinja
+    if jinja:
+        tokenizer.chat_template = jinja
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(out)
+    plain_byte_level(out / "tokenizer.json")
     template.save(out)
     (out / "README.md").write_text(_readme(run_dir, cfg, template, dtype), encoding="utf-8")
 

@@ -91,12 +91,13 @@ def plain_jinja(name: str, parts: tuple) -> str:
 def plain_go(name: str, parts: tuple, eos: str) -> str:
     """The same for Ollama: Go templates keep a variable across `range` iterations when assigned with `=`."""
     sep, before, after, header, reply_prefix, system_end = _plain_pieces(name, parts)
-    return ("{{ $replied := false }}{{ range .Messages }}"
+    return ("{{ $replied := false }}" + _GO_RANGE +
             f'{{{{ if eq .Role "system" }}}}{{{{ .Content }}}}{_go_text(system_end)}'
             f'{{{{ else if eq .Role "user" }}}}{{{{ if $replied }}}}{_go_text(sep)}{{{{ end }}}}'
             f"{_go_text(before)}{{{{ .Content }}}}{_go_text(after)}"
-            f'{{{{ else if eq .Role "assistant" }}}}{_go_text(header + reply_prefix)}{{{{ .Content }}}}{_go_text(eos)}'
-            "{{ $replied = true }}{{ end }}{{ end }}" + _go_text(header))
+            f'{{{{ else if eq .Role "assistant" }}}}{_go_text(header + reply_prefix)}{{{{ .Content }}}}'
+            f"{{{{ if not $last }}}}{_go_text(eos)}{{{{ end }}}}"
+            "{{ $replied = true }}{{ end }}" + _go_generation(header) + "{{ end }}")
 
 
 def _with_default_system(jinja: str, system: str | None) -> str:
@@ -171,13 +172,24 @@ def go_template(turns: Turns) -> str:
     branches = []
     for i, (role, (prefix, suffix)) in enumerate(turns.parts.items()):
         keyword = "if" if i == 0 else "else if"
-        branches.append(f'{{{{ {keyword} eq .Role "{role}" }}}}{_go_text(prefix)}{{{{ .Content }}}}{_go_text(suffix)}')
-    return "{{ range .Messages }}" + "".join(branches) + "{{ end }}{{ end }}" + _go_text(turns.generation)
+        end = f"{{{{ if not $last }}}}{_go_text(suffix)}{{{{ end }}}}" if role == "assistant" else _go_text(suffix)
+        branches.append(f'{{{{ {keyword} eq .Role "{role}" }}}}{_go_text(prefix)}{{{{ .Content }}}}{end}')
+    return _GO_RANGE + "".join(branches) + "{{ end }}" + _go_generation(turns.generation) + "{{ end }}"
+
+
+# Ollama's idiom for "this is the last message": a conversation that ends on an assistant message is a reply to
+# continue (prefill), so that message stays open and no new assistant turn starts.
+_GO_RANGE = "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
+
+
+def _go_generation(text: str) -> str:
+    return f'{{{{ if and $last (ne .Role "assistant") }}}}{_go_text(text)}{{{{ end }}}}' if text else ""
 
 
 def modelfile(gguf_name: str, fmt: ChatFormat, params: dict[str, Any]) -> str:
     """Text of an Ollama Modelfile for `gguf_name`, which lies beside it."""
-    lines = ["# Written by `lorafit export`. Use: ollama create NAME -f Modelfile", f"FROM ./{gguf_name}"]
+    own = gguf_name.removesuffix(".gguf") + ".Modelfile"
+    lines = [f"# Written by `lorafit export`. Use: ollama create NAME -f {own}", f"FROM ./{gguf_name}"]
     go = fmt.go or "{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}"
     lines.append(f'TEMPLATE """{go}"""')
     if fmt.system:

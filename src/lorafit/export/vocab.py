@@ -8,6 +8,7 @@ Two vocabulary kinds, as llama.cpp names them:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -22,6 +23,14 @@ _LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}
 _QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _PRE_BY_SPLIT = {_LLAMA3_RE: "llama-bpe", _QWEN2_RE: "qwen2"}
+# Vocabularies whose tokenizer.json may not show their pre-tokenizer (transformers' GGUF loader writes a plain
+# ByteLevel one, which is how the built-in SmolLM2 arrives): sha256 of the tokens in id order -> llama.cpp's name.
+# SmolLM and SmolLM2 (135M, 360M, 1.7B) share this 49152-token vocabulary; llama.cpp's converter names it
+# `smollm` (its hash of the encoded check text matches for the built-in tokenizer too).
+_PRE_BY_VOCAB = {"d1f2ce856b324081b621d9e2e8dbd22879f462329f3fd4aa39fa758dddb2ce55": "smollm"}
+# Added tokens that are control tokens whatever their `special` flag says (llama.cpp's converter does the same,
+# and its loader warns about a `<|...|>` token of another type).
+_CONTROL_LOOKING = re.compile(r"<\|.*\|>|<pad>|<mask>")
 
 
 @dataclass
@@ -52,6 +61,9 @@ def add_vocab(writer: Any, folder: Path, tokenizer: Any, config: Any) -> VocabIn
     warning, pre = None, None
     if kind == "gpt2":
         pre, warning = _pre_name(spec.get("pre_tokenizer"))
+        known = _PRE_BY_VOCAB.get(vocab_digest(model["vocab"]))
+        if known:
+            pre, warning = known, None
         writer.add_tokenizer_pre(pre)
         writer.add_add_space_prefix(False)  # transformers' GGUF loader strips a leading space unless told
     else:
@@ -69,6 +81,23 @@ def add_vocab(writer: Any, folder: Path, tokenizer: Any, config: Any) -> VocabIn
     writer.add_add_eos_token(_adds(tokenizer, ids["eos"], first=False))
     name = lambda i: tokens[i] if i is not None else None
     return VocabInfo(kind, pre, len(tokens), name(ids["bos"]), name(ids["eos"]), warning)
+
+
+def plain_byte_level(path: Path) -> None:
+    """Rewrite a byte-level BPE tokenizer.json the way such tokenizers are normally saved: no byte fallback and
+    a ByteLevel decoder. transformers' GGUF loader (how the built-in SmolLM2 arrives) sets `byte_fallback` and a
+    SentencePiece-style decoder on byte-level vocabularies; llama.cpp's convert_hf_to_gguf.py then takes the
+    folder for SentencePiece and writes a file llama.cpp cannot load. Encoding is unchanged (a byte-level
+    vocabulary covers every byte, so the fallback never fires) and so is decoding."""
+    if not path.is_file():
+        return
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    if _kind(spec) != "gpt2" or not (spec["model"].get("byte_fallback") or "ByteFallback" in json.dumps(
+            spec.get("decoder"))):
+        return
+    spec["model"]["byte_fallback"] = False
+    spec["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    path.write_text(json.dumps(spec, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
 def _kind(spec: dict[str, Any]) -> str:
@@ -108,12 +137,13 @@ def _tokens_and_types(vocab: dict[str, int], added: list[dict], vocab_size: int,
         if tok is not None and kind == "llama" and re.fullmatch(r"<0x[0-9A-F]{2}>", tok):
             tokens.append(tok)  # byte-fallback pieces, whether or not tokenizer.json lists them as added
             types.append(gguf.TokenType.BYTE)
-        elif i == unk:
+        elif i == unk and kind == "llama":  # byte-level BPE has no unknown token: SmolLM2's unk is <|endoftext|>
             tokens.append(tok)
             types.append(gguf.TokenType.UNKNOWN)
         elif i in added_by_id:
             tokens.append(tok)
-            types.append(gguf.TokenType.CONTROL if added_by_id[i].get("special") else gguf.TokenType.USER_DEFINED)
+            control = added_by_id[i].get("special") or _CONTROL_LOOKING.fullmatch(tok)
+            types.append(gguf.TokenType.CONTROL if control else gguf.TokenType.USER_DEFINED)
         elif tok is not None:
             tokens.append(tok)
             types.append(gguf.TokenType.NORMAL)
@@ -121,6 +151,11 @@ def _tokens_and_types(vocab: dict[str, int], added: list[dict], vocab_size: int,
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
     return tokens, [int(t) for t in types]
+
+
+def vocab_digest(vocab: dict[str, int]) -> str:
+    """sha256 of the tokens in id order: names a vocabulary however its tokenizer.json was rewritten."""
+    return hashlib.sha256("\n".join(t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])).encode()).hexdigest()
 
 
 def _scores(types: list[int]) -> list[float]:

@@ -46,8 +46,7 @@ def chat(run_dir: Path, cfg: Config, prompt: str | None = None, demo: bool = Fal
     run_dir = Path(run_dir)
     _status(f"loading {'base model' if not use_adapter else 'base + adapter'} from {run_dir} ...")
     session = load_session(run_dir, cfg, use_adapter=use_adapter)
-    _status(f"{cfg.model.model} | template {session.template.name} | temperature {cfg.generate.temperature}, "
-            f"top_p {cfg.generate.top_p}, top_k {cfg.generate.top_k}, max_new_tokens {cfg.generate.max_new_tokens}")
+    _status(f"{cfg.model.model} | template {session.template.name} | {_sampling(cfg)}")
     if prompt is not None:
         answer(session, cfg, [{"role": "user", "content": prompt}], seed=cfg.train.seed)
         return
@@ -116,6 +115,15 @@ def answer(session: Session, cfg: Config, messages: list[dict], seed: int | None
     if result is not None and result.finish_reason == "length":
         _status(f"[cut at max_new_tokens={cfg.generate.max_new_tokens}]")
     return result.text.strip() if result is not None else ""
+
+
+def _sampling(cfg: Config) -> str:
+    """The decoding that applies, as the banner states it: greedy at temperature 0 (top_p/top_k do nothing)."""
+    g = cfg.generate
+    how = "greedy (temperature 0)" if g.temperature <= 0 else \
+        f"sampling: temperature {g.temperature}, top_p {g.top_p}, top_k {g.top_k}"
+    penalty = f"repetition_penalty {g.repetition_penalty}" if g.repetition_penalty != 1.0 else "no repetition penalty"
+    return f"{how}, {penalty}, max_new_tokens {g.max_new_tokens}"
 
 
 def _status(message: str) -> None:

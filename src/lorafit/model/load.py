@@ -22,6 +22,7 @@ from lorafit.hub import looks_like_hub_id
 log = logging.getLogger("lorafit")
 
 BUILTIN_ALIASES = (BUILTIN_MODEL, "smollm2", "builtin", "smollm2-135m-instruct")
+BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # where the built-in model's weights come from
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

