@@ -14,6 +14,7 @@ from pathlib import Path
 from lorafit.config.schema import Config
 from lorafit.errors import ConfigError
 from lorafit.model.arch import family
+from lorafit.model.load import parameter_sizes
 
 
 def linear_layer_names(model) -> list[str]:
@@ -99,10 +100,7 @@ def load_adapter(base_model, adapter_dir: Path, trainable: bool = False):
 def parameter_counts(model) -> tuple[int, int]:
     """(trainable, total) parameters; 4-bit weights count as their unpacked element number."""
     trainable = total = 0
-    for p in model.parameters():
-        n = p.numel()
-        if type(p).__name__ == "Params4bit":
-            n *= 2
+    for p, n in parameter_sizes(model):
         total += n
         if p.requires_grad:
             trainable += n
