@@ -1,7 +1,8 @@
 """FSDP on CPU (gloo, torch's FSDP2): `accelerate launch --use_fsdp --num_processes 2 -m lorafit train` equals one
 process with the same global batch, step for step (losses, gradient norms with clipping active, validation, the
 adapter), writes one PEFT adapter that PeftModel loads, and its checkpoints resume in one process without FSDP;
-a one-process checkpoint resumes under `torchrun ... --fsdp true`. FSDP with a 4-bit base is a config error.
+a one-process checkpoint resumes under `torchrun ... --fsdp true`. FSDP with an 8-bit base is a config error (4-bit:
+test_fsdp_qlora.py).
 
 The accelerate launch matters: by default (FSDP_CPU_RAM_EFFICIENT_LOADING=true) transformers reads the weights
 on rank 0 only and gives the other ranks zeros, so without lorafit's broadcast the losses here differ from step 1.
@@ -124,14 +125,14 @@ def test_one_process_checkpoint_resumes_under_fsdp(runs, tmp_path):
 
 
 @pytest.mark.parametrize("how", ["flag", "accelerate"])
-def test_fsdp_with_4bit_is_a_config_error(tmp_path, how):
-    argv = ["train", "--load_in_4bit", "true", "--output_dir", str(tmp_path / "run")]
+def test_fsdp_with_8bit_is_a_config_error(tmp_path, how):
+    argv = ["train", "--load_in_8bit", "true", "--output_dir", str(tmp_path / "run")]
     proc = run_cli(*argv, "--fsdp", "true") if how == "flag" else run_cli(*argv, ACCELERATE_USE_FSDP="true")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
-    assert len(lines) == 2 and lines[0].startswith("error: FSDP (") and "cannot shard a 4-bit" in lines[0]
-    assert lines[1].strip().startswith("fix: for QLoRA train data-parallel")
+    assert len(lines) == 2 and lines[0].startswith("error: FSDP (") and "cannot shard an 8-bit" in lines[0]
+    assert lines[1].strip().startswith("fix: shard a 4-bit base instead (--load_in_4bit true")
     assert ("--fsdp true" if how == "flag" else "accelerate launch --use_fsdp") in lines[0]
     assert not (tmp_path / "run").exists()
 
@@ -141,6 +142,7 @@ def test_fsdp_config_checks():
     from lorafit.errors import ConfigError
 
     build_config(None, {"fsdp": "true", "bf16": "true"})
+    build_config(None, {"fsdp": "true", "load_in_4bit": "true"})  # QLoRA under FSDP
     for bad, words in (({"fp16": "true"}, "not fp16"), ({"optim": "paged_adamw_32bit"}, "adamw_torch"),
                        ({"auto_find_batch_size": "true"}, "probe batch sizes"), ({"load_in_8bit": "true"}, "8-bit")):
         with pytest.raises(ConfigError, match=words):
