@@ -167,8 +167,8 @@ def test_fsdp_settings_from_accelerate_env():
     notes = " ".join(s.notes)
     assert "FSDP_VERSION=1 ignored" in notes and "FSDP_STATE_DICT_TYPE ignored" in notes
     assert settings(Config(), two, env={**env, "FSDP_AUTO_WRAP_POLICY": "NO_WRAP"}).no_wrap
-    assert offload_requested({"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"})
-    assert not offload_requested({"FSDP_OFFLOAD_PARAMS": "true"})
+    assert offload_requested(env={"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"})
+    assert not offload_requested(env={"FSDP_OFFLOAD_PARAMS": "true"})
     cfg = Config()
     cfg.train.fsdp = True
     assert settings(cfg, two, env={}).source == "--fsdp true"

@@ -99,3 +99,39 @@ def test_one_process_4bit_checkpoint_resumes_under_fsdp(runs, tmp_path):
     assert "resuming from" in proc.stderr
     assert losses(copy) == pytest.approx(losses(single), rel=1e-4)
     assert_same_adapter(copy, single, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_over_one_process_is_the_sharded_path(runs, tiny_model_dir, tmp_path):
+    """`torchrun --nproc_per_node 1 ... --fsdp true` (the one-GPU check in bench/fsdp2.sh): FSDP2 over a group of
+    one, 4-bit, the same global batch as the one-process run, the same numbers."""
+    _, single, _ = runs
+    args = train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path / "one", gradient_accumulation_steps=4,
+                      **{**QLORA, "eval_strategy": "no", "save_strategy": "no", "max_steps": 2})
+    proc = subprocess.run([*_torchrun(), "--standalone", "--nproc_per_node", "1", "-m", "lorafit", "train",
+                           *to_argv(args), "--fsdp", "true"], check=False, capture_output=True, text=True, timeout=300,
+                          cwd=REPO, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "fsdp: FSDP2 over 1 process (nothing cut: a check of the sharded path) (--fsdp true)" in proc.stderr
+    assert "fsdp: 4-bit base: 14 NF4 weights sharded packed in float32" in proc.stderr
+    got, ref = losses(tmp_path / "one"), losses(single)
+    assert got == pytest.approx({s: ref[s] for s in (1, 2)}, rel=1e-6)  # before the reference's first validation
+
+
+def test_fsdp_one_process_and_offload_settings():
+    from lorafit.config.schema import Config
+    from lorafit.errors import UserError
+    from lorafit.train.fsdp import offload_requested, one_process_group, settings
+    from lorafit.train.parallel import Dist
+
+    cfg, torchrun = Config(), {"WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    cfg.train.fsdp = True
+    assert one_process_group(cfg, torchrun) and not one_process_group(cfg, {})
+    assert settings(cfg, Dist(0, 1, 0), env=torchrun).source == "--fsdp true"
+    assert settings(cfg, Dist(0, 1, 0), env={}) is None  # no launcher: plain one process
+    cfg.train.fsdp_offload = True
+    assert offload_requested(cfg, env={})
+    assert settings(cfg, Dist(0, 2, 0), env={}).offload is False  # shards on the CPU already: offload off
+    cfg.train.fsdp = False
+    with pytest.raises(UserError, match="fsdp_offload"):
+        settings(cfg, Dist(0, 2, 0), env={})

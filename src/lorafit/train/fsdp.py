@@ -70,10 +70,20 @@ def _true(value: str | None) -> bool:
     return (value or "").strip().lower() in ("true", "1", "yes", "on")
 
 
-def offload_requested(env: dict[str, str] | None = None) -> bool:
-    """accelerate launch --use_fsdp --fsdp_offload_params true (known before the process group starts)."""
+def offload_requested(cfg: Config | None = None, env: dict[str, str] | None = None) -> bool:
+    """--fsdp_offload true, or accelerate launch --use_fsdp --fsdp_offload_params true (known before the process
+    group starts: offloaded shards need gloo beside nccl)."""
     env = os.environ if env is None else env
-    return _true(env.get("ACCELERATE_USE_FSDP")) and _true(env.get("FSDP_OFFLOAD_PARAMS"))
+    return bool(cfg is not None and cfg.train.fsdp_offload) or (
+        _true(env.get("ACCELERATE_USE_FSDP")) and _true(env.get("FSDP_OFFLOAD_PARAMS")))
+
+
+def one_process_group(cfg: Config, env: dict[str, str] | None = None) -> bool:
+    """`torchrun --nproc_per_node 1 ... --fsdp true`: FSDP over one process, which needs a process group of one.
+    Nothing is cut, but every step of the sharded path runs (the gathers, the reduce in float32, CPU offload, the
+    4-bit base packed in the compute dtype), so one GPU can check what the multi-GPU runs depend on."""
+    env = os.environ if env is None else env
+    return cfg.train.fsdp and env.get("WORLD_SIZE") == "1" and "MASTER_ADDR" in env
 
 
 def settings(cfg: Config, d: Dist, env: dict[str, str] | None = None) -> Settings | None:
@@ -82,14 +92,16 @@ def settings(cfg: Config, d: Dist, env: dict[str, str] | None = None) -> Setting
     env = os.environ if env is None else env
     accelerate = _true(env.get("ACCELERATE_USE_FSDP"))
     if not (cfg.train.fsdp or accelerate):
+        if cfg.train.fsdp_offload:
+            raise UserError("'fsdp_offload' is on but FSDP is not", fix="add --fsdp true, or drop --fsdp_offload")
         return None
     source = "--fsdp true" if cfg.train.fsdp else "accelerate launch --use_fsdp (ACCELERATE_USE_FSDP=true)"
     if not cfg.train.fsdp:
         check_fsdp(cfg, source)  # --fsdp true was checked with the rest of the config
-    if d.world_size == 1:
+    if d.world_size == 1 and not one_process_group(cfg, env):
         log.info("fsdp: one process has nothing to shard; training unsharded")
         return None
-    s = Settings(source)
+    s = Settings(source, offload=cfg.train.fsdp_offload)
     if accelerate:
         _read_accelerate(s, env)
     if s.offload and d.device.type == "cpu":
@@ -105,7 +117,7 @@ def _read_accelerate(s: Settings, env: dict[str, str]) -> None:
         s.reshard_after_forward = reshard.strip().upper() in ("TRUE", "1", "FULL_SHARD", "HYBRID_SHARD")
         used.append(f"FSDP_RESHARD_AFTER_FORWARD={reshard}")
     if "FSDP_OFFLOAD_PARAMS" in env:
-        s.offload = _true(env["FSDP_OFFLOAD_PARAMS"])
+        s.offload = s.offload or _true(env["FSDP_OFFLOAD_PARAMS"])
         used.append(f"FSDP_OFFLOAD_PARAMS={env['FSDP_OFFLOAD_PARAMS']}")
     policy = (env.get("FSDP_AUTO_WRAP_POLICY") or "").strip().upper()
     if policy == "NO_WRAP":
@@ -224,7 +236,8 @@ def wrap(loss_module: torch.nn.Module, model, d: Dist, s: Settings, dtype: torch
         fully_shard(layer, reshard_after_forward=s.reshard_after_forward, **kw)
     fully_shard(loss_module, reshard_after_forward=False, **kw)  # the root is gathered again at once for backward
     what = f"{len(layers)} x {type(layers[0]).__name__.removeprefix('FSDP')} + root" if layers else "one unit"
-    line = (f"fsdp: FSDP2 over {d.world_size} processes ({s.source}); units: {what}; weights gathered in "
+    procs = f"{d.world_size} processes" if d.world_size > 1 else "1 process (nothing cut: a check of the sharded path)"
+    line = (f"fsdp: FSDP2 over {procs} ({s.source}); units: {what}; weights gathered in "
             f"{str(dtype).removeprefix('torch.')}, gradients reduced in float32; reshard_after_forward "
             f"{str(s.reshard_after_forward).lower()}; CPU offload {'on' if s.offload else 'off'}")
     lines = [line] + (["fsdp: " + "; ".join(s.notes)] if s.notes else [])

@@ -40,7 +40,7 @@ from lorafit.train import checkpoint as ckpt
 from lorafit.train import fsdp
 from lorafit.train import parallel as dist
 from lorafit.train.fast import loss_path
-from lorafit.train.fsdp import offload_requested
+from lorafit.train.fsdp import offload_requested, one_process_group
 from lorafit.train.log import NullLog, TrainLog, memory_gib, setup_console, truncate_after
 from lorafit.train.memory import find_pass_budget, measured_budget, oom_error, pass_budget
 from lorafit.train.objectives import build_objective
@@ -64,7 +64,7 @@ log = logging.getLogger("lorafit")
 def train(cfg: Config) -> Path:
     """Train an adapter into cfg.train.output_dir and return that directory."""
 
-    d = dist.setup(cpu_collectives=offload_requested())
+    d = dist.setup(cpu_collectives=offload_requested(cfg), group_of_one=one_process_group(cfg))
     try:
         return _train(cfg, d)
     finally:
