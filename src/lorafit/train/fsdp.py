@@ -157,24 +157,26 @@ def sync_from_rank0(model, d: Dist) -> None:
 
 def load_base(cfg: Config, d: Dist, s: Settings, dtype: torch.dtype, source):
     """The frozen base on this rank before sharding. bf16: on the CPU, and fully_shard moves each rank's shard to
-    its device. 4-bit: quantized on the rank's own device (bitsandbytes' CUDA quantizer takes seconds for an 8B
-    model; its CPU one does ~8M parameters/s on 2 cores, ~17 min), packed in `dtype`, and sharded there.
-    Under rank0_loads only rank 0 reads the files; the others receive what it loaded."""
+    its device. 4-bit: quantized on the rank's GPU (bitsandbytes' CUDA quantizer takes seconds for an 8B model),
+    packed in `dtype`, so each GPU holds the whole 4-bit base until fully_shard cuts it; with CPU offload, which is
+    asked for to spare GPU memory, on the CPU instead (its quantizer does ~8M parameters/s on 2 cores: ~17 min for
+    8B). Under rank0_loads only rank 0 reads the files; the others receive what it loaded."""
     if not cfg.model.load_in_4bit:
         base = load_base_model(cfg, torch.device("cpu"), source)
         if s.rank0_loads:
             sync_from_rank0(base, d)
         return base
+    where = torch.device("cpu") if s.offload else d.device
     if not s.rank0_loads:
-        return load_base_model(cfg, d.device, source, quant_storage=dtype)
-    base = load_base_model(cfg, d.device, source, quant_storage=dtype) if d.main else None
-    return share_base(cfg, base, d)
+        return load_base_model(cfg, where, source, quant_storage=dtype)
+    base = load_base_model(cfg, where, source, quant_storage=dtype) if d.main else None
+    return share_base(cfg, base, d, where)
 
 
-def share_base(cfg: Config, base, d: Dist):
+def share_base(cfg: Config, base, d: Dist, where: torch.device):
     """Rank 0's loaded base to every rank, `state_dict()` tensor by tensor (for a 4-bit model that includes each
-    weight's quant_state, serialized by bitsandbytes), rebuilt on the other ranks by transformers' loader of
-    pre-quantized weights. transformers' own rank-0-only loading (FSDP_CPU_RAM_EFFICIENT_LOADING) skips
+    weight's quant_state, serialized by bitsandbytes), rebuilt on the other ranks, on `where`, by transformers'
+    loader of pre-quantized weights. transformers' own rank-0-only loading (FSDP_CPU_RAM_EFFICIENT_LOADING) skips
     quantized models, so without this every rank would read and quantize the whole checkpoint."""
     import torch.distributed as tdist
 
@@ -183,11 +185,11 @@ def share_base(cfg: Config, base, d: Dist):
     tdist.broadcast_object_list(head, src=0, device=d.device if d.device.type == "cuda" else None)
     model_class, config, manifest = head[0]
     received = {}
-    for key, shape, dtype in manifest:
+    for key, shape, dtype in manifest:  # through d.device: nccl sends from the GPU, gloo from the CPU
         buf = state[key].to(d.device) if d.main else torch.empty(shape, dtype=dtype, device=d.device)
         tdist.broadcast(buf, src=0)
-        received[key] = buf
-    return base if d.main else base_from_state_dict(cfg, model_class, config, received, d.device)
+        received[key] = buf.to(where)
+    return base if d.main else base_from_state_dict(cfg, model_class, config, received, where)
 
 
 def _ready_4bit(model, device: torch.device) -> tuple[int, int]:
