@@ -5,8 +5,8 @@
 #        --nproc_per_node 1 --fsdp true runs FSDP2 over a group of one: every gather, reduce and offload runs, nothing
 #        is cut), without the accelerate runs.
 # bf16 (issue 7):
-#   torchrun:   `torchrun --nproc_per_node N -m lorafit train --fsdp true` (fast_kernels on: the log must say FSDP
-#               overrides it), bf16, checkpoints every 3 steps;
+#   torchrun:   `torchrun --nproc_per_node N -m lorafit train --fsdp true` (fast_kernels auto: the log must say FSDP
+#               keeps the reference path; `on` is a config error under FSDP), bf16, checkpoints every 3 steps;
 #   accelerate: (N=2) `accelerate launch --use_fsdp --num_processes 2 -m lorafit train` (no --fsdp flag: the launcher
 #               alone switches it on), with --fsdp_offload_params true and --fsdp_activation_checkpointing true;
 #   single:     one process, same global batch (N x accumulation), no FSDP: the losses FSDP should track;
@@ -46,7 +46,7 @@ resume1() {  # FROM NAME EXTRA...: FROM's step-3 checkpoint resumed by one proce
     "$@" > "$OUT/fsdp2-$name.log" 2>&1
   echo "fsdp2: $name rc=$?"
 }
-run torchrun $TORCHRUN --fast_kernels on
+run torchrun $TORCHRUN
 [ "$N" = 2 ] && run accelerate $ACCEL $ARGS
 run single python3 -m lorafit train $ARGS --gradient_accumulation_steps $N
 resume1 torchrun resume1

@@ -46,7 +46,7 @@ def check(name):
     procs = re.search(r"x (\d+) process", text)
     res = {"ran": log.is_file(), "processes_in_log": int(procs.group(1)) if procs else None,
            "fsdp_in_log": "fsdp: FSDP2 over" in text,
-           "fast_path_overridden": "overridden: the fused kernels read whole base weights" in text,
+           "fast_path_off_for_fsdp": "the fused kernels read whole base weights, which FSDP shards" in text,
            "four_bit_sharded": (re.search(r"fsdp: 4-bit base: [^\n]*", text) or [None])[0],
            "adapter_written": (run / "adapter_model.safetensors").is_file(),
            "peft_loads_finite": loads(run, name.startswith("qlora")) if (run / "adapter_config.json").is_file() else None,
