@@ -86,13 +86,15 @@ def test_fsdp_4bit_checkpoint_resumes_in_one_process(runs, tmp_path):
 
 @pytest.mark.slow
 def test_one_process_4bit_checkpoint_resumes_under_fsdp(runs, tmp_path):
-    """The other way, under torchrun --fsdp true, where each rank quantizes its own copy of the base."""
+    """The other way, under torchrun --fsdp true, where each rank quantizes its own copy of the base, with gradient
+    checkpointing on (recomputation inside FSDP's units changes no number)."""
     _, single, _ = runs
     copy = Path(shutil.copytree(single, tmp_path / "run"))
     shutil.rmtree(copy / "checkpoints" / "step-000004")
     proc = subprocess.run([*_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "lorafit", "train",
                            "--output_dir", str(copy), "--resume", "--fsdp", "true", "--gradient_accumulation_steps",
-                           "2"], check=False, capture_output=True, text=True, timeout=400, cwd=REPO,
+                           "2", "--gradient_checkpointing", "true"], check=False, capture_output=True, text=True,
+                          timeout=400, cwd=REPO,
                           env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "fsdp: FSDP2 over 2 processes (--fsdp true)" in proc.stderr
@@ -121,7 +123,7 @@ def test_fsdp_over_one_process_is_the_sharded_path(runs, tiny_model_dir, tmp_pat
 
 def test_fsdp_one_process_and_offload_settings():
     from lorafit.config.schema import Config
-    from lorafit.errors import UserError
+    from lorafit.errors import ConfigError
     from lorafit.train.fsdp import offload_requested, one_process_group, settings
     from lorafit.train.parallel import Dist
 
@@ -134,5 +136,29 @@ def test_fsdp_one_process_and_offload_settings():
     assert offload_requested(cfg, env={})
     assert settings(cfg, Dist(0, 2, 0), env={}).offload is False  # shards on the CPU already: offload off
     cfg.train.fsdp = False
-    with pytest.raises(UserError, match="fsdp_offload"):
+    with pytest.raises(ConfigError, match="fsdp_offload"):
         settings(cfg, Dist(0, 2, 0), env={})
+
+
+def test_4bit_sizes_and_weights_do_not_depend_on_quant_storage(tiny_model_dir):
+    """FSDP packs NF4 codes in the compute dtype: the same bytes, 8 codes per float32 instead of 2 per uint8, so
+    the same parameter count (model.lora.parameter_counts) and the same dequantized weights."""
+    import bitsandbytes.functional as bnbf
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.config.load import build_config
+    from lorafit.model.load import load_base_model
+    from lorafit.model.lora import parameter_counts
+
+    cfg = build_config(None, {"model": str(tiny_model_dir("llama")), "load_in_4bit": "true"})
+    cpu = torch.device("cpu")
+    packed = {s: load_base_model(cfg, cpu, quant_storage=s) for s in (None, torch.float32)}
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"))
+    total = parameter_counts(plain)[1]
+    assert parameter_counts(packed[None])[1] == parameter_counts(packed[torch.float32])[1] == total
+    q8, q32 = (m.model.layers[0].mlp.down_proj for m in (packed[None], packed[torch.float32]))
+    assert (q8.weight.dtype, q32.weight.dtype) == (torch.uint8, torch.float32)
+    assert q32.weight.shape[0] * 4 == q8.weight.shape[0]
+    torch.testing.assert_close(bnbf.dequantize_4bit(q32.weight.data, q32.quant_state),
+                               bnbf.dequantize_4bit(q8.weight.data, q8.quant_state), rtol=0, atol=0)

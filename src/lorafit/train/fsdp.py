@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lorafit.config.checks import check_fsdp
-from lorafit.errors import UserError
+from lorafit.errors import ConfigError, UserError
 from lorafit.model.load import base_from_state_dict, is_4bit_linear, load_base_model
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ def settings(cfg: Config, d: Dist, env: dict[str, str] | None = None) -> Setting
     accelerate = _true(env.get("ACCELERATE_USE_FSDP"))
     if not (cfg.train.fsdp or accelerate):
         if cfg.train.fsdp_offload:
-            raise UserError("'fsdp_offload' is on but FSDP is not", fix="add --fsdp true, or drop --fsdp_offload")
+            raise ConfigError("'fsdp_offload' is on but FSDP is not", fix="add --fsdp true, or drop --fsdp_offload")
         return None
     source = "--fsdp true" if cfg.train.fsdp else "accelerate launch --use_fsdp (ACCELERATE_USE_FSDP=true)"
     if not cfg.train.fsdp:
