@@ -19,7 +19,7 @@ What lorafit's FSDP + QLoRA path holds on each GPU (src/lorafit/train/fsdp.py):
                 token, reference_loss in train/objectives/sft.py).
 Loading: each GPU quantizes the whole base before fully_shard cuts it (fsdp.load_base), a peak of its own; with
 CPU offload the base is quantized on the CPU instead (slow) and the GPU never holds it whole.
-Not counted: the CUDA context and allocator slack (~0.5-1 GiB per GPU), NCCL buffers, fragmentation.
+Not counted: the CUDA context, allocator slack, NCCL buffers and fragmentation (not modelled).
 """
 from __future__ import annotations
 
