@@ -14,7 +14,9 @@ REFERENCE = {"torchrun": "single", "accelerate": "single", "resume1": "single", 
 
 def losses(run):
     p = run / "metrics.jsonl"
-    return {m["step"]: m["loss"] for m in map(json.loads, p.read_text().splitlines()) if "loss" in m} if p.is_file() else {}
+    if not p.is_file():
+        return {}
+    return {m["step"]: m["loss"] for m in map(json.loads, p.read_text().splitlines()) if "loss" in m}
 
 
 def loads(run, four_bit):
@@ -44,15 +46,17 @@ def check(name):
     done_peak = re.search(r"peak memory ([\d.]+) GiB", text)
     load_peak = re.search(r"fsdp: peak while loading ([\d.]+) GiB", text)
     procs = re.search(r"x (\d+) process", text)
+    adapter = loads(run, name.startswith("qlora")) if (run / "adapter_config.json").is_file() else None
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir()) if (run / "checkpoints").is_dir() else []
     res = {"ran": log.is_file(), "processes_in_log": int(procs.group(1)) if procs else None,
            "fsdp_in_log": "fsdp: FSDP2 over" in text,
            "fast_path_off_for_fsdp": "the fused kernels read whole base weights, which FSDP shards" in text,
            "four_bit_sharded": (re.search(r"fsdp: 4-bit base: [^\n]*", text) or [None])[0],
            "adapter_written": (run / "adapter_model.safetensors").is_file(),
-           "peft_loads_finite": loads(run, name.startswith("qlora")) if (run / "adapter_config.json").is_file() else None,
+           "peft_loads_finite": adapter,
            "metrics_steps": sorted(got), "losses": [round(v, 4) for _, v in sorted(got.items())],
            "finite": all(math.isfinite(v) for v in got.values()) and len(got) > 0,
-           "checkpoints": sorted(p.name for p in (run / "checkpoints").iterdir()) if (run / "checkpoints").is_dir() else [],
+           "checkpoints": ckpts,
            "peak_gib_per_rank": [float(x) for x in peak.group(2).split(",")] if peak else
            ([float(done_peak.group(1))] if done_peak else None),
            "load_peak_gib_rank0": float(load_peak.group(1)) if load_peak else None,

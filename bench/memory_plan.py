@@ -78,8 +78,9 @@ def plan(a: dict, world: int, micro_batch: int = 1, seq: int = 2048, r: int = 16
 def table(a: dict, worlds: list[int], **kw) -> str:
     plans = {w: plan(a, w, **kw) for w in worlds}
     first = plans[worlds[0]]
-    head = f"{a['name']} ({first['params_billion']:.1f}B parameters, LoRA r={kw.get('r', 16)} on all linears: " \
-           f"{first['lora_params_million']:.0f}M), micro-batch {kw.get('micro_batch', 1)} x {kw.get('seq', 2048)} tokens"
+    r, mb, seq = kw.get("r", 16), kw.get("micro_batch", 1), kw.get("seq", 2048)
+    head = f"{a['name']} ({first['params_billion']:.1f}B parameters, LoRA r={r} on all linears: " \
+           f"{first['lora_params_million']:.0f}M), micro-batch {mb} x {seq} tokens"
     names = [f"{w} GPUs, FSDP" if w > 1 else "1 GPU, no FSDP" for w in worlds]
     rows = [head, "", "| GiB per GPU | " + " | ".join(names) + " |",
             "|---|" + "---|" * len(worlds)]

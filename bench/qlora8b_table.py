@@ -31,7 +31,8 @@ def main(runs: Path, out: Path) -> None:
     rows = [r for r in (row(runs, out, n) for n in ("single", "ddp2", "fsdp2", "fsdp1")
                         if (runs / n).is_dir() or (out / f"qlora8b-{n}.log").is_file())]
     one = next((r for r in rows if r["run"] == "single" and "error" not in r), None)
-    lines = ["| run | GPUs | peak GiB/GPU | x single | load peak GiB | tokens/s | x single |", "|---|---|---|---|---|---|---|"]
+    lines = ["| run | GPUs | peak GiB/GPU | x single | load peak GiB | tokens/s | x single |",
+             "|---|---|---|---|---|---|---|"]
     with (out / "qlora8b.jsonl").open("a") as f:
         for r in rows:
             if one and "error" not in r:
@@ -43,8 +44,9 @@ def main(runs: Path, out: Path) -> None:
                 lines.append(f"| {r['run']} | | {r['error']} | | | | |")
                 continue
             lp = f"{r['load_peak_gib_rank0']:.2f}" if r["load_peak_gib_rank0"] is not None else "-"
-            lines.append(f"| {r['run']} | {r['gpus']} | {r['peak_gib_per_gpu']:.2f} | {r.get('peak_vs_single', 0):.2f} | "
-                         f"{lp} | {r['tokens_per_s']:,.0f} | {r.get('tokens_per_s_vs_single', 0):.2f} |")
+            lines.append(f"| {r['run']} | {r['gpus']} | {r['peak_gib_per_gpu']:.2f} | "
+                         f"{r.get('peak_vs_single', 0):.2f} | {lp} | {r['tokens_per_s']:,.0f} | "
+                         f"{r.get('tokens_per_s_vs_single', 0):.2f} |")
     lines.append("targets (issue 20): fsdp2 peak <= 0.60x single, fsdp2 tokens/s >= 1.70x single")
     (out / "qlora8b.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
-    DDP_COMMON,
+    FSDP_COMMON,
     REPO,
     adapter_tensors,
     alpaca_file,
@@ -26,6 +26,7 @@ from helpers import (
     losses,
     run_cli,
     run_train,
+    step_metric,
     subprocess_env,
     to_argv,
     torchrun_cmd,
@@ -33,29 +34,19 @@ from helpers import (
     val_losses,
 )
 
-# micro-batch 1 x 2 accumulation x 2 ranks == 1 x 4 in one process (4 records a step either way); passes of at most
-# 64 tokens (max_seq_length) put about one record in each, so FSDP's no-sync passes are exercised and a rank with
-# fewer passes runs stand-ins to keep the gathers in step. max_grad_norm 0.5 sits below the ~0.7-1.0 norms.
-FSDP = {**DDP_COMMON, "per_device_train_batch_size": 1, "max_grad_norm": 0.5, "max_tokens_per_pass": 64}
-
-
-def _metrics(run: Path, key: str) -> dict[int, float]:
-    from lorafit.train.log import read_metrics
-
-    return {r["step"]: r[key] for r in read_metrics(run) if key in r}
-
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    args = train_args(tiny_model_dir("llama"), alpaca_file(), root / "fsdp", gradient_accumulation_steps=2, **FSDP)
+    args = train_args(tiny_model_dir("llama"), alpaca_file(), root / "fsdp", gradient_accumulation_steps=2,
+                      **FSDP_COMMON)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     proc = subprocess.run([*launch, "-m", "lorafit", "train", *to_argv(args)], check=False, capture_output=True,
                           text=True, timeout=400, cwd=REPO, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
     single = run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), root / "single",
-                                    gradient_accumulation_steps=4, **FSDP))
+                                    gradient_accumulation_steps=4, **FSDP_COMMON))
     return root / "fsdp", single, proc.stderr
 
 
@@ -68,9 +59,9 @@ def test_fsdp_two_ranks_equal_one_process(runs, tiny_model_dir):
     assert "loss: reference PyTorch (fast_kernels auto uses the reference path: the fused kernels read whole" in log
     assert losses(run) == pytest.approx(losses(single), rel=1e-4)
     assert sorted(losses(run)) == [1, 2, 3, 4]
-    norms = _metrics(run, "grad_norm")
-    assert norms == pytest.approx(_metrics(single, "grad_norm"), rel=1e-4)
-    assert min(norms.values()) > FSDP["max_grad_norm"]  # the clip acted on sharded gradients
+    norms = step_metric(run, "grad_norm")
+    assert norms == pytest.approx(step_metric(single, "grad_norm"), rel=1e-4)
+    assert min(norms.values()) > FSDP_COMMON["max_grad_norm"]  # the clip acted on sharded gradients
     assert val_losses(run) == pytest.approx(val_losses(single), rel=1e-4)
     assert_same_adapter(run, single, atol=1e-5)
     # rank 0 alone wrote: one metrics line per step and validation, one checkpoint per save, one summary

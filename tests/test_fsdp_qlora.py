@@ -15,23 +15,25 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_distributed import _torchrun, _val
-from test_fsdp import FSDP, _metrics
-from test_train_support import (
+from helpers import (
+    FSDP_COMMON,
     REPO,
     alpaca_file,
     assert_same_adapter,
     cli_main,
     losses,
     run_train,
+    step_metric,
     subprocess_env,
     to_argv,
+    torchrun_cmd,
     train_args,
+    val_losses,
 )
 
 pytest.importorskip("bitsandbytes")
 
-QLORA = {**FSDP, "load_in_4bit": True, "bnb_4bit_compute_dtype": "float32", "bnb_4bit_use_double_quant": True}
+QLORA = {**FSDP_COMMON, "load_in_4bit": True, "bnb_4bit_compute_dtype": "float32", "bnb_4bit_use_double_quant": True}
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +63,14 @@ def test_fsdp_4bit_two_ranks_equal_one_process(runs):
     # Steps 1-2 agree to float32 rounding. The first validation (step 2) has bitsandbytes repack the one process's
     # weights for its avx512-bf16 CPU kernel, which FSDP keeps off (fsdp._ready_4bit): from there the two runs use
     # different CPU kernels, ~5e-4 apart (measured: grad norm 0.67377 vs 0.67348 at step 3).
-    got, ref, norms = losses(run), losses(single), _metrics(run, "grad_norm")
+    got, ref, norms = losses(run), losses(single), step_metric(run, "grad_norm")
     assert sorted(got) == [1, 2, 3, 4]
     assert [got[1], got[2], norms[1], norms[2]] == pytest.approx(
-        [ref[1], ref[2], *(_metrics(single, "grad_norm")[s] for s in (1, 2))], rel=1e-6)
+        [ref[1], ref[2], *(step_metric(single, "grad_norm")[s] for s in (1, 2))], rel=1e-6)
     assert got == pytest.approx(ref, rel=1e-4)
-    assert norms == pytest.approx(_metrics(single, "grad_norm"), rel=2e-3)
+    assert norms == pytest.approx(step_metric(single, "grad_norm"), rel=2e-3)
     assert min(norms.values()) > QLORA["max_grad_norm"]  # the clip acted on sharded gradients
-    assert _val(run) == pytest.approx(_val(single), rel=1e-4)
+    assert val_losses(run) == pytest.approx(val_losses(single), rel=1e-4)
     assert_same_adapter(run, single, atol=2e-5)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
@@ -91,7 +93,7 @@ def test_one_process_4bit_checkpoint_resumes_under_fsdp(runs, tmp_path):
     _, single, _ = runs
     copy = Path(shutil.copytree(single, tmp_path / "run"))
     shutil.rmtree(copy / "checkpoints" / "step-000004")
-    proc = subprocess.run([*_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "lorafit", "train",
+    proc = subprocess.run([*torchrun_cmd(), "--standalone", "--nproc_per_node", "2", "-m", "lorafit", "train",
                            "--output_dir", str(copy), "--resume", "--fsdp", "true", "--gradient_accumulation_steps",
                            "2", "--gradient_checkpointing", "true"], check=False, capture_output=True, text=True,
                           timeout=400, cwd=REPO,
@@ -111,7 +113,7 @@ def test_fsdp_over_one_process_is_the_sharded_path(runs, tiny_model_dir, tmp_pat
     _, single, _ = runs
     args = train_args(tiny_model_dir("llama"), alpaca_file(), tmp_path / "one", gradient_accumulation_steps=4,
                       **{**QLORA, "eval_strategy": "no", "save_strategy": "no", "max_steps": 2})
-    proc = subprocess.run([*_torchrun(), "--standalone", "--nproc_per_node", "1", "-m", "lorafit", "train",
+    proc = subprocess.run([*torchrun_cmd(), "--standalone", "--nproc_per_node", "1", "-m", "lorafit", "train",
                            *to_argv(args), "--fsdp", "true"], check=False, capture_output=True, text=True, timeout=300,
                           cwd=REPO, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
