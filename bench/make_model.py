@@ -3,11 +3,9 @@
 the values), plus a word-level tokenizer of the same vocabulary for loaders that want one.
 Unsloth loads Phi-3 in this Llama layout, so all three stacks run the same graph.
 
-usage: python bench/make_model.py OUT_DIR [--tiny | --llama3-8b]
+usage: python bench/make_model.py OUT_DIR [--tiny]
 --tiny: the same layout, vocabulary and tokenizer with hidden 256, MLP 512, 2 layers, 4 heads
 (a few seconds to load; for the 2-GPU `lorafit train` smoke run in run.sh's `ddp` step).
---llama3-8b: Llama-3-8B's shape (hidden 4096, MLP 14336, 32 layers, 32 heads, 8 KV heads, vocab 128256; 8.0B
-parameters, 16 GB of bf16 safetensors), for bench/qlora8b.sh.
 """
 import sys
 
@@ -25,17 +23,12 @@ TINY = {**PHI3_MINI, "hidden_size": 256, "intermediate_size": 512, "num_hidden_l
         "num_key_value_heads": 4}
 
 
-LLAMA3_8B = {**PHI3_MINI, "hidden_size": 4096, "intermediate_size": 14336, "num_key_value_heads": 8,
-             "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0}
-
-
-def main(out: str, shape: dict) -> None:
+def main(out: str, tiny: bool = False) -> None:
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**(TINY if tiny else PHI3_MINI)), dtype=torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
-    del model
-    vocab = {f"t{i}": i for i in range(shape["vocab_size"])}
+    vocab = {f"t{i}": i for i in range(PHI3_MINI["vocab_size"])}
     for i, tok in ((0, "<unk>"), (1, "<s>"), (32000, "</s>")):
         vocab.pop(f"t{i}")
         vocab[tok] = i
@@ -47,5 +40,4 @@ def main(out: str, shape: dict) -> None:
 
 
 if __name__ == "__main__":
-    flags = sys.argv[2:]
-    main(sys.argv[1], TINY if "--tiny" in flags else LLAMA3_8B if "--llama3-8b" in flags else PHI3_MINI)
+    main(sys.argv[1], tiny="--tiny" in sys.argv[2:])

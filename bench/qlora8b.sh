@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 20's figures: QLoRA on a Llama-3-8B-shaped random model (bench/make_model.py --llama3-8b), NF4 + double
+# Issue 20's figures: QLoRA on a Llama-3-8B-shaped random model (bench/make_models2.py llama3-8b), NF4 + double
 # quantization, bf16, gradient checkpointing, reference loss path everywhere (FSDP cannot run the fused one), packed
 # 2 x 2048-token micro-batches per GPU, 10 optimizer steps:
 #   single  one GPU, no FSDP                     ddp2   torchrun --nproc_per_node 2 (each GPU holds the whole base)
@@ -25,7 +25,7 @@ TORCHRUN="python3 -m torch.distributed.run --standalone"
 for s in $STEPS; do
   echo "=== qlora8b $s $(date -u +%FT%TZ)"
   case $s in
-    model) [ -f $W/model/config.json ] || timeout 300 python3 bench/make_model.py $W/model --llama3-8b 2>&1 | tail -1
+    model) [ -f $W/model/config.json ] || timeout 300 python3 bench/make_models2.py llama3-8b $W/model 2>&1 | tail -1
            [ -f $W/data.jsonl ] || python3 bench/make_jsonl.py $W/data.jsonl 6000 ;;
     single) rm -rf $W/single; timeout 240 python3 -m lorafit train $ARGS --output_dir $W/single > "$OUT/qlora8b-single.log" 2>&1 ;;
     ddp2) rm -rf $W/ddp2; timeout 240 $TORCHRUN --nproc_per_node 2 -m lorafit train $ARGS --output_dir $W/ddp2 \
