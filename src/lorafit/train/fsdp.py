@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as tdist
 
 from lorafit.config.checks import check_fsdp
 from lorafit.errors import ConfigError, UserError
@@ -145,8 +146,6 @@ def sync_from_rank0(model, d: Dist) -> None:
     """Rank 0's weights to every rank (accelerate's sync_module_states). Under accelerate's CPU-RAM-efficient
     loading, transformers reads the checkpoint on (local) rank 0 only and fills the other ranks' weights with
     zeros, expecting them to be sent before training; sharding the zeros would train on a broken base."""
-    import torch.distributed as tdist
-
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
             buf = t.data.to(d.device)  # nccl sends from the GPU; gloo from the CPU tensor itself
@@ -178,8 +177,6 @@ def share_base(cfg: Config, base, d: Dist, where: torch.device):
     weight's quant_state, serialized by bitsandbytes), rebuilt on the other ranks, on `where`, by transformers'
     loader of pre-quantized weights. transformers' own rank-0-only loading (FSDP_CPU_RAM_EFFICIENT_LOADING) skips
     quantized models, so without this every rank would read and quantize the whole checkpoint."""
-    import torch.distributed as tdist
-
     state = base.state_dict() if d.main else {}
     head = [(type(base), base.config, [(k, tuple(v.shape), v.dtype) for k, v in state.items()])] if d.main else [None]
     tdist.broadcast_object_list(head, src=0, device=d.device if d.device.type == "cuda" else None)
