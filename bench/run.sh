@@ -7,7 +7,10 @@
 #        ddp (lorafit's DDP step on 1 GPU, then on 2: ddp_bench.py under torchrun; needs `model` first)
 #        cli2 (a short `torchrun --nproc_per_node 2 -m lorafit train`, 4-bit, fast path, on a tiny random model)
 #        dpo (lorafit --method dpo vs TRL's DPOTrainer, QLoRA, pairs of Alpaca lengths: bench/dpo_bench.py; ~5 min)
-#        fsdp2 (FSDP on 2 GPUs through torchrun --fsdp true and accelerate launch --use_fsdp, bf16, tiny random model)
+#        fsdp2 (FSDP on 2 GPUs through torchrun --fsdp true and accelerate launch --use_fsdp, bf16 and 4-bit (FSDP +
+#              QLoRA), tiny random model), fsdp1 (the same sharded path on one GPU: torchrun --nproc_per_node 1 --fsdp true)
+#        qlora8b (Llama-3-8B-shaped QLoRA: FSDP over 2 vs DDP over 2 vs 1 GPU, peak memory and tokens/s; on one GPU:
+#              1 GPU vs FSDP over 1), qlora8b:STEP (one of its steps: model single ddp2 fsdp2 fsdp1 table)
 #        recipe (issue 14's recipe shape, one H200, ~7 min: lorafit's CLI on phi3_alpaca.yaml, all-linear, dropout 0,
 #          vs Unsloth and transformers+PEFT unpacked at 4 x 4 via peer_real.py, each in its own process, then the table)
 #        shapes (~9 min: 8x512 / 4x2048 on Phi-3-mini and Llama-3-8B dims, lorafit and Unsloth)
@@ -83,7 +86,10 @@ for s in $STEPS; do
             > "$OUT/grpo_trl.log" 2>&1
           echo "rc=$? (trl)" | tee -a "$OUT/log"; grep -E 'Error' "$OUT/grpo_trl.log" | tail -4 | tee -a "$OUT/log"
           python3 bench/grpo_bench.py table "$OUT/grpo.jsonl" | tee "$OUT/grpo_table.md" ;;
-    fsdp2) bash bench/fsdp2.sh 2>&1 | tee -a "$OUT/log" ;;
+    fsdp2) bash bench/fsdp2.sh 2 2>&1 | tee -a "$OUT/log" ;;
+    fsdp1) bash bench/fsdp2.sh 1 2>&1 | tee -a "$OUT/log" ;;
+    qlora8b) bash bench/qlora8b.sh 2>&1 | tee -a "$OUT/log" ;;
+    qlora8b:*) bash bench/qlora8b.sh ${s#qlora8b:} 2>&1 | tee -a "$OUT/log" ;;
     loss) timeout 400 python3 bench/loss_check.py $MODEL 50 2>&1 | grep -E '^\{|Error|error' | tee -a "$OUT/results.jsonl" ;;
     unsloth) PYTHONPATH=/tmp/site-peers:$PYTHONPATH timeout 280 python3 bench/bench.py unsloth $MODEL $BENCH_ARGS 2>&1 \
                | grep -E '^\{|Error' | tee -a "$OUT/results.jsonl" ;;

@@ -34,6 +34,11 @@ CHATML_TEMPLATE = (
 # dropout 0: each rank would otherwise draw other dropout masks than one process doing both micro-batches
 DDP_COMMON = {"max_steps": 4, "per_device_train_batch_size": 2, "lora_dropout": 0, "val_size": 6,
               "eval_strategy": "steps", "eval_steps": 2, "save_strategy": "steps", "save_steps": 2}
+# FSDP (test_fsdp.py, test_fsdp_qlora.py): micro-batch 1 x 2 accumulation x 2 ranks == 1 x 4 in one process (4
+# records a step either way); passes of at most 64 tokens (max_seq_length) put about one record in each, so FSDP's
+# no-sync passes are exercised and a rank with fewer passes runs stand-ins to keep the gathers in step.
+# max_grad_norm 0.5 sits below the ~0.7-1.0 norms.
+FSDP_COMMON = {**DDP_COMMON, "per_device_train_batch_size": 1, "max_grad_norm": 0.5, "max_tokens_per_pass": 64}
 
 
 # -- tiny tokenizer and models ---------------------------------------------------------------------
@@ -199,6 +204,13 @@ def val_losses(run: Path) -> dict[int, float]:
     from lorafit.train.log import read_metrics
 
     return {r["step"]: r["val_loss"] for r in read_metrics(run) if "val_loss" in r}
+
+
+def step_metric(run: Path, key: str) -> dict[int, float]:
+    """One metric of each logged step (grad_norm, lr...) by step."""
+    from lorafit.train.log import read_metrics
+
+    return {r["step"]: r[key] for r in read_metrics(run) if key in r}
 
 
 # -- hand-built run directories ---------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """FSDP on CPU (gloo, torch's FSDP2): `accelerate launch --use_fsdp --num_processes 2 -m lorafit train` equals one
 process with the same global batch, step for step (losses, gradient norms with clipping active, validation, the
 adapter), writes one PEFT adapter that PeftModel loads, and its checkpoints resume in one process without FSDP;
-a one-process checkpoint resumes under `torchrun ... --fsdp true`. FSDP with a 4-bit base is a config error.
+a one-process checkpoint resumes under `torchrun ... --fsdp true`. FSDP with an 8-bit base is a config error (4-bit:
+test_fsdp_qlora.py).
 
 The accelerate launch matters: by default (FSDP_CPU_RAM_EFFICIENT_LOADING=true) transformers reads the weights
 on rank 0 only and gives the other ranks zeros, so without lorafit's broadcast the losses here differ from step 1.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
-    DDP_COMMON,
+    FSDP_COMMON,
     REPO,
     adapter_tensors,
     alpaca_file,
@@ -25,6 +26,7 @@ from helpers import (
     losses,
     run_cli,
     run_train,
+    step_metric,
     subprocess_env,
     to_argv,
     torchrun_cmd,
@@ -32,29 +34,19 @@ from helpers import (
     val_losses,
 )
 
-# micro-batch 1 x 2 accumulation x 2 ranks == 1 x 4 in one process (4 records a step either way); passes of at most
-# 64 tokens (max_seq_length) put about one record in each, so FSDP's no-sync passes are exercised and a rank with
-# fewer passes runs stand-ins to keep the gathers in step. max_grad_norm 0.5 sits below the ~0.7-1.0 norms.
-FSDP = {**DDP_COMMON, "per_device_train_batch_size": 1, "max_grad_norm": 0.5, "max_tokens_per_pass": 64}
-
-
-def _metrics(run: Path, key: str) -> dict[int, float]:
-    from lorafit.train.log import read_metrics
-
-    return {r["step"]: r[key] for r in read_metrics(run) if key in r}
-
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    args = train_args(tiny_model_dir("llama"), alpaca_file(), root / "fsdp", gradient_accumulation_steps=2, **FSDP)
+    args = train_args(tiny_model_dir("llama"), alpaca_file(), root / "fsdp", gradient_accumulation_steps=2,
+                      **FSDP_COMMON)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     proc = subprocess.run([*launch, "-m", "lorafit", "train", *to_argv(args)], check=False, capture_output=True,
                           text=True, timeout=400, cwd=REPO, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
     single = run_train(**train_args(tiny_model_dir("llama"), alpaca_file(), root / "single",
-                                    gradient_accumulation_steps=4, **FSDP))
+                                    gradient_accumulation_steps=4, **FSDP_COMMON))
     return root / "fsdp", single, proc.stderr
 
 
@@ -67,9 +59,9 @@ def test_fsdp_two_ranks_equal_one_process(runs, tiny_model_dir):
     assert "loss: reference PyTorch (fast_kernels auto uses the reference path: the fused kernels read whole" in log
     assert losses(run) == pytest.approx(losses(single), rel=1e-4)
     assert sorted(losses(run)) == [1, 2, 3, 4]
-    norms = _metrics(run, "grad_norm")
-    assert norms == pytest.approx(_metrics(single, "grad_norm"), rel=1e-4)
-    assert min(norms.values()) > FSDP["max_grad_norm"]  # the clip acted on sharded gradients
+    norms = step_metric(run, "grad_norm")
+    assert norms == pytest.approx(step_metric(single, "grad_norm"), rel=1e-4)
+    assert min(norms.values()) > FSDP_COMMON["max_grad_norm"]  # the clip acted on sharded gradients
     assert val_losses(run) == pytest.approx(val_losses(single), rel=1e-4)
     assert_same_adapter(run, single, atol=1e-5)
     # rank 0 alone wrote: one metrics line per step and validation, one checkpoint per save, one summary
@@ -124,14 +116,14 @@ def test_one_process_checkpoint_resumes_under_fsdp(runs, tmp_path):
 
 
 @pytest.mark.parametrize("how", ["flag", "accelerate"])
-def test_fsdp_with_4bit_is_a_config_error(tmp_path, how):
-    argv = ["train", "--load_in_4bit", "true", "--output_dir", str(tmp_path / "run")]
+def test_fsdp_with_8bit_is_a_config_error(tmp_path, how):
+    argv = ["train", "--load_in_8bit", "true", "--output_dir", str(tmp_path / "run")]
     proc = run_cli(*argv, "--fsdp", "true") if how == "flag" else run_cli(*argv, ACCELERATE_USE_FSDP="true")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
-    assert len(lines) == 2 and lines[0].startswith("error: FSDP (") and "cannot shard a 4-bit" in lines[0]
-    assert lines[1].strip().startswith("fix: for QLoRA train data-parallel")
+    assert len(lines) == 2 and lines[0].startswith("error: FSDP (") and "cannot shard an 8-bit" in lines[0]
+    assert lines[1].strip().startswith("fix: shard a 4-bit base instead (--load_in_4bit true")
     assert ("--fsdp true" if how == "flag" else "accelerate launch --use_fsdp") in lines[0]
     assert not (tmp_path / "run").exists()
 
@@ -141,6 +133,7 @@ def test_fsdp_config_checks():
     from lorafit.errors import ConfigError
 
     build_config(None, {"fsdp": "true", "bf16": "true"})
+    build_config(None, {"fsdp": "true", "load_in_4bit": "true"})  # QLoRA under FSDP
     for bad, words in (({"fp16": "true"}, "not fp16"), ({"optim": "paged_adamw_32bit"}, "adamw_torch"),
                        ({"auto_find_batch_size": "true"}, "probe batch sizes"), ({"load_in_8bit": "true"}, "8-bit")):
         with pytest.raises(ConfigError, match=words):
@@ -165,8 +158,8 @@ def test_fsdp_settings_from_accelerate_env():
     notes = " ".join(s.notes)
     assert "FSDP_VERSION=1 ignored" in notes and "FSDP_STATE_DICT_TYPE ignored" in notes
     assert settings(Config(), two, env={**env, "FSDP_AUTO_WRAP_POLICY": "NO_WRAP"}).no_wrap
-    assert offload_requested({"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"})
-    assert not offload_requested({"FSDP_OFFLOAD_PARAMS": "true"})
+    assert offload_requested(env={"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"})
+    assert not offload_requested(env={"FSDP_OFFLOAD_PARAMS": "true"})
     cfg = Config()
     cfg.train.fsdp = True
     assert settings(cfg, two, env={}).source == "--fsdp true"

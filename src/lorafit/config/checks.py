@@ -185,11 +185,10 @@ def check_fsdp(cfg: Config, source: str) -> None:
         raise ConfigError(f"FSDP ({source}) trains --method sft only: {t.method} scores sequences by calling the model "
                           "(and its reference with the adapter off) outside FSDP's sharded forward",
                           fix="train data-parallel instead (torchrun or `accelerate launch --multi_gpu`, without --fsdp)")
-    if m.load_in_4bit or m.load_in_8bit:
-        bits = "4" if m.load_in_4bit else "8"
-        raise ConfigError(f"FSDP ({source}) cannot shard a {bits}-bit (bitsandbytes) base model",
-                          fix=f"for QLoRA train data-parallel (torchrun or `accelerate launch --multi_gpu`, without "
-                              f"--fsdp / --use_fsdp), or keep FSDP and drop --load_in_{bits}bit for a bf16 LoRA")
+    if m.load_in_8bit:
+        raise ConfigError(f"FSDP ({source}) cannot shard an 8-bit (bitsandbytes LLM.int8) base model",
+                          fix="shard a 4-bit base instead (--load_in_4bit true: QLoRA under FSDP), or train "
+                              "data-parallel without --fsdp / --use_fsdp")
     if t.fp16:
         raise ConfigError(f"FSDP ({source}) trains in bf16 or float32, not fp16", fix="use --bf16 true instead of --fp16")
     if t.optim != "adamw_torch":

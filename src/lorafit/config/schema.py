@@ -193,6 +193,8 @@ class TrainArgs:
     """Before training, halve max_tokens_per_pass until a pass of the longest records fits in memory."""
     fsdp: bool = False
     """Shard weights, gradients and optimizer state over the processes (FSDP2); on under `accelerate launch --use_fsdp`."""
+    fsdp_offload: bool = False
+    """Under FSDP, keep the sharded parameters, gradients and optimizer state in CPU memory (accelerate's --fsdp_offload_params)."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Loggers besides metrics.jsonl: tensorboard, wandb, mlflow, none."""
     push_to_hub: str | None = None

@@ -171,8 +171,10 @@ def compute_dtype(cfg: Config):
     return torch.float32
 
 
-def quantization_config(cfg: Config):
-    """BitsAndBytesConfig for 4-bit (QLoRA) or 8-bit bases, or None."""
+def quantization_config(cfg: Config, quant_storage=None):
+    """BitsAndBytesConfig for 4-bit (QLoRA) or 8-bit bases, or None. `quant_storage`: the dtype the packed 4-bit
+    weights are stored in (uint8 by default); FSDP needs the compute dtype, so that every parameter it flattens
+    and shards has one dtype (bitsandbytes reads the same bytes either way: 4 NF4 codes per bf16 element)."""
     m = cfg.model
     if not (m.load_in_4bit or m.load_in_8bit):
         return None
@@ -188,6 +190,7 @@ def quantization_config(cfg: Config):
         bnb_4bit_quant_type=m.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=m.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=getattr(torch, m.bnb_4bit_compute_dtype),
+        bnb_4bit_quant_storage=quant_storage or torch.uint8,
     )
 
 
@@ -216,33 +219,69 @@ def attention_backend(asked: str, device) -> str:
     return "sdpa"
 
 
-def load_base_model(cfg: Config, device=None, source: ModelSource | None = None):
+def load_base_model(cfg: Config, device=None, source: ModelSource | None = None, quant_storage=None):
     """The frozen base model on `device`, quantized when asked, in the run's compute dtype."""
     from transformers import AutoModelForCausalLM
 
     src = source or resolve_model(cfg)
     device = device or default_device()
-    quant = quantization_config(cfg)
-    dtype = compute_dtype(cfg)
+    quant = quantization_config(cfg, quant_storage)
     kw = _hub_kwargs(cfg, src)
-    kw.update(dtype=dtype, attn_implementation=attention_backend(cfg.model.attn_implementation, device))
+    kw.update(_model_kwargs(cfg, device))
     if not src.gguf_file:
         kw["use_safetensors"] = True  # never unpickle a repo's .bin weights: pickle runs code
     if quant is not None:
         kw["quantization_config"] = quant
-        kw["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, src, "model", **kw)
     if quant is None:
         model.to(device)
+    return _frozen(model)
+
+
+def base_from_state_dict(cfg: Config, model_class, config, state_dict: dict, device):
+    """A base rebuilt from another process's `state_dict()` with transformers' own loader, no file read: for a
+    bitsandbytes 4-bit model that is its pre-quantized format (the packed weights, and each weight's quant_state
+    as the tensors weight.absmax, .quant_map, .nested_absmax, .nested_quant_map, .quant_state.bitsandbytes__nf4)."""
+    if hasattr(config.quantization_config, "to_dict"):  # the loader reads the dict a config.json would hold
+        config.quantization_config = config.quantization_config.to_dict()
+    model = model_class.from_pretrained(None, config=config, state_dict=state_dict, **_model_kwargs(cfg, device))
+    return _frozen(model)
+
+
+def _model_kwargs(cfg: Config, device) -> dict:
+    kw = {"dtype": compute_dtype(cfg), "attn_implementation": attention_backend(cfg.model.attn_implementation, device)}
+    if cfg.model.load_in_4bit or cfg.model.load_in_8bit:  # bitsandbytes quantizes each weight on this device
+        kw["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+    return kw
+
+
+def _frozen(model):
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
     return model
 
 
+def is_4bit_linear(module) -> bool:
+    """A bitsandbytes Linear4bit, which keeps its weight's quant_state on itself (PEFT's wrapper only forwards it)."""
+    return "quant_state" in vars(module) and hasattr(module, "in_features")
+
+
+def parameter_sizes(model):
+    """(parameter, element count) for each distinct parameter. A bitsandbytes 4-bit weight counts its unpacked
+    elements (in x out of its Linear4bit), whatever dtype packs it and also once FSDP has replaced it by a shard."""
+    seen = set()
+    for m in model.modules():
+        four_bit = is_4bit_linear(m)
+        for name, p in m.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield p, (m.in_features * m.out_features if four_bit and name == "weight" else p.numel())
+
+
 def describe_model(model) -> str:
     """One line: architecture, parameter count, dtype, quantization."""
-    n = sum(p.numel() * (2 if getattr(p, "quant_type", None) else 1) for p in model.parameters())
+    n = sum(size for _, size in parameter_sizes(model))
     q = getattr(model.config, "quantization_config", None)
     qs = ""
     if q is not None:

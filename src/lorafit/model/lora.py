@@ -14,6 +14,7 @@ from pathlib import Path
 from lorafit.config.schema import Config
 from lorafit.errors import ConfigError, UserError, reading_files
 from lorafit.model.arch import family
+from lorafit.model.load import parameter_sizes
 from lorafit.parsing import json_loads
 
 
@@ -124,10 +125,7 @@ def adapter_config_problem(data) -> str | None:
 def parameter_counts(model) -> tuple[int, int]:
     """(trainable, total) parameters; 4-bit weights count as their unpacked element number."""
     trainable = total = 0
-    for p in model.parameters():
-        n = p.numel()
-        if type(p).__name__ == "Params4bit":
-            n *= 2
+    for p, n in parameter_sizes(model):
         total += n
         if p.requires_grad:
             trainable += n

@@ -7,6 +7,13 @@ rank's device. Base weights, LoRA weights, their gradients and AdamW state are a
 weights are gathered just for its forward and backward. LoRA master weights stay float32: weights are
 gathered in the compute dtype and gradients reduced in float32 (`MixedPrecisionPolicy`).
 
+A 4-bit (QLoRA) base is sharded the same way: bitsandbytes packs each NF4 weight into a flat (n, 1) tensor,
+stored here in the compute dtype (`bnb_4bit_quant_storage`, 4 codes per bf16 element) so that every parameter
+of a unit has one dtype and FSDP flattens and cuts it like any other; the gathered bytes are the packed weight
+again. Each weight's quant_state (absmax, code, the nested double-quant state) is not a parameter: it stays
+whole on every rank, on the Linear4bit module, where bitsandbytes' forward finds it (about 1/32 of the packed
+weights' bytes with double quantization).
+
 What leaves a rank is whole: the adapter is gathered (LoRA tensors only, never the base) and written by
 rank 0 in PEFT's format, and a checkpoint's optimizer state is gathered into the same index-keyed
 `optimizer.state_dict()` a single process writes, so checkpoints move between FSDP, DDP and one process,
@@ -21,9 +28,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as tdist
 
 from lorafit.config.checks import check_fsdp
-from lorafit.errors import UserError
+from lorafit.errors import ConfigError, UserError
+from lorafit.model.load import base_from_state_dict, is_4bit_linear, load_base_model
 
 if TYPE_CHECKING:
     from lorafit.config.schema import Config
@@ -62,10 +71,20 @@ def _true(value: str | None) -> bool:
     return (value or "").strip().lower() in ("true", "1", "yes", "on")
 
 
-def offload_requested(env: dict[str, str] | None = None) -> bool:
-    """accelerate launch --use_fsdp --fsdp_offload_params true (known before the process group starts)."""
+def offload_requested(cfg: Config | None = None, env: dict[str, str] | None = None) -> bool:
+    """--fsdp_offload true, or accelerate launch --use_fsdp --fsdp_offload_params true (known before the process
+    group starts: offloaded shards need gloo beside nccl)."""
     env = os.environ if env is None else env
-    return _true(env.get("ACCELERATE_USE_FSDP")) and _true(env.get("FSDP_OFFLOAD_PARAMS"))
+    return bool(cfg is not None and cfg.train.fsdp_offload) or (
+        _true(env.get("ACCELERATE_USE_FSDP")) and _true(env.get("FSDP_OFFLOAD_PARAMS")))
+
+
+def one_process_group(cfg: Config, env: dict[str, str] | None = None) -> bool:
+    """`torchrun --nproc_per_node 1 ... --fsdp true`: FSDP over one process, which needs a process group of one.
+    Nothing is cut, but every step of the sharded path runs (the gathers, the reduce in float32, CPU offload, the
+    4-bit base packed in the compute dtype), so one GPU can check what the multi-GPU runs depend on."""
+    env = os.environ if env is None else env
+    return cfg.train.fsdp and env.get("WORLD_SIZE") == "1" and "MASTER_ADDR" in env
 
 
 def settings(cfg: Config, d: Dist, env: dict[str, str] | None = None) -> Settings | None:
@@ -74,14 +93,16 @@ def settings(cfg: Config, d: Dist, env: dict[str, str] | None = None) -> Setting
     env = os.environ if env is None else env
     accelerate = _true(env.get("ACCELERATE_USE_FSDP"))
     if not (cfg.train.fsdp or accelerate):
+        if cfg.train.fsdp_offload:
+            raise ConfigError("'fsdp_offload' is on but FSDP is not", fix="add --fsdp true, or drop --fsdp_offload")
         return None
     source = "--fsdp true" if cfg.train.fsdp else "accelerate launch --use_fsdp (ACCELERATE_USE_FSDP=true)"
     if not cfg.train.fsdp:
         check_fsdp(cfg, source)  # --fsdp true was checked with the rest of the config
-    if d.world_size == 1:
+    if d.world_size == 1 and not one_process_group(cfg, env):
         log.info("fsdp: one process has nothing to shard; training unsharded")
         return None
-    s = Settings(source)
+    s = Settings(source, offload=cfg.train.fsdp_offload)
     if accelerate:
         _read_accelerate(s, env)
     if s.offload and d.device.type == "cpu":
@@ -97,7 +118,7 @@ def _read_accelerate(s: Settings, env: dict[str, str]) -> None:
         s.reshard_after_forward = reshard.strip().upper() in ("TRUE", "1", "FULL_SHARD", "HYBRID_SHARD")
         used.append(f"FSDP_RESHARD_AFTER_FORWARD={reshard}")
     if "FSDP_OFFLOAD_PARAMS" in env:
-        s.offload = _true(env["FSDP_OFFLOAD_PARAMS"])
+        s.offload = s.offload or _true(env["FSDP_OFFLOAD_PARAMS"])
         used.append(f"FSDP_OFFLOAD_PARAMS={env['FSDP_OFFLOAD_PARAMS']}")
     policy = (env.get("FSDP_AUTO_WRAP_POLICY") or "").strip().upper()
     if policy == "NO_WRAP":
@@ -125,14 +146,68 @@ def sync_from_rank0(model, d: Dist) -> None:
     """Rank 0's weights to every rank (accelerate's sync_module_states). Under accelerate's CPU-RAM-efficient
     loading, transformers reads the checkpoint on (local) rank 0 only and fills the other ranks' weights with
     zeros, expecting them to be sent before training; sharding the zeros would train on a broken base."""
-    import torch.distributed as tdist
-
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
             buf = t.data.to(d.device)  # nccl sends from the GPU; gloo from the CPU tensor itself
             tdist.broadcast(buf, src=0)
             if buf is not t.data:
                 t.data.copy_(buf)
+
+
+def load_base(cfg: Config, d: Dist, s: Settings, dtype: torch.dtype, source):
+    """The frozen base on this rank before sharding. bf16: on the CPU, and fully_shard moves each rank's shard to
+    its device. 4-bit: quantized on the rank's GPU by bitsandbytes' CUDA quantizer, packed in `dtype`, so each GPU
+    holds the whole 4-bit base until fully_shard cuts it; with CPU offload, which is asked for to spare GPU memory,
+    on the CPU instead (its quantizer: a 4096 x 14336 weight in 7.6 s on 2 busy cores, 8M parameters/s, which
+    would be ~17 min for 8B). Under rank0_loads only rank 0 reads the files; the others receive what it loaded."""
+    if not cfg.model.load_in_4bit:
+        base = load_base_model(cfg, torch.device("cpu"), source)
+        if s.rank0_loads:
+            sync_from_rank0(base, d)
+        return base
+    where = torch.device("cpu") if s.offload else d.device
+    if not s.rank0_loads:
+        return load_base_model(cfg, where, source, quant_storage=dtype)
+    base = load_base_model(cfg, where, source, quant_storage=dtype) if d.main else None
+    return share_base(cfg, base, d, where)
+
+
+def share_base(cfg: Config, base, d: Dist, where: torch.device):
+    """Rank 0's loaded base to every rank, `state_dict()` tensor by tensor (for a 4-bit model that includes each
+    weight's quant_state, serialized by bitsandbytes), rebuilt on the other ranks, on `where`, by transformers'
+    loader of pre-quantized weights. transformers' own rank-0-only loading (FSDP_CPU_RAM_EFFICIENT_LOADING) skips
+    quantized models, so without this every rank would read and quantize the whole checkpoint."""
+    state = base.state_dict() if d.main else {}
+    head = [(type(base), base.config, [(k, tuple(v.shape), v.dtype) for k, v in state.items()])] if d.main else [None]
+    tdist.broadcast_object_list(head, src=0, device=d.device if d.device.type == "cuda" else None)
+    model_class, config, manifest = head[0]
+    received = {}
+    for key, shape, dtype in manifest:  # through d.device: nccl sends from the GPU, gloo from the CPU
+        buf = state[key].to(d.device) if d.main else torch.empty(shape, dtype=dtype, device=d.device)
+        tdist.broadcast(buf, src=0)
+        received[key] = buf.to(where)
+    return base if d.main else base_from_state_dict(cfg, model_class, config, received, where)
+
+
+def _ready_4bit(model, device: torch.device) -> tuple[int, int]:
+    """Each Linear4bit's quant_state onto `device` (fully_shard moves parameters and buffers only); returns
+    (weights, quant_state bytes). On the CPU, bitsandbytes' forward repacks weight.data in place for avx512-bf16
+    inference the first time it runs without gradients (validation) and marks the shared quant_state so; under
+    FSDP weight.data is a gathered copy, so the next gather would be read in the wrong layout: kept off."""
+    n = nbytes = 0
+    for m in model.modules():
+        if not is_4bit_linear(m):
+            continue
+        qs = m.quant_state
+        if qs is None:
+            raise UserError(f"the 4-bit layer {type(m).__name__} holds no quant_state to shard with",
+                            fix="load the base through lorafit (transformers + bitsandbytes), not a converted copy")
+        qs.to(device)
+        m.support_avx512bf16_for_cpu = False
+        n += 1
+        nbytes += sum(t.numel() * t.element_size() for t in (qs.absmax, qs.code, getattr(qs.state2, "absmax", None),
+                                                             getattr(qs.state2, "code", None)) if t is not None)
+    return n, nbytes
 
 
 def wrap(loss_module: torch.nn.Module, model, d: Dist, s: Settings, dtype: torch.dtype) \
@@ -152,6 +227,7 @@ def wrap(loss_module: torch.nn.Module, model, d: Dist, s: Settings, dtype: torch
     if not layers and not s.no_wrap:
         raise UserError(f"FSDP found no layer of class {', '.join(classes) or '(none named by the model)'} to shard",
                         fix="name the decoder layer class with accelerate's --fsdp_transformer_layer_cls_to_wrap")
+    n4, qbytes = _ready_4bit(model, d.device)
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
     kw = {"mesh": mesh, "mp_policy": mp, "offload_policy": CPUOffloadPolicy() if s.offload else OffloadPolicy()}
@@ -159,10 +235,22 @@ def wrap(loss_module: torch.nn.Module, model, d: Dist, s: Settings, dtype: torch
         fully_shard(layer, reshard_after_forward=s.reshard_after_forward, **kw)
     fully_shard(loss_module, reshard_after_forward=False, **kw)  # the root is gathered again at once for backward
     what = f"{len(layers)} x {type(layers[0]).__name__.removeprefix('FSDP')} + root" if layers else "one unit"
-    line = (f"fsdp: FSDP2 over {d.world_size} processes ({s.source}); units: {what}; weights gathered in "
+    procs = f"{d.world_size} processes" if d.world_size > 1 else "1 process (nothing cut: a check of the sharded path)"
+    line = (f"fsdp: FSDP2 over {procs} ({s.source}); units: {what}; weights gathered in "
             f"{str(dtype).removeprefix('torch.')}, gradients reduced in float32; reshard_after_forward "
             f"{str(s.reshard_after_forward).lower()}; CPU offload {'on' if s.offload else 'off'}")
-    return loss_module, [line] + (["fsdp: " + "; ".join(s.notes)] if s.notes else [])
+    lines = [line] + (["fsdp: " + "; ".join(s.notes)] if s.notes else [])
+    if n4:
+        storage = next(m.weight.dtype for m in model.modules() if is_4bit_linear(m))
+        lines.append(f"fsdp: 4-bit base: {n4} NF4 weights sharded packed in {str(storage).removeprefix('torch.')} "
+                     f"(bnb_4bit_quant_storage); their quant_state stays whole on each rank "
+                     f"({qbytes / 2**20:.1f} MiB)")
+    if d.device.type == "cuda":  # the base was whole on this GPU until fully_shard cut it: that peak is loading's
+        lines.append(f"fsdp: peak while loading {torch.cuda.max_memory_allocated(d.device) / 2**30:.2f} GiB on "
+                     f"rank {d.rank}'s GPU; training's peak is counted from the sharded model on")
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(d.device)
+    return loss_module, lines
 
 
 @contextmanager

@@ -40,7 +40,7 @@ from lorafit.train import checkpoint as ckpt
 from lorafit.train import fsdp
 from lorafit.train import parallel as dist
 from lorafit.train.fast import loss_path
-from lorafit.train.fsdp import offload_requested
+from lorafit.train.fsdp import offload_requested, one_process_group
 from lorafit.train.log import NullLog, TrainLog, memory_gib, setup_console, truncate_after
 from lorafit.train.memory import find_pass_budget, measured_budget, oom_error, pass_budget
 from lorafit.train.objectives import build_objective
@@ -65,7 +65,7 @@ log = logging.getLogger("lorafit")
 def train(cfg: Config) -> Path:
     """Train an adapter into cfg.train.output_dir and return that directory."""
 
-    d = dist.setup(cpu_collectives=offload_requested())
+    d = dist.setup(cpu_collectives=offload_requested(cfg), group_of_one=one_process_group(cfg))
     try:
         return _train(cfg, d)
     finally:
@@ -124,16 +124,17 @@ def _train(cfg: Config, d: dist.Dist) -> Path:
 
 
 def _load_model(r: TrainState, source):
-    """The base with LoRA on top, in train mode. Under FSDP each rank loads on its CPU, and fsdp.wrap moves
-    only the rank's shard to its device."""
+    """The base with LoRA on top, in train mode. Under FSDP, fsdp.load_base says where each rank loads it, and
+    fsdp.wrap keeps only the rank's shard on its device."""
     from transformers import set_seed  # heavy: transformers loads on first use
 
     if r.fsdp and r.fsdp.activation_checkpointing:
         r.cfg.model.gradient_checkpointing = True
     set_seed(r.cfg.train.seed)  # LoRA init and dropout
-    base = load_base_model(r.cfg, torch.device("cpu") if r.fsdp else r.d.device, source)
-    if r.fsdp and r.fsdp.rank0_loads:
-        fsdp.sync_from_rank0(base, r.d)
+    if r.fsdp:
+        base = fsdp.load_base(r.cfg, r.d, r.fsdp, r.dtype, source)
+    else:
+        base = load_base_model(r.cfg, r.d.device, source)
     r.fused, r.fused_why = fused_path_choice(r.cfg, base.config.model_type, fsdp=r.fsdp is not None,
                                              cuda=r.d.device.type == "cuda")
     model = apply_lora(base, r.cfg, fused=r.fused)

@@ -34,9 +34,10 @@ class Dist:
         return self.world_size > 1
 
 
-def setup(cpu_collectives: bool = False) -> Dist:
+def setup(cpu_collectives: bool = False, group_of_one: bool = False) -> Dist:
     """Join the process group when launched by torchrun/accelerate (nccl on CUDA, gloo on CPU).
-    `cpu_collectives`: gloo beside nccl, for FSDP's CPU-offloaded shards (gathers and the grad norm on the CPU)."""
+    `cpu_collectives`: gloo beside nccl, for FSDP's CPU-offloaded shards (gathers and the grad norm on the CPU).
+    `group_of_one`: a group even for one process (FSDP over one GPU, fsdp.one_process_group)."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -46,7 +47,7 @@ def setup(cpu_collectives: bool = False) -> Dist:
     if cuda:
         torch.cuda.set_device(local)
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or group_of_one) and not dist.is_initialized():
         backend = ("cpu:gloo,cuda:nccl" if cpu_collectives else "nccl") if cuda else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 **({"device_id": device} if cuda else {}))
@@ -56,7 +57,7 @@ def setup(cpu_collectives: bool = False) -> Dist:
 def cleanup(d: Dist) -> None:
     import torch.distributed as dist
 
-    if d.enabled and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
