@@ -16,7 +16,7 @@ TARGETS = {"recipe": (5.0, 1.25), "8x512@llama3-8b": (1.4, 1.0), "4x2048@llama3-
            "1x32768": (0.0, 1.0)}
 
 
-def f(v: float | None) -> str:
+def ratio(v: float | None) -> str:
     return "" if v is None else f"{v:.2f}"
 
 
@@ -47,7 +47,8 @@ def main(*paths: str) -> None:
             elif xu is not None:
                 want_x, want_m = TARGETS.get(shape, (1.6, 1.1))
                 target = f"{'met' if xu >= want_x and xm <= want_m else 'not met'} (>= {want_x}x at <= {want_m}x mem)"
-        print(f"| {stack} | {shape} | {r['tok_s']:,} | {r['peak_gib']} | {f(xb)} | {f(xu)} | {f(xm)} | {target} |")
+        cells = [stack, shape, f"{r['tok_s']:,}", str(r["peak_gib"]), ratio(xb), ratio(xu), ratio(xm), target]
+        print("| " + " | ".join(cells) + " |")
     for r in rows:
         if "error" in r:
             print(f"\nerror: {r['stack']} {r['shape']}: {r['error']}")
