@@ -84,8 +84,8 @@ def test_logps_do_not_depend_on_padding(tiny_model_dir):
     after the padding; the head runs on the completion tokens only), and sum to the model's own log-likelihood."""
     from transformers import AutoModelForCausalLM
 
-    from lorafit.train.objectives.grpo import _slice
-    from lorafit.train.rollout import Rollout, completion_logps
+    from lorafit.train.objectives.grpo import _slice, completion_logps
+    from lorafit.train.rollout import Rollout
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).eval()
     pad = 0

@@ -1,4 +1,4 @@
-"""GRPO rollouts: sample a group of completions per prompt from the current policy, and per-token log-probs.
+"""GRPO rollouts: sample a group of completions per prompt from the current policy.
 
 Sampling is one batched `generate` call (KV cache, left-padded prompts, each prompt repeated
 `num_generations` times) on the LoRA model in eval mode. transformers samples from the global torch RNG, so
@@ -15,10 +15,7 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import GenerationConfig
-
-from lorafit.model.arch import decoder_and_head
 
 
 @dataclass
@@ -79,28 +76,3 @@ def completion_mask_of(completion: torch.Tensor, eos: set[int]) -> torch.Tensor:
     L = completion.shape[1]
     first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), L)  # (N,) index of the first end-of-text
     return (torch.arange(L, device=completion.device)[None, :] <= first[:, None]).long()
-
-
-def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
-                     temperature: float) -> torch.Tensor:
-    """(N, L) log-probabilities of the completion tokens under `model` at `temperature` (0 where masked).
-
-    The LM head runs on the trained completion tokens only (as the SFT reference loss does): with a 32k-49k
-    vocabulary the full (N, P + L, V) float32 logits of a step would be the largest tensor in it.
-    """
-    L = completion_mask.shape[1]
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-              "use_cache": False}
-    targets = input_ids[:, -L:]  # (N, L)
-    keep = completion_mask.bool()
-    split = decoder_and_head(model)
-    if split is None:
-        logits = model(**inputs).logits[:, -L - 1:-1][keep]  # (n, V): position t predicts token t + 1
-    else:
-        decoder, head = split
-        hidden = decoder(**inputs).last_hidden_state[:, -L - 1:-1]  # (N, L, C)
-        logits = head(hidden[keep])  # (n, V), n trained completion tokens
-    logp = -F.cross_entropy(logits.float() / temperature, targets[keep], reduction="none")
-    out = torch.zeros(completion_mask.shape, dtype=logp.dtype, device=logp.device)
-    return out.masked_scatter(keep, logp)

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from lorafit.config.schema import Config, beta_of
 from lorafit.data.prompts import first_prompt
@@ -30,8 +31,9 @@ from lorafit.errors import DataError
 from lorafit.infer.generate import decode, eos_token_ids
 from lorafit.train import parallel as dist
 from lorafit.train.objectives.base import Batch, Metrics
+from lorafit.train.objectives.sft import decoder_and_head
 from lorafit.train.rewards import Reward, build_rewards, check_rewards, score
-from lorafit.train.rollout import completion_logps, rollout_seed, sample
+from lorafit.train.rollout import rollout_seed, sample
 
 EPS = 1e-4
 """Added to the reward std before dividing (TRL's value): a group of equal rewards gets advantage 0, not NaN."""
@@ -74,6 +76,31 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.T
     if loss_type == "grpo":
         return ((loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).sum()
     return (loss * mask).sum()
+
+
+def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """(N, L) log-probabilities of the completion tokens under `model` at `temperature` (0 where masked).
+
+    The LM head runs on the trained completion tokens only (as the SFT reference loss does): with a 32k-49k
+    vocabulary the full (N, P + L, V) float32 logits of a step would be the largest tensor in it.
+    """
+    L = completion_mask.shape[1]
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+              "use_cache": False}
+    targets = input_ids[:, -L:]  # (N, L)
+    keep = completion_mask.bool()
+    split = decoder_and_head(model)
+    if split is None:
+        logits = model(**inputs).logits[:, -L - 1:-1][keep]  # (n, V): position t predicts token t + 1
+    else:
+        decoder, head = split
+        hidden = decoder(**inputs).last_hidden_state[:, -L - 1:-1]  # (N, L, C)
+        logits = head(hidden[keep])  # (n, V), n trained completion tokens
+    logp = -F.cross_entropy(logits.float() / temperature, targets[keep], reduction="none")
+    out = torch.zeros(completion_mask.shape, dtype=logp.dtype, device=logp.device)
+    return out.masked_scatter(keep, logp)
 
 
 def count_units(completion_mask: torch.Tensor, loss_type: str, max_completion_length: int) -> int:
