@@ -194,7 +194,8 @@ def test_lora_group_dropout_uses_one_mask_per_head_and_matches_reference():
     yr = reference.lora_group(x, weights, [None] * 3, loras, dropout_masks=masks)
     torch.testing.assert_close(y, yr)
     for g, gr in zip(grads, torch.autograd.grad(yr, [x, *params], dy), strict=True):
-        torch.testing.assert_close(g, gr)
+        # float32 sums in another order (one product for all heads vs one per head): 1.1e-5 seen on an H200
+        torch.testing.assert_close(g, gr, atol=5e-5, rtol=1e-4)
     y_eval = lora_group(x, heads, training=False)
     torch.testing.assert_close(y_eval, reference.lora_group(x, weights, [None] * 3, loras))
 

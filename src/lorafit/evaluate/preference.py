@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lorafit.config.schema import beta_of
 from lorafit.data.preference import CHOSEN, REJECTED, encode_examples, preference_passes, split_preference
 from lorafit.errors import UserError
-from lorafit.evaluate.run import EvalExample, _adapter_off, _md_cell, _status, generate_answers
+from lorafit.evaluate.report import _md_cell
+from lorafit.evaluate.run import EvalExample, _adapter_off, _status, generate_answers
 from lorafit.infer.generate import load_session
 from lorafit.model.load import compute_dtype
 from lorafit.run_dir import load_run_config, require_adapter, same_source, write_json_atomic, write_text_atomic
@@ -48,7 +50,7 @@ def evaluate_preference(run_dir: Path, cfg: Config) -> dict:
     n = min(len(records), cfg.eval.max_samples or len(records))
     if n < len(records):
         records = random.Random(f"lorafit-eval:{cfg.train.seed}").sample(records, n)
-    session = load_session(run_dir, cfg)
+    session = load_session(run_dir, cfg, merge=False)  # the base is the same model with its adapter off
     examples = encode_examples(session.template, records, session.tokenizer, cfg)
     started = time.perf_counter()
     with _adapter_off(session.model):
@@ -56,8 +58,8 @@ def evaluate_preference(run_dir: Path, cfg: Config) -> dict:
     tuned = score_examples(session.model, examples, cfg)
     report = {"base": summarize(base), "tuned": summarize(tuned), "settings": {
         "dataset": cfg.data.dataset, "split": "held-out split" if held_out else "all", "samples": len(examples),
-        "method": trained.train.method, "beta": trained.train.beta, "seconds": 0.0}}
-    report["tuned"].update(reward_metrics(base, tuned, trained.train.beta))
+        "method": trained.train.method, "beta": beta_of(trained), "seconds": 0.0}}
+    report["tuned"].update(reward_metrics(base, tuned, beta_of(trained)))
     report["examples"] = side_by_side(session, examples, cfg)
     report["settings"]["seconds"] = round(time.perf_counter() - started, 2)
     write_json_atomic(run_dir / "eval.json", report)
@@ -120,10 +122,11 @@ def side_by_side(session, examples: list, cfg: Config) -> list[dict]:
     shown = [EvalExample(e.messages[:-1], e.messages[-1]["content"]) for e in examples[:GENERATIONS]]
     if not shown:
         return []
-    budget, bs, limit = cfg.eval.eval_max_new_tokens, cfg.train.per_device_eval_batch_size, cfg.data.max_seq_length
+    budget = cfg.eval.eval_max_new_tokens if isinstance(cfg.eval.eval_max_new_tokens, int) else cfg.generate.max_new_tokens
+    bs, limit = cfg.train.per_device_eval_batch_size, cfg.data.max_seq_length
     with _adapter_off(session.model):
-        base = generate_answers(session, shown, budget, bs, limit)
-    tuned = generate_answers(session, shown, budget, bs, limit)
+        base = [r.text for r in generate_answers(session, session.template, shown, budget, bs, limit)]
+    tuned = [r.text for r in generate_answers(session, session.template, shown, budget, bs, limit)]
     return [{"prompt": e.prompt[-1]["content"], "chosen": e.reference, "rejected": x.rejected, "base": b, "tuned": t}
             for e, x, b, t in zip(shown, examples, base, tuned)]
 

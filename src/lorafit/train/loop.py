@@ -203,8 +203,8 @@ def _maybe_resume(r: TrainState) -> bool:
 def _loop(r: TrainState, signals: StopSignals) -> None:
 
     cfg, d, p, pos = r.cfg, r.d, r.plan, r.pos
-    lengths = [len(e.input_ids) for e in r.data.train]
-    clip = cfg.data.max_seq_length * r.objective.sequences_per_example  # the longest an example can be
+    lengths = [r.objective.pass_tokens(e, cfg.data.max_seq_length) for e in r.data.train]
+    clip = max(lengths, default=1)  # pass_tokens has applied max_seq_length already
     if pos.step == 0 and r.data.val and cfg.train.eval_strategy != "no":
         _validate(r)  # the baseline: the curve starts at the base's own validation loss
     first = pos.step
@@ -386,8 +386,7 @@ def _val_passes(r: TrainState) -> list[tuple[dict[str, torch.Tensor], bool]]:
     many as the busiest rank's (FSDP gathers weights in every forward): stand-ins, not counted, fill up."""
     d, msl = r.d, r.cfg.data.max_seq_length
     shards = [r.data.val[k:: d.world_size] for k in range(d.world_size)]
-    clip = msl * r.objective.sequences_per_example
-    plans = [make_passes(list(range(len(sh))), [min(len(e.input_ids), clip) for e in sh], r.plan.tokens_per_pass)
+    plans = [make_passes(list(range(len(sh))), [r.objective.pass_tokens(e, msl) for e in sh], r.plan.tokens_per_pass)
              for sh in shards]
     mine = [(r.objective.collate(shards[d.rank], p, msl), True) for p in plans[d.rank]]
     stand_in = r.objective.collate(r.data.val, [0], msl)

@@ -87,8 +87,7 @@ def find_pass_budget(r: TrainState, loss_module, budget: int) -> int:
     c = r.cfg
     if not c.train.auto_find_batch_size:
         return budget
-    clip = c.data.max_seq_length * r.objective.sequences_per_example
-    lengths = [min(len(e.input_ids), clip) for e in r.data.train]
+    lengths = [r.objective.pass_tokens(e, c.data.max_seq_length) for e in r.data.train]
     longest = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     rng = torch.get_rng_state()  # the probe's dropout must not shift the run's random stream
     while True:

@@ -18,12 +18,15 @@ Metrics = dict[str, torch.Tensor]
 
 class Objective(Protocol):
     name: str
-    sequences_per_example: int
-    """Sequences one example puts in a pass (a DPO pair: 2); step planning allows that many times max_seq_length."""
     fused_loss: bool
     """The loss can run through the fused path's summed cross-entropy (train/fast.py): SFT only."""
     rollout: bool
     """`prepare` makes the step's batches (GRPO samples completions), so units are counted after it."""
+
+    def pass_tokens(self, example: Any, max_seq_length: int) -> int:
+        """Tokens the example puts in a pass, what passes are planned by (a DPO pair: both sequences; a GRPO
+        prompt: its num_generations completions at their longest)."""
+        ...
 
     def collate(self, examples: list, records: list[int], max_seq_length: int) -> Batch:
         """The records' examples as one pass, as `loss` reads it (SFT: data.batching.collate_pass, padding-free;

@@ -55,7 +55,6 @@ class PreferenceBatches:
     """What DPO, ORPO and KTO share: units are pairs (or completions), batches come from data/preference.py."""
 
     kl_pairs = False
-    sequences_per_example = 2  # chosen and rejected; KTO: the completion and its mismatched KL sequence
     # the fused path returns one cross-entropy sum per pass, and preference losses need one log-prob per sequence
     fused_loss = False
     rollout = False
@@ -65,6 +64,10 @@ class PreferenceBatches:
 
     def prepare(self, state, batches: list[Batch]) -> list[Batch]:
         return batches
+
+    def pass_tokens(self, example, max_seq_length: int) -> int:
+        # chosen and rejected (each already cut to max_seq_length); KTO: also its mismatched KL sequence
+        return len(example.input_ids) * (2 if self.kl_pairs else 1)
 
     def collate(self, examples, records: list[int], max_seq_length: int) -> Batch:
         return collate_preference([examples[i] for i in records], kl_pairs=self.kl_pairs)

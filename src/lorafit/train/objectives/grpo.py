@@ -117,9 +117,12 @@ class GRPO:
     """Rollouts in `prepare`, the clipped policy-gradient loss in `loss`; units per `loss_type`."""
 
     name = "grpo"
-    sequences_per_example = 1
     fused_loss = False  # per-token log-probs of sampled completions, not a summed cross-entropy
     rollout = True
+
+    def pass_tokens(self, example, max_seq_length: int) -> int:
+        # what the loss pass computes: num_generations rows of the prompt and a completion at its longest
+        return self.g.num_generations * (min(len(example.input_ids), max_seq_length) + self.g.max_completion_length)
 
     def collate(self, examples, records: list[int], max_seq_length: int) -> Batch:
         """The pass's prompts, one right-padded row each (the rollout left-pads them for generation)."""

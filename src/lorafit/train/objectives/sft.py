@@ -14,7 +14,6 @@ class SFT:
     """Cross-entropy of the reply tokens (prompt tokens carry IGNORE_INDEX), summed; units are labelled tokens."""
 
     name = "sft"
-    sequences_per_example = 1
     fused_loss = True
     rollout = False
 
@@ -30,6 +29,9 @@ class SFT:
         else:
             ce, _ = reference_loss(model, batch, mask_dtype)
         return ce, {}
+
+    def pass_tokens(self, example, max_seq_length: int) -> int:
+        return min(len(example.input_ids), max_seq_length)
 
     def collate(self, examples, records: list[int], max_seq_length: int) -> Batch:
         return collate_pass(examples, records, max_seq_length)
