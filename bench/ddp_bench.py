@@ -61,9 +61,16 @@ def run_state(cfg, d, model, ddp, dtype):
     opt = build_optimizer(model, cfg.train)
     from lorafit.train.objectives.sft import SFT
 
-    return SimpleNamespace(cfg=cfg, d=d, model=model, ddp=ddp, dtype=dtype, scaler=None, optimizer=opt, objective=SFT(),
+    class Prebuilt(SFT):
+        """SFT whose records are ready-made device-shaped batches (the bench's random token rows)."""
+
+        def collate(self, examples, records, max_seq_length):
+            return examples[records[0]]
+
+    return SimpleNamespace(cfg=cfg, d=d, model=model, ddp=ddp, dtype=dtype, scaler=None, optimizer=opt, objective=Prebuilt(),
+                           data=SimpleNamespace(train=[]), fast=None,
                            scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), pos=Position(),
-                           plan=SimpleNamespace(epoch_micro=1, micro_batch=0), tlog=LastStep())
+                           plan=SimpleNamespace(epoch_micro=1, epoch_items=1, micro_batch=0, tokens_per_pass=1 << 30), tlog=LastStep())
 
 
 class LastStep:
@@ -123,6 +130,7 @@ def measure(r, bs: int, seq: int, steps: int, warmup: int, vocab: int) -> dict:
     import torch
 
     from lorafit.train import parallel as dist
+    from lorafit.data.batching import Pass
     from lorafit.train.loop import _optimizer_step
 
     cuda = r.d.device.type == "cuda"
@@ -135,7 +143,8 @@ def measure(r, bs: int, seq: int, steps: int, warmup: int, vocab: int) -> dict:
         if cuda:
             torch.cuda.synchronize(r.d.device)
         t = time.perf_counter()
-        _optimizer_step(r, [b])
+        r.data.train[:] = [b]  # the prebuilt batch is the step's one record, one pass
+        _optimizer_step(r, [Pass([0])], [0])
         if cuda:
             torch.cuda.synchronize(r.d.device)
         if i >= warmup:

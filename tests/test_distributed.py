@@ -44,7 +44,7 @@ def test_two_ranks_equal_one_process_with_accumulation(runs):
     assert val_losses(ddp) == pytest.approx(val_losses(single), rel=1e-4)  # validation sums gathered over ranks
     assert_same_adapter(ddp, single, atol=1e-5)
     # only rank 0 wrote: one line per step, one checkpoint per save
-    assert sum(1 for _ in (ddp / "metrics.jsonl").open()) == 4 + 2
+    assert sum(1 for _ in (ddp / "metrics.jsonl").open()) == 4 + 3  # steps; validation at 0 (the baseline), 2, 4
     assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
 

@@ -74,7 +74,7 @@ def test_dpo_starts_at_ln2_and_learns_the_preference(tiny_model_dir, pairs, tmp_
     from lorafit.infer.generate import load_session
 
     cfg = load_run_config(out)
-    session = load_session(out, cfg)
+    session = load_session(out, cfg, merge=False)  # the base is the adapter switched off
     data = prepare_preference(cfg, session.tokenizer)
     with session.model.disable_adapter():
         base = score_examples(session.model, data.train, cfg)
