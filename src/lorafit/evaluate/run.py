@@ -176,8 +176,8 @@ def answer_budget(tokenizer, examples: list[EvalExample], cfg: Config) -> dict[s
     """max_new_tokens for scoring, how it was chosen, and how many references are longer.
 
     auto: 1.5 x the 95th percentile of reference lengths in tokens, at least 16, at most max_seq_length. A cap
-    below the references makes BLEU's brevity penalty, not the answers, decide the score (with a 128-token cap
-    on held-out Alpaca prompts 40 of 100 references were longer and BP was ~0.47 for base and tuned alike).
+    below the references makes BLEU's brevity penalty, not the answers, decide the score (100 held-out records of
+    the shared Alpaca file, SmolLM2 tokens: 50 references are longer than 128 tokens, the 95th percentile is 416).
     """
     import numpy as np
 
