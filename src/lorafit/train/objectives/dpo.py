@@ -55,8 +55,6 @@ class PreferenceBatches:
     """What DPO, ORPO and KTO share: units are pairs (or completions), batches come from data/preference.py."""
 
     kl_pairs = False
-    # the fused path returns one cross-entropy sum per pass, and preference losses need one log-prob per sequence
-    fused_loss = False
     rollout = False
 
     def units(self, batch: Batch) -> int:
@@ -72,7 +70,10 @@ class PreferenceBatches:
     def collate(self, examples, records: list[int], max_seq_length: int) -> Batch:
         return collate_preference([examples[i] for i in records], kl_pairs=self.kl_pairs)
 
-    def policy_logps(self, model, batch: Batch, mask_dtype: torch.dtype):
+    def policy_logps(self, model, batch: Batch, mask_dtype: torch.dtype, fast_loss=None):
+        """(summed log-probs (S,), labelled tokens (S,)) per sequence: on the fused path when the run has one."""
+        if fast_loss is not None:
+            return fast_loss.sequence_logps(batch)
         return sequence_logps(model, batch, mask_dtype)
 
 
@@ -84,8 +85,8 @@ class DPO(PreferenceBatches):
         self.reference = ReferenceLogps(cfg.train.ref_adapter)
 
     def loss(self, model, batch: Batch, fast_loss, mask_dtype: torch.dtype) -> tuple[torch.Tensor, Metrics]:
-        ref = self.reference(model, batch, mask_dtype)
-        logps, counts = self.policy_logps(model, batch, mask_dtype)
+        ref = self.reference(model, batch, mask_dtype, fast_loss)
+        logps, counts = self.policy_logps(model, batch, mask_dtype, fast_loss)
         pc, pr = split_pairs(logps, batch)
         rc, rr = split_pairs(ref, batch)
         if self.loss_type == "ipo":

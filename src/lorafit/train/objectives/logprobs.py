@@ -5,8 +5,11 @@ A preference batch (data/preference.py) holds several sequences per row as docum
 sequence each token belongs to. The LM head runs on labelled (reply) positions only, as SFT's reference
 loss does, and the log-probs are summed into one value per sequence with `index_add_`.
 
-The reference is the same model with the adapter switched off (PEFT's `disable_adapter()`: no second copy of
-the weights, a 4-bit base stays 4-bit), or another adapter loaded next to the trained one (`ref_adapter`).
+On the fused path (train/fast.py) the same values come from FastLoss.sequence_logps, without the dense mask.
+
+The reference is the same model with the adapter switched off (PEFT's `disable_adapter()`, or on the fused path
+its layer stack without the LoRA products: no second copy of the weights, a 4-bit base stays 4-bit), or another
+adapter loaded next to the trained one (`ref_adapter`, always through the model's own forward).
 Its log-probs depend only on the sequence (the base is frozen), so each is computed once, when its sequence is
 first seen, and then read from memory: from the second epoch on DPO runs one forward pass per step, not two.
 A resumed run recomputes them as it meets them (the same values: nothing they depend on has changed).
@@ -56,12 +59,15 @@ class ReferenceLogps:
         self.ref_adapter = ref_adapter
         self.cache: dict[tuple[int, int, int], float] = {}
 
-    def __call__(self, model, batch: Batch, mask_dtype: torch.dtype) -> torch.Tensor:
-        """(S,) float32 on the batch's device."""
+    def __call__(self, model, batch: Batch, mask_dtype: torch.dtype, fast_loss=None) -> torch.Tensor:
+        """(S,) float32 on the batch's device. `fast_loss`: the fused path (train/fast.py's FastLoss), or None."""
         keys = list(zip(batch["seq_kind"].tolist(), batch["seq_example"].tolist(), batch["seq_reply"].tolist()))
         if any(k not in self.cache for k in keys):
-            with torch.no_grad(), self._reference(model):
-                values, _ = sequence_logps(model, batch, mask_dtype)
+            if fast_loss is not None and self.ref_adapter is None:
+                values, _ = fast_loss.sequence_logps(batch, adapter=False)
+            else:
+                with torch.no_grad(), self._reference(model):
+                    values, _ = sequence_logps(model, batch, mask_dtype)
             self.cache.update(zip(keys, values.tolist()))
         return torch.tensor([self.cache[k] for k in keys], dtype=torch.float32, device=batch["input_ids"].device)
 

@@ -1,0 +1,142 @@
+"""The fused path serves the preference objectives: FastLoss.sequence_logps (the policy, and the base with the
+LoRA products left out) equals the reference path's sequence_logps, values and gradients (CPU, tiny llama, the
+plain-PyTorch twins; the Triton kernels once more in the interpreter); DPO / ORPO / KTO train on it."""
+from __future__ import annotations
+
+import json
+import math
+
+import peft
+import pytest
+import torch
+import transformers
+from helpers import pair_records, run_train, train_args, write_jsonl
+from triton_interp import INTERPRETED, OUTER_ONLY, run_in_interpreter
+
+from lorafit.data.preference import PrefExample, collate_preference
+from lorafit.train.fast import enable_fast_path
+from lorafit.train.objectives.logprobs import ReferenceLogps, sequence_logps
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_policy():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=97, max_position_embeddings=128, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(cfg).float()
+    model.config._attn_implementation = "sdpa"
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.2)   # the policy differs from the base, so adapter-off is checked
+    return pm
+
+
+def pref_batch(kl_pairs: bool = False):
+    g = torch.Generator().manual_seed(3)
+
+    def ids(n):
+        return torch.randint(1, 97, (n,), generator=g).tolist()
+
+    if kl_pairs:
+        examples = [PrefExample(ids(5), [ids(4)], [], 0, label=True), PrefExample(ids(3), [ids(6)], [], 1, label=False)]
+    else:
+        examples = [PrefExample(ids(5), [ids(4), ids(7)], [], 0), PrefExample(ids(3), [ids(6), ids(2)], [], 1)]
+    return collate_preference(examples, kl_pairs=kl_pairs)
+
+
+def lora_grads(pm):
+    return {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("planned", [False, True])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_fused_sequence_logps_equal_the_reference_path(ckpt, planned):
+    pm = tiny_policy()
+    bt = pref_batch()
+    ref_sums, ref_counts = sequence_logps(pm, bt, torch.float32)
+    w = torch.linspace(-1, 2, ref_sums.numel())     # a different gradient per sequence, as DPO gives
+    (ref_sums * w).sum().backward()
+    g_ref = lora_grads(pm)
+    pm.zero_grad()
+    with torch.no_grad(), pm.disable_adapter():
+        base_sums, _ = sequence_logps(pm, bt, torch.float32)
+
+    fl = enable_fast_path(pm, gradient_checkpointing=ckpt, offload_activations=False)
+    fb = fl.host_plan(bt) if planned else bt
+    sums, counts = fl.sequence_logps(fb)
+    assert sums.shape == (4,) and torch.equal(counts, ref_counts) and counts.tolist() == [4, 7, 6, 2]
+    assert torch.allclose(sums, ref_sums, rtol=1e-5, atol=1e-5)
+    (sums * w).sum().backward()
+    g = lora_grads(pm)
+    assert g.keys() == g_ref.keys()
+    for n in g:
+        assert (g[n] - g_ref[n]).norm() <= 1e-5 * g_ref[n].norm(), n   # float32, different summation orders
+
+    off, _ = fl.sequence_logps(fb, adapter=False)   # the reference: no LoRA product, no graph
+    assert not off.requires_grad
+    assert torch.allclose(off, base_sums, rtol=1e-5, atol=1e-5)
+    assert (off - sums).abs().max() > 1e-2         # B != 0: the adapter really was left out
+    # the policy pass after it still has the adapter
+    again, _ = fl.sequence_logps(fb)
+    assert torch.allclose(again, sums, rtol=1e-6, atol=1e-6)
+
+
+def test_reference_logps_take_the_fused_path_and_cache(monkeypatch):
+    pm = tiny_policy()
+    bt = pref_batch(kl_pairs=True)
+    with torch.no_grad(), pm.disable_adapter():
+        want, _ = sequence_logps(pm, bt, torch.float32)
+    fl = enable_fast_path(pm, gradient_checkpointing=False)
+    ref = ReferenceLogps()
+    got = ref(pm, bt, torch.float32, fl)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    # cached: the second call runs no model at all
+    monkeypatch.setattr(fl, "sequence_logps", lambda *a, **k: pytest.fail("reference recomputed"))
+    assert torch.equal(ref(pm, bt, torch.float32, fl), got)
+
+
+@pytest.mark.slow  # ~25 s: the interpreter runs each Triton program in Python
+@pytest.mark.skipif(**OUTER_ONLY)
+def test_fused_preference_logps_through_triton_kernels_in_interpreter():
+    run_in_interpreter(__file__, "fused_sequence_logps_equal and True-True or in_interpreter_the_per_token", expect=2)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs inside the interpreter test above")
+def test_in_interpreter_the_per_token_kernel_runs():
+    from lorafit.kernels.cross_entropy import linear_cross_entropy
+    from lorafit.train.fast import _ops
+    assert _ops(torch.device("cpu")).ce_rows is linear_cross_entropy
+
+
+# -- end to end: lorafit train --method dpo|orpo|kto on the fused path (CPU: fast_kernels on runs the twins) --
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", pair_records(16))
+
+
+def _steps(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
+def test_dpo_on_the_fused_path_starts_at_ln2(tiny_model_dir, pairs, tmp_path):
+    out = run_train(**train_args(tiny_model_dir("llama"), pairs, tmp_path / "dpo", method="dpo", max_steps=3,
+                                 learning_rate=5e-3, lora_dropout=0, val_size=0, fast_kernels="on"))
+    assert json.loads((out / "train_summary.json").read_text())["loss_path"] == "fused"
+    steps = _steps(out)
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert steps[0]["margin"] == 0.0 and steps[0]["rewards/chosen"] == 0.0
+    assert steps[-1]["margin"] != 0.0 and all(math.isfinite(r["loss"]) for r in steps)
+
+
+@pytest.mark.parametrize("method", ["orpo", "kto"])
+def test_orpo_and_kto_run_on_the_fused_path(tiny_model_dir, pairs, tmp_path, method):
+    out = run_train(**train_args(tiny_model_dir("llama"), pairs, tmp_path / method, method=method, max_steps=2,
+                                 lora_dropout=0, val_size=0, fast_kernels="on"))
+    assert json.loads((out / "train_summary.json").read_text())["loss_path"] == "fused"
+    steps = _steps(out)
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+    if method == "kto":
+        assert steps[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # policy = reference: 1 - sigmoid(0) each
