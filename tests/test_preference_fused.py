@@ -15,6 +15,7 @@ from triton_interp import INTERPRETED, OUTER_ONLY, run_in_interpreter
 
 from lorafit.data.preference import PrefExample, collate_preference
 from lorafit.train.fast import enable_fast_path
+from lorafit.train.objectives.dpo import host_index, split_pairs
 from lorafit.train.objectives.logprobs import ReferenceLogps, sequence_logps
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -33,16 +34,16 @@ def tiny_policy():
     return pm
 
 
-def pref_batch(kl_pairs: bool = False):
-    g = torch.Generator().manual_seed(3)
+def pref_batch(kl_pairs: bool = False, first: int = 0, n: int = 2):
+    g = torch.Generator().manual_seed(3 + first)
 
-    def ids(n):
-        return torch.randint(1, 97, (n,), generator=g).tolist()
+    def ids(k):
+        return torch.randint(1, 97, (k,), generator=g).tolist()
 
     if kl_pairs:
-        examples = [PrefExample(ids(5), [ids(4)], [], 0, label=True), PrefExample(ids(3), [ids(6)], [], 1, label=False)]
+        examples = [PrefExample(ids(3 + i), [ids(4 + i)], [], first + i, label=i % 2 == 0) for i in range(n)]
     else:
-        examples = [PrefExample(ids(5), [ids(4), ids(7)], [], 0), PrefExample(ids(3), [ids(6), ids(2)], [], 1)]
+        examples = [PrefExample(ids(5 - i), [ids(4 + 2 * i), ids(7 - 2 * i)], [], first + i) for i in range(n)]
     return collate_preference(examples, kl_pairs=kl_pairs)
 
 
@@ -66,7 +67,7 @@ def test_fused_sequence_logps_equal_the_reference_path(ckpt, planned):
     fl = enable_fast_path(pm, gradient_checkpointing=ckpt, offload_activations=False)
     fb = fl.host_plan(bt) if planned else bt
     sums, counts = fl.sequence_logps(fb)
-    assert sums.shape == (4,) and torch.equal(counts, ref_counts) and counts.tolist() == [4, 7, 6, 2]
+    assert sums.shape == (4,) and torch.equal(counts, ref_counts) and counts.tolist() == [4, 7, 6, 5]
     assert torch.allclose(sums, ref_sums, rtol=1e-5, atol=1e-5)
     (sums * w).sum().backward()
     g = lora_grads(pm)
@@ -85,16 +86,27 @@ def test_fused_sequence_logps_equal_the_reference_path(ckpt, planned):
 
 def test_reference_logps_take_the_fused_path_and_cache(monkeypatch):
     pm = tiny_policy()
-    bt = pref_batch(kl_pairs=True)
+    batches = [pref_batch(kl_pairs=True), pref_batch(kl_pairs=True, first=2, n=3)]
     with torch.no_grad(), pm.disable_adapter():
-        want, _ = sequence_logps(pm, bt, torch.float32)
+        want = [sequence_logps(pm, bt, torch.float32)[0] for bt in batches]
     fl = enable_fast_path(pm, gradient_checkpointing=False)
     ref = ReferenceLogps()
-    got = ref(pm, bt, torch.float32, fl)
-    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
-    # cached: the second call runs no model at all
+    for bt, w in zip(batches, want, strict=True):
+        assert torch.allclose(ref(pm, bt, torch.float32, fl), w, rtol=1e-5, atol=1e-5)
+    # cached: no model runs, each sequence reads back its own value (host keys or keys from the tensors)
     monkeypatch.setattr(fl, "sequence_logps", lambda *a, **k: pytest.fail("reference recomputed"))
-    assert torch.equal(ref(pm, bt, torch.float32, fl), got)
+    for bt, w in zip(batches, want, strict=True):
+        assert torch.allclose(ref(pm, host_index(bt, pin=False), torch.float32, fl), w, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(ref(pm, bt, torch.float32, fl), w, rtol=1e-5, atol=1e-5)
+
+
+def test_host_index_splits_pairs_as_the_masks_do():
+    bt = pref_batch(n=3)
+    values = torch.arange(6, dtype=torch.float32) * 1.5
+    hb = host_index(bt, pin=False)
+    assert hb["seq_keys"] == [(0, 0, 0), (1, 0, 0), (0, 1, 1), (1, 1, 1), (0, 2, 2), (1, 2, 2)]
+    for a, b in zip(split_pairs(values, hb), split_pairs(values, bt), strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.slow  # ~25 s: the interpreter runs each Triton program in Python

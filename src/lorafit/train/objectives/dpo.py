@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from lorafit.config.schema import Config, beta_of
 from lorafit.data.preference import CHOSEN, REJECTED, collate_preference
 from lorafit.train.objectives.base import Batch, Metrics
-from lorafit.train.objectives.logprobs import ReferenceLogps, sequence_logps
+from lorafit.train.objectives.logprobs import ReferenceLogps, sequence_keys, sequence_logps
 
 log = logging.getLogger("lorafit")
 
@@ -47,8 +47,21 @@ def pair_metrics(chosen_reward: torch.Tensor, rejected_reward: torch.Tensor, pol
 
 def split_pairs(values: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) values of each pair, in pair order (a pair's chosen and rejected are adjacent)."""
+    if "chosen_index" in batch:  # from host_index: no boolean mask, whose indexing waits for the device
+        return values.index_select(0, batch["chosen_index"]), values.index_select(0, batch["rejected_index"])
     kind = batch["seq_kind"]
     return values[kind == CHOSEN], values[kind == REJECTED]
+
+
+def host_index(batch: Batch, pin: bool) -> Batch:
+    """The batch (still on the host) with its sequences' reference-cache keys and each pair's chosen and rejected
+    positions: read on the device, each would be a sync (a boolean mask's size, a read-back)."""
+    kind = batch["seq_kind"]
+    index = {"chosen_index": (kind == CHOSEN).nonzero().squeeze(1),
+             "rejected_index": (kind == REJECTED).nonzero().squeeze(1)}
+    if pin:
+        index = {k: v.pin_memory() for k, v in index.items()}
+    return {**batch, **index, "seq_keys": sequence_keys(batch)}
 
 
 class PreferenceBatches:
@@ -61,7 +74,7 @@ class PreferenceBatches:
         return int((batch["seq_kind"] <= REJECTED).sum()) // (1 if self.kl_pairs else 2)
 
     def prepare(self, state, batches: list[Batch]) -> list[Batch]:
-        return batches
+        return [host_index(b, pin=state.d.device.type == "cuda") for b in batches]
 
     def pass_tokens(self, example, max_seq_length: int) -> int:
         # chosen and rejected (each already cut to max_seq_length); KTO: also its mismatched KL sequence
