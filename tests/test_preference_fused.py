@@ -133,14 +133,19 @@ def _steps(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
 
 
-def test_dpo_on_the_fused_path_starts_at_ln2(tiny_model_dir, pairs, tmp_path):
-    out = run_train(**train_args(tiny_model_dir("llama"), pairs, tmp_path / "dpo", method="dpo", max_steps=3,
-                                 learning_rate=5e-3, lora_dropout=0, val_size=0, fast_kernels="on"))
-    assert json.loads((out / "train_summary.json").read_text())["loss_path"] == "fused"
-    steps = _steps(out)
+def test_dpo_on_the_fused_path_starts_at_ln2_and_trains_as_the_reference_path(tiny_model_dir, pairs, tmp_path):
+    runs = {k: run_train(**train_args(tiny_model_dir("llama"), pairs, tmp_path / k, method="dpo", max_steps=3,
+                                      learning_rate=5e-3, lora_dropout=0, val_size=0, fast_kernels=k))
+            for k in ("on", "off")}
+    assert json.loads((runs["on"] / "train_summary.json").read_text())["loss_path"] == "fused"
+    assert json.loads((runs["off"] / "train_summary.json").read_text())["loss_path"] == "reference"
+    steps, ref = _steps(runs["on"]), _steps(runs["off"])
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert steps[0]["margin"] == 0.0 and steps[0]["rewards/chosen"] == 0.0
     assert steps[-1]["margin"] != 0.0 and all(math.isfinite(r["loss"]) for r in steps)
+    # the same updates: steps 2 and 3 (after one and two optimizer steps) match the reference path's
+    for a, b in zip(steps, ref, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["margin"] == pytest.approx(b["margin"], abs=1e-4)
 
 
 @pytest.mark.parametrize("method", ["orpo", "kto"])
@@ -152,3 +157,18 @@ def test_orpo_and_kto_run_on_the_fused_path(tiny_model_dir, pairs, tmp_path, met
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
     if method == "kto":
         assert steps[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # policy = reference: 1 - sigmoid(0) each
+
+
+def test_ref_adapter_reference_with_the_fused_policy(tiny_model_dir, pairs, tmp_path):
+    """--ref_adapter: the policy on the fused path, the reference through the model's own forward with that
+    adapter; step 1 equals the all-reference-path run's."""
+    model = tiny_model_dir("llama")
+    first = run_train(**train_args(model, pairs, tmp_path / "first", method="orpo", max_steps=2, learning_rate=5e-2,
+                                   lora_dropout=0, val_size=0))
+    runs = {k: run_train(**train_args(model, pairs, tmp_path / k, method="dpo", max_steps=1, lora_dropout=0,
+                                      val_size=0, ref_adapter=first, fast_kernels=k)) for k in ("on", "off")}
+    assert json.loads((runs["on"] / "train_summary.json").read_text())["loss_path"] == "fused"
+    fused, ref = (_steps(runs[k])[0] for k in ("on", "off"))
+    assert abs(fused["loss"] - math.log(2)) > 1e-3
+    assert fused["loss"] == pytest.approx(ref["loss"], abs=1e-5)
+    assert fused["logps/chosen"] == pytest.approx(ref["logps/chosen"], rel=1e-5)
