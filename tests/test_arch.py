@@ -29,6 +29,16 @@ def test_fused_path_choice(settings, model_type, fsdp, cuda, fused):
     assert got is fused and why
 
 
+def test_preference_methods_take_the_fused_path_and_say_where_a_ref_adapter_runs(tmp_path):
+    for method in ("dpo", "orpo", "kto"):
+        assert fused_path_choice(build_config(None, {"method": method}), "llama", fsdp=False, cuda=True) == \
+            (True, "fused LoRA kernels")
+    (tmp_path / "adapter_config.json").write_text("{}")
+    cfg = build_config(None, {"method": "dpo", "ref_adapter": str(tmp_path)})
+    fused, why = fused_path_choice(cfg, "llama", fsdp=False, cuda=True)
+    assert fused and "--ref_adapter reference runs the model's own forward" in why
+
+
 def test_fast_kernels_on_for_an_unsupported_architecture_says_why():
     cfg = build_config(None, {"fast_kernels": "on"})
     with pytest.raises(ConfigError, match="'gpt2' has no fused path"):

@@ -43,3 +43,15 @@ def test_table_puts_the_recipe_shape_first_with_its_target(tmp_path):
     lorafit = next(r for r in rows if r.startswith("| lorafit | recipe"))
     assert "5.14" in lorafit and "met (>= 5.0x at <= 1.25x mem)" in lorafit
     assert "met (>= 1.6x" in next(r for r in rows if r.startswith("| lorafit | 8x512"))
+
+
+def test_dpo_table_says_which_loss_path_ran(tmp_path):
+    rows = [{"stack": "lorafit", "path": "fused", "pairs_per_s": 3.0, "tokens_per_s": 9000, "peak_gib": 5.0,
+             "steps_timed": 17},
+            {"stack": "trl", "path": "trl", "pairs_per_s": 1.0, "tokens_per_s": 3000, "peak_gib": 5.5,
+             "steps_timed": 17}]
+    path = tmp_path / "dpo.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    out = subprocess.run([sys.executable, str(BENCH / "dpo_bench.py"), "table", str(path)], check=True,
+                         capture_output=True, text=True).stdout
+    assert "| lorafit | fused | 3.00 | 9000 |" in out and "3.00x tokens/s" in out

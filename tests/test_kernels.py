@@ -32,7 +32,7 @@ def kernel(name):
 def test_triton_kernels_in_interpreter():
     # by test name: "_kernel" alone would also match the module's name, test_kernels.py, and select every test
     run_in_interpreter(__file__, "rmsnorm_kernel or qkv_rope_kernel or swiglu_kernel or rope_kernel_on "
-                                 "or linear_cross_entropy_kernel", expect=16)
+                                 "or linear_cross_entropy_kernel", expect=20)
 
 
 def rel(a, b):
@@ -298,6 +298,37 @@ def test_linear_cross_entropy_kernel(dtype):
     ref = reference.cross_entropy_sum(x, w, tgt)
     assert rel(loss, ref) < TOL[dtype]
     assert rel(torch.autograd.grad(2 * loss, x)[0], torch.autograd.grad(2 * ref, x)[0]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_kernel_per_token(dtype):
+    mod = kernel("cross_entropy")
+    n, c, v = 19, 40, 4500
+    x = leaf(n, c, dtype=dtype)
+    w = torch.randn(v, c, device=DEV).to(dtype)
+    tgt = torch.randint(0, v, (n,), device=DEV)
+    losses = mod.linear_cross_entropy(x, w, tgt, chunk=8)
+    ref = reference.cross_entropy(x, w, tgt)
+    assert losses.shape == (n,) and rel(losses, ref) < TOL[dtype]
+    g = torch.randn(n, device=DEV)  # a different gradient per token, as per-sequence log-probs give
+    assert rel(torch.autograd.grad(losses, x, g)[0], torch.autograd.grad(ref, x, g)[0]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_kernel_without_grad(dtype):
+    mod = kernel("cross_entropy")
+    x = torch.randn(13, 24, device=DEV).to(dtype)
+    w = torch.randn(4200, 24, device=DEV).to(dtype)
+    tgt = torch.randint(0, 4200, (13,), device=DEV)
+    with torch.no_grad():
+        losses = mod.linear_cross_entropy(x, w, tgt, chunk=5)
+    assert not losses.requires_grad and rel(losses, reference.cross_entropy(x, w, tgt)) < TOL[dtype]
+
+
+def test_reference_cross_entropy_rows_sum_to_the_summed_twin():
+    x, w = torch.randn(9, 16, dtype=torch.float64), torch.randn(50, 16, dtype=torch.float64)
+    tgt = torch.randint(0, 50, (9,))
+    assert torch.allclose(reference.cross_entropy(x, w, tgt).sum(), reference.cross_entropy_sum(x, w, tgt))
 
 
 # ------------------------------------------------------------------ GPU only

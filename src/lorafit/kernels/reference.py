@@ -55,6 +55,12 @@ def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hq: int, h
     return rope(qkv[:, :qw], cos, sin, hq), rope(qkv[:, qw:qw + kw], cos, sin, hkv), qkv[:, qw + kw:]
 
 
+def cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """CE(x_i @ weight^T, targets_i) per row (N,) float32, logits in the weight's dtype then upcast (as HF does)."""
+    logits = (x @ weight.t()).float()
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
 def cross_entropy_sum(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """sum_i CE(x_i @ weight^T, targets_i), logits in the weight's dtype then upcast (as HF does); float32 scalar."""
     logits = (x @ weight.t()).float()

@@ -97,4 +97,6 @@ def fused_path_choice(cfg: Config, model_type: str | None, *, fsdp: bool, cuda: 
         return False, f"fast_kernels auto uses the reference path: {why_not}"
     if mode == "auto" and not cuda:
         return False, "no CUDA GPU, so fast_kernels auto uses the reference path"
+    if cfg.train.method in ("dpo", "kto") and cfg.train.ref_adapter:
+        return True, "fused LoRA kernels; the --ref_adapter reference runs the model's own forward"
     return True, "fused LoRA kernels"

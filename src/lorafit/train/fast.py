@@ -8,7 +8,11 @@ one fused LoRA product for o, gate/up and down each, Triton SwiGLU; each layer b
 checkpointed with its input, attention output, mid-layer residual and low-rank activations
 parked in pinned CPU memory (the recomputation then skips the attention forward, the o and down
 products and the x @ A^T products); a chunked linear + cross-entropy over the labelled tokens
-only. On CPU (the test suite) the same code runs the plain-PyTorch twins.
+only: summed (SFT), or per token and summed per sequence (DPO, ORPO, KTO: a pair's chosen and
+rejected are documents of one padding-free row). The preference objectives' reference is the same
+stack with the LoRA products left out (the same base weights, no copy), which PEFT's
+disable_adapter() cannot switch off here: these products read lora_A / lora_B themselves.
+On CPU (the test suite) the same code runs the plain-PyTorch twins.
 
 Supported: llama, mistral, qwen2, phi3 with plain LoRA (no DoRA, one adapter). Anything else
 falls back to the model's own forward, with one log line saying why.
@@ -16,7 +20,7 @@ falls back to the model's own forward, with one log line saying why.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -160,6 +164,14 @@ def _build_layers(base, adapter: str, dtype) -> list[_Layer]:
     return layers
 
 
+def _without_lora(layers: list[_Layer]) -> list[_Layer]:
+    """The same layers with every LoRA product left out: the base model (the heads share the base weights and
+    their dequantizers, so nothing is copied)."""
+    def base(g: Group) -> Group:
+        return Group([replace(h, lora_A=None, lora_B=None, dropout=0.0) for h in g.heads])
+    return [replace(ly, qkv=base(ly.qkv), o=base(ly.o), gate_up=base(ly.gate_up), down=base(ly.down)) for ly in layers]
+
+
 def _compute_dtype(base) -> torch.dtype:
     for m in base.modules():
         if _is_4bit(m):
@@ -174,21 +186,22 @@ def _ops(device: torch.device):
     Under TRITON_INTERPRET=1 the Triton kernels run on CPU tensors too: the tests check the whole
     fused forward/backward through them that way on machines without a GPU."""
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        from lorafit.kernels.cross_entropy import linear_cross_entropy_sum
+        from lorafit.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_sum
         from lorafit.kernels.rmsnorm import add_rmsnorm, rmsnorm, rmsnorm_fork
         from lorafit.kernels.rope import qkv_rope
         from lorafit.kernels.swiglu import swiglu
         return SimpleNamespace(rmsnorm=rmsnorm, rmsnorm_fork=rmsnorm_fork, add_rmsnorm=add_rmsnorm, qkv_rope=qkv_rope,
-                               swiglu=swiglu, ce=linear_cross_entropy_sum)
+                               swiglu=swiglu, ce=linear_cross_entropy_sum, ce_rows=linear_cross_entropy)
     return SimpleNamespace(rmsnorm=reference.rmsnorm, rmsnorm_fork=reference.rmsnorm_fork,
                            add_rmsnorm=reference.add_rmsnorm, qkv_rope=reference.qkv_rope, swiglu=reference.swiglu,
-                           ce=reference.cross_entropy_sum)
+                           ce=reference.cross_entropy_sum, ce_rows=reference.cross_entropy)
 
 
 # ---------------------------------------------------------------- the loss
 
 class FastLoss:
-    """batch -> (sum of CE over labelled tokens (float32), number of labelled tokens (int64))."""
+    """batch -> (sum of CE over labelled tokens (float32), number of labelled tokens (int64)); `sequence_logps`:
+    per-sequence summed log-probs of a preference batch, with the adapter or without it (the reference)."""
 
     def __init__(self, peft_model, *, gradient_checkpointing: bool, offload_activations: bool = True):
         self.model = peft_model
@@ -202,6 +215,7 @@ class FastLoss:
         self.base = base
         self.dtype = _compute_dtype(base)
         self.layers = _build_layers(base, adapter, self.dtype)
+        self.base_layers = _without_lora(self.layers)
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
@@ -221,20 +235,57 @@ class FastLoss:
         for everything queued before it (the previous pass's backward, the optimizer step)."""
         tgt = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)     # HF's shift
         out: dict[str, Any] = {**batch, "label_index": (tgt != IGNORE_INDEX).nonzero().squeeze(1)}
+        if "seq_index" in batch:
+            out["label_seq"] = _label_seq(batch, out["label_index"])
         if "doc_ids" in batch:
             out["cu_seqlens"], out["max_seqlen"] = packed_plan(batch["doc_ids"])
         return out
 
     def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        tgt, sel = _targets(batch)
+        x, ops = self._hidden(batch, self.layers)
+        # a fill kernel, not torch.tensor(n, device=...): a copy from pageable host memory waits for the
+        # GPU to finish everything queued (here the whole forward), and the GPU then idles while the
+        # host queues the loss and the first layer's backward
+        n_sel = sel.numel()
+        n_tok = torch.full((), n_sel, dtype=torch.int64, device=x.device)
+        if n_sel == 0:
+            return x.sum().float() * 0.0, n_tok
+        if n_sel < tgt.numel():
+            x, tgt = x.index_select(0, sel), tgt.index_select(0, sel)
+        loss = ops.ce(x, self.base.lm_head.weight, tgt)
+        return loss, n_tok
+
+    def sequence_logps(self, batch: dict[str, Any], adapter: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed log-prob of each sequence's labelled tokens (S,) float32, labelled tokens per sequence (S,)) of
+        a preference batch (data/preference.py: `seq_index` says whose token is where, `seq_kind` lists the
+        sequences); twin of objectives/logprobs.py's sequence_logps. `adapter=False`: the base model, without
+        gradient (the reference of DPO and KTO)."""
+        if not adapter:
+            with torch.no_grad():
+                return self._sequence_logps(batch, self.base_layers)
+        return self._sequence_logps(batch, self.layers)
+
+    def _sequence_logps(self, batch, layers) -> tuple[torch.Tensor, torch.Tensor]:
+        tgt, sel = _targets(batch)
+        seq = batch.get("label_seq")
+        if seq is None:
+            seq = _label_seq(batch, sel)
+        x, ops = self._hidden(batch, layers)
+        logp = -ops.ce_rows(x.index_select(0, sel), self.base.lm_head.weight, tgt.index_select(0, sel))  # (N,)
+        n_seq = batch["seq_kind"].numel()
+        sums = torch.zeros(n_seq, dtype=torch.float32, device=x.device).index_add_(0, seq, logp)
+        counts = torch.zeros(n_seq, dtype=torch.float32, device=x.device).index_add_(0, seq, torch.ones_like(logp))
+        return sums, counts
+
+    def _hidden(self, batch: dict[str, Any], layers: list[_Layer]):
+        """(final-norm hidden states (B*T, C) of every position, the ops that ran) through `layers`."""
         ids = batch["input_ids"]
         device = ids.device
-        tgt = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)     # HF's shift
-        sel = batch.get("label_index")
-        if sel is None:  # not planned on the host (bench, tests): found before any layer is queued
-            sel = (tgt != IGNORE_INDEX).nonzero().squeeze(1)
-        if self.factors is None or not self.factors.current(device):
-            self.factors = FactorPack([g for ly in self.layers for g in ly.groups], self.dtype, device)
-        self.factors.refresh()       # the optimizer may have changed the LoRA factors since the last call
+        if layers is self.layers:
+            if self.factors is None or not self.factors.current(device):
+                self.factors = FactorPack([g for ly in self.layers for g in ly.groups], self.dtype, device)
+            self.factors.refresh()       # the optimizer may have changed the LoRA factors since the last call
         ops = _ops(device)
         b, t = ids.shape
         training = self.model.training
@@ -260,7 +311,7 @@ class FastLoss:
             x = x.detach().requires_grad_(True)
             self.store.clear()
             park = self.store.offload     # park more than the input only where it goes to host memory
-            *body, last = self.layers
+            *body, last = layers
             for i, layer in enumerate(body):
                 x = checkpoint(lambda h, layer=layer: self._layer(layer, ctx, h, park=park), x, self.store, i,
                                preserve_rng=self.dropout and training,
@@ -273,20 +324,9 @@ class FastLoss:
             self.store.prefetch(len(body) - 1, device)
             x = self._layer(last, ctx, x)
         else:
-            for layer in self.layers:
+            for layer in layers:
                 x = self._layer(layer, ctx, x)
-        x = ops.rmsnorm(x, self.base.model.norm.weight, self.layers[0].eps)
-        # a fill kernel, not torch.tensor(n, device=...): a copy from pageable host memory waits for the
-        # GPU to finish everything queued (here the whole forward), and the GPU then idles while the
-        # host queues the loss and the first layer's backward
-        n_sel = sel.numel()
-        n_tok = torch.full((), n_sel, dtype=torch.int64, device=device)
-        if n_sel == 0:
-            return x.sum().float() * 0.0, n_tok
-        if n_sel < tgt.numel():
-            x, tgt = x.index_select(0, sel), tgt.index_select(0, sel)
-        loss = ops.ce(x, self.base.lm_head.weight, tgt)
-        return loss, n_tok
+        return ops.rmsnorm(x, self.base.model.norm.weight, self.layers[0].eps), ops
 
     def _layer(self, ly: _Layer, c, x: torch.Tensor, grad_only: bool = False, park: bool = False,
                kept: tuple | None = None):
@@ -326,6 +366,21 @@ class FastLoss:
             return out
         lows = (l_qkv, l_o, l_gu, l_down) if c.park_lowrank else (None,) * 4
         return out, (a, x, *lows, *state)
+
+
+def _targets(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token targets of every position (B*T,), the labelled positions): found before any layer is queued
+    (from host_plan, else here: a host sync)."""
+    tgt = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)     # HF's shift
+    sel = batch.get("label_index")
+    if sel is None:
+        sel = (tgt != IGNORE_INDEX).nonzero().squeeze(1)
+    return tgt, sel
+
+
+def _label_seq(batch: dict[str, Any], sel: torch.Tensor) -> torch.Tensor:
+    """The sequence (index into seq_kind) each labelled position's target belongs to, (N,)."""
+    return F.pad(batch["seq_index"][:, 1:], (0, 1), value=-1).reshape(-1).index_select(0, sel)
 
 
 def enable_fast_path(peft_model, *, gradient_checkpointing: bool, offload_activations: bool = True) -> FastLoss:

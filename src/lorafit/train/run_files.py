@@ -182,7 +182,8 @@ def write_summary(r: TrainState, seconds: float, peaks: list[float] | None = Non
                "tokens": r.pos.tokens, "tokens_per_s": round(r.pos.tokens / max(seconds, 1e-9), 1),
                "steady_tokens_per_s": steady_tokens_per_s(r.tlog),
                "best_val_loss": r.pos.best_val, "skipped_steps": r.pos.skipped, "world_size": r.d.world_size,
-               "fsdp": r.fsdp is not None, "peak_memory_gib_per_rank": [round(x, 3) for x in peaks or []]}
+               "fsdp": r.fsdp is not None, "peak_memory_gib_per_rank": [round(x, 3) for x in peaks or []],
+               "loss_path": "fused" if r.fast is not None else "reference"}
     write_json_atomic(r.run_dir / SUMMARY_FILE, summary)
     describe_adapter(r.run_dir, r.cfg, summary)
     try:

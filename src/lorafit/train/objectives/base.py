@@ -18,8 +18,6 @@ Metrics = dict[str, torch.Tensor]
 
 class Objective(Protocol):
     name: str
-    fused_loss: bool
-    """The loss can run through the fused path's summed cross-entropy (train/fast.py): SFT only."""
     rollout: bool
     """`prepare` makes the step's batches (GRPO samples completions), so units are counted after it."""
 
@@ -43,7 +41,9 @@ class Objective(Protocol):
         ...
 
     def loss(self, model: Any, batch: Batch, fast_loss: Any, mask_dtype: torch.dtype) -> tuple[torch.Tensor, Metrics]:
-        """(loss summed over the batch's units, metric sums). `fast_loss`: the fused path, or None."""
+        """(loss summed over the batch's units, metric sums). `fast_loss`: the fused path (train/fast.py's FastLoss:
+        the summed cross-entropy, or per-sequence log-probs with the adapter or without it) when model/arch.py's
+        fused_path_choice runs it for this method, else None (the model's own forward)."""
         ...
 
 

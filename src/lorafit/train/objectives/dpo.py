@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from lorafit.config.schema import Config, beta_of
 from lorafit.data.preference import CHOSEN, REJECTED, collate_preference
 from lorafit.train.objectives.base import Batch, Metrics
-from lorafit.train.objectives.logprobs import ReferenceLogps, sequence_logps
+from lorafit.train.objectives.logprobs import ReferenceLogps, sequence_keys, sequence_logps
 
 log = logging.getLogger("lorafit")
 
@@ -47,23 +47,34 @@ def pair_metrics(chosen_reward: torch.Tensor, rejected_reward: torch.Tensor, pol
 
 def split_pairs(values: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) values of each pair, in pair order (a pair's chosen and rejected are adjacent)."""
+    if "chosen_index" in batch:  # from host_index: no boolean mask, whose indexing waits for the device
+        return values.index_select(0, batch["chosen_index"]), values.index_select(0, batch["rejected_index"])
     kind = batch["seq_kind"]
     return values[kind == CHOSEN], values[kind == REJECTED]
+
+
+def host_index(batch: Batch, pin: bool) -> Batch:
+    """The batch (still on the host) with its sequences' reference-cache keys and each pair's chosen and rejected
+    positions: read on the device, each would be a sync (a boolean mask's size, a read-back)."""
+    kind = batch["seq_kind"]
+    index = {"chosen_index": (kind == CHOSEN).nonzero().squeeze(1),
+             "rejected_index": (kind == REJECTED).nonzero().squeeze(1)}
+    if pin:
+        index = {k: v.pin_memory() for k, v in index.items()}
+    return {**batch, **index, "seq_keys": sequence_keys(batch)}
 
 
 class PreferenceBatches:
     """What DPO, ORPO and KTO share: units are pairs (or completions), batches come from data/preference.py."""
 
     kl_pairs = False
-    # the fused path returns one cross-entropy sum per pass, and preference losses need one log-prob per sequence
-    fused_loss = False
     rollout = False
 
     def units(self, batch: Batch) -> int:
         return int((batch["seq_kind"] <= REJECTED).sum()) // (1 if self.kl_pairs else 2)
 
     def prepare(self, state, batches: list[Batch]) -> list[Batch]:
-        return batches
+        return [host_index(b, pin=state.d.device.type == "cuda") for b in batches]
 
     def pass_tokens(self, example, max_seq_length: int) -> int:
         # chosen and rejected (each already cut to max_seq_length); KTO: also its mismatched KL sequence
@@ -72,7 +83,10 @@ class PreferenceBatches:
     def collate(self, examples, records: list[int], max_seq_length: int) -> Batch:
         return collate_preference([examples[i] for i in records], kl_pairs=self.kl_pairs)
 
-    def policy_logps(self, model, batch: Batch, mask_dtype: torch.dtype):
+    def policy_logps(self, model, batch: Batch, mask_dtype: torch.dtype, fast_loss=None):
+        """(summed log-probs (S,), labelled tokens (S,)) per sequence: on the fused path when the run has one."""
+        if fast_loss is not None:
+            return fast_loss.sequence_logps(batch)
         return sequence_logps(model, batch, mask_dtype)
 
 
@@ -84,8 +98,8 @@ class DPO(PreferenceBatches):
         self.reference = ReferenceLogps(cfg.train.ref_adapter)
 
     def loss(self, model, batch: Batch, fast_loss, mask_dtype: torch.dtype) -> tuple[torch.Tensor, Metrics]:
-        ref = self.reference(model, batch, mask_dtype)
-        logps, counts = self.policy_logps(model, batch, mask_dtype)
+        ref = self.reference(model, batch, mask_dtype, fast_loss)
+        logps, counts = self.policy_logps(model, batch, mask_dtype, fast_loss)
         pc, pr = split_pairs(logps, batch)
         rc, rr = split_pairs(ref, batch)
         if self.loss_type == "ipo":

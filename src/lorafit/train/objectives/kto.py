@@ -46,8 +46,8 @@ class KTO(PreferenceBatches):
         self.reference = ReferenceLogps(t.ref_adapter)
 
     def loss(self, model, batch: Batch, fast_loss, mask_dtype: torch.dtype) -> tuple[torch.Tensor, Metrics]:
-        ref = self.reference(model, batch, mask_dtype)
-        logps, _ = self.policy_logps(model, batch, mask_dtype)
+        ref = self.reference(model, batch, mask_dtype, fast_loss)
+        logps, _ = self.policy_logps(model, batch, mask_dtype, fast_loss)
         kind = batch["seq_kind"]
         target, mismatched = kind <= REJECTED, kind == KL
         z = kl_baseline(logps[mismatched].detach(), ref[mismatched])

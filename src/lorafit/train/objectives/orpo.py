@@ -34,7 +34,7 @@ class ORPO(PreferenceBatches):
         self.alpha = cfg.train.orpo_alpha
 
     def loss(self, model, batch: Batch, fast_loss, mask_dtype: torch.dtype) -> tuple[torch.Tensor, Metrics]:
-        logps, counts = self.policy_logps(model, batch, mask_dtype)
+        logps, counts = self.policy_logps(model, batch, mask_dtype, fast_loss)
         means = logps / counts.clamp(min=1)
         pc, pr = split_pairs(means, batch)
         losses, nll, log_odds = orpo_losses(pc, pr, self.alpha)

@@ -14,7 +14,6 @@ class SFT:
     """Cross-entropy of the reply tokens (prompt tokens carry IGNORE_INDEX), summed; units are labelled tokens."""
 
     name = "sft"
-    fused_loss = True
     rollout = False
 
     def prepare(self, state, batches: list[Batch]) -> list[Batch]:
