@@ -34,6 +34,7 @@ from lorafit.train.objectives.base import Batch, Metrics
 from lorafit.train.objectives.sft import decoder_and_head
 from lorafit.train.rewards import Reward, build_rewards, check_rewards, score
 from lorafit.train.rollout import rollout_seed, sample
+from lorafit.train.rollout_model import rollout_policy
 
 EPS = 1e-4
 """Added to the reward std before dividing (TRL's value): a group of equal rewards gets advantage 0, not NaN."""
@@ -143,6 +144,8 @@ class GRPO:
         self.beta = beta_of(cfg)
         self.preview_steps = cfg.train.preview_steps
         self.described = False
+        self.rollout_path: tuple[str, str] | None = None
+        """(MERGED or ADAPTER, why) of the last rollout: logged when it changes."""
 
     def units(self, batch: Batch) -> int:
         return count_units(batch["completion_mask"], self.g.loss_type, self.g.max_completion_length)
@@ -177,13 +180,7 @@ class GRPO:
         model.eval()
         try:
             with autocast:
-                roll = sample(model, [ids for ids, _ in flat], num_generations=G,
-                              max_new_tokens=self.g.max_completion_length,
-                              min_new_tokens=self.g.min_completion_length, temperature=self.gen.temperature,
-                              top_p=self.gen.top_p, top_k=self.gen.top_k,
-                              eos=eos_token_ids(model, r.tokenizer, r.data.template), pad_id=_pad_id(r.tokenizer),
-                              seed=rollout_seed(self.seed, step, r.d.rank), decode=lambda t: decode(r.tokenizer, t),
-                              stops=r.data.template.stop_strings)
+                roll = self._sample(r, model, [ids for ids, _ in flat], step)
             prompts = [row.prompt for _, row in flat for _ in range(G)]
             names = sorted({k for _, row in flat for k in row.columns})
             columns = {k: [row.columns.get(k) for _, row in flat for _ in range(G)] for k in names}
@@ -196,6 +193,22 @@ class GRPO:
         if self.preview_steps and step % self.preview_steps == 0:
             _previews(r.tlog, step, flat[0][1], roll.texts[:PREVIEW_COMPLETIONS], total, per_fn, self.rewards)
         return batches
+
+    def _sample(self, r, model, prompts: list[list[int]], step: int):
+        """The step's rollout, from merged weights where it can (train/rollout_model.py), else the adapter model.
+        The merged model is dropped on return: the loss pass never holds it."""
+        G, L = self.g.num_generations, self.g.max_completion_length
+        policy, path, why = rollout_policy(model, self.g.rollout_weights, r.dtype, len(prompts) * G,
+                                           max(len(p) for p in prompts) + L)
+        if (path, why) != self.rollout_path:
+            self.rollout_path = (path, why)
+            r.tlog.info(f"grpo rollouts: {path} weights ({why})")
+        return sample(policy, prompts, num_generations=G, max_new_tokens=L,
+                      min_new_tokens=self.g.min_completion_length, temperature=self.gen.temperature,
+                      top_p=self.gen.top_p, top_k=self.gen.top_k,
+                      eos=eos_token_ids(model, r.tokenizer, r.data.template), pad_id=_pad_id(r.tokenizer),
+                      seed=rollout_seed(self.seed, step, r.d.rank), decode=lambda t: decode(r.tokenizer, t),
+                      stops=r.data.template.stop_strings)
 
     def _batches(self, r, roll, rows, total, per_fn, autocast) -> list[Batch]:
         """Split the rollout into the group's micro-batches, with advantages, reference log-probs and stats."""
