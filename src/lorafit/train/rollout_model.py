@@ -8,7 +8,8 @@ cost was the GRPO step (30.7 s a step on an H200, bench/grpo_bench.py). A merged
 Once per optimizer step (the LoRA factors change every step) `merged_policy` builds the model's own class on
 the meta device and fills it: every LoRA-wrapped linear gets W + scaling * B @ A, with W dequantized from
 NF4 where the base is 4-bit, folded in fp32 and cast once to the compute dtype; every other leaf module
-(embeddings, norms, rotary tables, lm_head) *is* the training model's module, shared, not copied. The caller
+(embeddings, norms, rotary tables, lm_head) *is* the training model's module, shared, not copied (a cast
+copy only where k-bit preparation upcast it to fp32: see `_in_dtype`). The caller
 samples from it and drops it before the loss pass, so the step's peak is the larger of the two, not their sum.
 
 The merged weights round W + BA once to the compute dtype (bf16: 8 mantissa bits); the loss pass scores the
@@ -105,6 +106,7 @@ def merged_policy(model, dtype: torch.dtype):
     with torch.device("meta"):
         fresh = type(lm)(config)
     fresh.generation_config = copy.deepcopy(lm.generation_config)
+    head = lm.get_output_embeddings()
     for name, leaf in list(fresh.named_modules()):
         if not name or next(leaf.children(), None) is not None:
             continue  # only leaves are filled; their parents (decoder layers, attention) hold no tensors
@@ -114,13 +116,31 @@ def merged_policy(model, dtype: torch.dtype):
         elif _is_4bit(src):  # a quantized linear without LoRA: dequantized once
             _fill(leaf, _dense_weight(src).to(dtype), src)
         elif type(src) is type(leaf):
-            fresh.set_submodule(name, src)
+            fresh.set_submodule(name, src if src is head else _in_dtype(src, leaf, dtype))
         else:
             raise ValueError(f"{name} is a {type(src).__name__} in the training model, a {type(leaf).__name__} here")
     left = [n for n, t in (*fresh.named_parameters(), *fresh.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"nothing to fill {left[0]} with")
     return fresh.eval()
+
+
+def _in_dtype(src, leaf, dtype: torch.dtype):
+    """`src` itself when its floating parameters are in `dtype`, else `leaf` filled with `dtype` copies of them.
+
+    peft's k-bit preparation upcasts a 4-bit base's norms and embeddings to fp32 for training; shared as they are,
+    they would carry the rollout's residual stream, and so its KV cache, in fp32: 16 GB instead of 8 at 64 rows
+    of 320 tokens of Phi-3-mini. They were bf16 before the upcast, so the copies are exact; they cost the
+    embedding in bf16 (0.2 GB there). The head stays shared: autocast casts its weight per call, and its output
+    is the logits, which generate takes in fp32."""
+    params = src._parameters
+    if all(p is None or not p.is_floating_point() or p.dtype == dtype for p in params.values()):
+        return src
+    for key, p in params.items():
+        leaf._parameters[key] = None if p is None else torch.nn.Parameter(
+            p.detach().to(dtype) if p.is_floating_point() else p.detach(), requires_grad=False)
+    leaf._buffers.update(src._buffers)
+    return leaf
 
 
 def _fill(leaf, weight: torch.Tensor, base) -> None:
