@@ -67,7 +67,8 @@ def run_lorafit(model: str, steps: int, beta: float, rollout: str = "merged") ->
     data = work / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts(PROMPTS * steps)))
     reward = work / "reward.py"
-    reward.write_text("def length_reward(prompts, completions, **_):\n    return [-len(c) / 100 for c in completions]\n")
+    reward.write_text("def length_reward(prompts, completions, **_):\n"
+                      "    return [-len(c) / 100 for c in completions]\n")
     cfg = build_config(None, {
         "model": model, "load_in_4bit": not SMOKE, "bf16": not SMOKE, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0,
         "target_modules": ",".join(TARGETS), "dataset": str(data), "template": "raw", "max_seq_length": 128,
@@ -104,7 +105,8 @@ def run_trl(model_dir: str, steps: int, beta: float) -> dict:
                       max_completion_length=NEW_TOKENS, generation_kwargs={"min_new_tokens": NEW_TOKENS},
                       temperature=1.0, top_p=1.0, top_k=0, beta=beta, loss_type="dapo", learning_rate=1e-5,
                       lr_scheduler_type="constant", max_steps=steps, logging_steps=1, report_to=[], save_strategy="no",
-                      bf16=not SMOKE, use_cpu=SMOKE, gradient_checkpointing=False, use_vllm=False, shuffle_dataset=False, seed=0)
+                      bf16=not SMOKE, use_cpu=SMOKE, gradient_checkpointing=False, use_vllm=False,
+                      shuffle_dataset=False, seed=0)
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -158,7 +160,8 @@ def table(path: str) -> None:
             print(f"error: {r['stack']}: {r['error']}")
     print(f"GRPO step: {PROMPTS} prompts x {GENERATIONS} completions x {NEW_TOKENS} new tokens, QLoRA r=16, "
           "Phi-3-mini dims (random), 1 GPU")
-    print("| stack | beta | s/step (median after the first) | steps timed | peak GiB | x TRL (speed) | x TRL (memory) |")
+    print("| stack | beta | s/step (median after the first) | steps timed | peak GiB | x TRL (speed) "
+          "| x TRL (memory) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     trl = ok.get("trl")
     for name, r in sorted(ok.items()):
@@ -167,7 +170,8 @@ def table(path: str) -> None:
         tmed = statistics.median(trl["step_s"][1:] or trl["step_s"]) if trl else None
         speed = f"{tmed / med:.2f}" if tmed else ""
         mem = f"{r['peak_gib'] / trl['peak_gib']:.2f}" if trl else ""
-        print(f"| {name} | {r.get('beta', 0.0)} | {med:.2f} | {len(r['step_s'][1:])} | {r['peak_gib']} | {speed} | {mem} |")
+        timed = len(r["step_s"][1:])
+        print(f"| {name} | {r.get('beta', 0.0)} | {med:.2f} | {timed} | {r['peak_gib']} | {speed} | {mem} |")
     for name, r in sorted(ok.items()):
         for path in r.get("rollout", []):
             print(f"{name} rollouts: {path}")
@@ -188,7 +192,8 @@ def main(argv: list[str]) -> None:
         import traceback
 
         traceback.print_exc()
-        res = {"stack": stack if rollout == "merged" else f"{stack}-{rollout}", "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        name = stack if rollout == "merged" else f"{stack}-{rollout}"
+        res = {"stack": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
     line = json.dumps(res)
     print(line, flush=True)
     with open(out, "a") as f:

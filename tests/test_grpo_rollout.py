@@ -44,7 +44,8 @@ def test_merged_logits_equal_the_adapter_models(tiny_model_dir, load_in_4bit):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
     assert type(fresh.model.layers[0].mlp.down_proj) is torch.nn.Linear
     assert fresh.model.embed_tokens is lm.model.embed_tokens and fresh.lm_head is lm.lm_head
-    assert fresh.model.norm is lm.model.norm and fresh.model.layers[1].input_layernorm is lm.model.layers[1].input_layernorm
+    assert fresh.model.norm is lm.model.norm
+    assert fresh.model.layers[1].input_layernorm is lm.model.layers[1].input_layernorm
     assert fresh.model.rotary_emb is lm.model.rotary_emb
     assert not any(p.requires_grad for p in fresh.parameters())
 
@@ -93,8 +94,9 @@ def test_nothing_of_the_rollout_model_is_held_after_the_rollout(tiny_model_dir, 
     grpo.g = build_config(None, {"method": "grpo", "reward_funcs": "length", "num_generations": 2,
                                  "max_completion_length": 6}).grpo
     grpo.gen, grpo.seed, grpo.rollout_path = SimpleNamespace(temperature=1.0, top_p=1.0, top_k=0), 0, None
+    template = SimpleNamespace(end_of_turn=None, stop_strings=[])
     r = SimpleNamespace(dtype=torch.float32, tlog=SimpleNamespace(info=lines.append), tokenizer=tiny_tokenizer,
-                        data=SimpleNamespace(template=SimpleNamespace(end_of_turn=None, stop_strings=[])), d=SimpleNamespace(rank=0))
+                        data=SimpleNamespace(template=template), d=SimpleNamespace(rank=0))
     cls = type(model.get_base_model())
     gc.collect()
     gc.disable()

@@ -162,7 +162,7 @@ def _dense_weight(base) -> torch.Tensor:
     """The base weight as a dense tensor: dequantized from NF4/FP4 on a 4-bit base (in its compute dtype)."""
     if not _is_4bit(base):
         return base.weight.detach()
-    import bitsandbytes.functional as bnbf  # optional: only 4-bit runs have it
+    import bitsandbytes.functional as bnbf  # noqa: PLC0415  optional: only 4-bit runs have it
 
     return bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state)
 

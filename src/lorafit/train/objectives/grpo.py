@@ -226,7 +226,7 @@ class GRPO:
         seq_scale, tok_scale = u_all / max(n_all, 1.0), u_all / max(t_all, 1.0)
         per_row = {"reward": total, "reward_std": std, "frac_reward_zero_std": (std == 0).double(),
                    "completion_length": lengths}
-        for rw, f, s in zip(self.rewards, per_fn, fn_std):
+        for rw, f, s in zip(self.rewards, per_fn, fn_std, strict=True):
             per_row[f"rewards/{rw.name}/mean"], per_row[f"rewards/{rw.name}/std"] = f, s
         out, start = [], 0
         for part in rows:
@@ -252,14 +252,15 @@ def _slice(roll, sl: slice) -> Batch:
     prompt_mask, completion_mask = roll.attention_mask[sl, :P], roll.completion_mask[sl]
     first = int(prompt_mask.any(dim=0).int().argmax())  # leftmost column any prompt of the slice uses
     width = int(completion_mask.sum(dim=1).max())  # longest completion of the slice
-    return {"input_ids": roll.input_ids[sl, first: P + width], "attention_mask": roll.attention_mask[sl, first: P + width],
+    cols = slice(first, P + width)
+    return {"input_ids": roll.input_ids[sl, cols], "attention_mask": roll.attention_mask[sl, cols],
             "completion_mask": completion_mask[:, :width]}
 
 
 def _prompt_rows(data, batch: Batch) -> list[tuple[list[int], Any]]:
     """The (prompt ids, PromptRow) of each row of a prompt batch (right-padded, as `GRPO.collate` builds it)."""
     out = []
-    for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+    for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
         prompt = ids[mask.bool()].tolist()
         row = data.rows.get(tuple(prompt))
         if row is None:
