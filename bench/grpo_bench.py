@@ -84,7 +84,8 @@ def run_lorafit(model: str, steps: int, beta: float, rollout: str = "merged") ->
     assert all(r["completion_length"] == NEW_TOKENS for r in recs), [r["completion_length"] for r in recs]
     paths = [x.removeprefix("grpo rollouts: ") for x in lines.lines if x.startswith("grpo rollouts: ")]
     return {"stack": "lorafit" if rollout == "merged" else f"lorafit-{rollout}", "rollout": paths or ["not logged"],
-            "step_s": [round(r["step_time"], 3) for r in recs], "peak_gib": _peak()}
+            "step_s": [round(r["step_time"], 3) for r in recs],
+            "rollout_s": [round(r.get("rollout_s", float("nan")), 3) for r in recs], "peak_gib": _peak()}
 
 
 def run_trl(model_dir: str, steps: int, beta: float) -> dict:
@@ -160,9 +161,9 @@ def table(path: str) -> None:
             print(f"error: {r['stack']}: {r['error']}")
     print(f"GRPO step: {PROMPTS} prompts x {GENERATIONS} completions x {NEW_TOKENS} new tokens, QLoRA r=16, "
           "Phi-3-mini dims (random), 1 GPU")
-    print("| stack | beta | s/step (median after the first) | steps timed | peak GiB | x TRL (speed) "
+    print("| stack | beta | s/step (median after the first) | of it sampling | steps timed | peak GiB | x TRL (speed) "
           "| x TRL (memory) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     trl = ok.get("trl")
     for name, r in sorted(ok.items()):
         med = statistics.median(r["step_s"][1:] or r["step_s"])
@@ -170,8 +171,9 @@ def table(path: str) -> None:
         tmed = statistics.median(trl["step_s"][1:] or trl["step_s"]) if trl else None
         speed = f"{tmed / med:.2f}" if tmed else ""
         mem = f"{r['peak_gib'] / trl['peak_gib']:.2f}" if trl else ""
-        timed = len(r["step_s"][1:])
-        print(f"| {name} | {r.get('beta', 0.0)} | {med:.2f} | {timed} | {r['peak_gib']} | {speed} | {mem} |")
+        timed, ro = len(r["step_s"][1:]), r.get("rollout_s")
+        ro = f"{statistics.median(ro[1:] or ro):.2f}" if ro else ""
+        print(f"| {name} | {r.get('beta', 0.0)} | {med:.2f} | {ro} | {timed} | {r['peak_gib']} | {speed} | {mem} |")
     for name, r in sorted(ok.items()):
         for path in r.get("rollout", []):
             print(f"{name} rollouts: {path}")

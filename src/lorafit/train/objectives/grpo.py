@@ -20,6 +20,7 @@ statistic crosses ranks except the counts that turn logged sums into means (and 
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -179,15 +180,17 @@ class GRPO:
         was_training = model.training
         model.eval()
         try:
+            started = time.perf_counter()
             with autocast:
                 roll = self._sample(r, model, [ids for ids, _ in flat], step)
+            seconds = time.perf_counter() - started  # sample ends on the host (tolist), so the GPU is done too
             prompts = [row.prompt for _, row in flat for _ in range(G)]
             names = sorted({k for _, row in flat for k in row.columns})
             columns = {k: [row.columns.get(k) for _, row in flat for _ in range(G)] for k in names}
             per_fn = torch.tensor(score(self.rewards, prompts, roll.texts, columns, G), dtype=torch.float64)  # (F, N)
             weights = torch.tensor([rw.weight for rw in self.rewards], dtype=torch.float64)
             total = (weights[:, None] * per_fn).sum(dim=0)  # (N,)
-            batches = self._batches(r, roll, rows, total, per_fn, autocast)
+            batches = self._batches(r, roll, rows, total, per_fn, autocast, seconds)
         finally:
             model.train(was_training)
         if self.preview_steps and step % self.preview_steps == 0:
@@ -210,8 +213,9 @@ class GRPO:
                       seed=rollout_seed(self.seed, step, r.d.rank), decode=lambda t: decode(r.tokenizer, t),
                       stops=r.data.template.stop_strings)
 
-    def _batches(self, r, roll, rows, total, per_fn, autocast) -> list[Batch]:
-        """Split the rollout into the group's micro-batches, with advantages, reference log-probs and stats."""
+    def _batches(self, r, roll, rows, total, per_fn, autocast, seconds: float) -> list[Batch]:
+        """Split the rollout into the group's micro-batches, with advantages, reference log-probs and stats
+        (`seconds`: the rollout's time, logged as rollout_s: every row carries it, so its mean is the time)."""
         g, G, d = self.g, self.g.num_generations, r.d
         lengths = roll.completion_mask.sum(dim=1).double().cpu()  # (N,)
         n, tokens = float(total.numel()), float(lengths.sum())
@@ -225,7 +229,7 @@ class GRPO:
         u_all, n_all, t_all = dist.all_reduce_sum(d, [float(units), n, tokens])
         seq_scale, tok_scale = u_all / max(n_all, 1.0), u_all / max(t_all, 1.0)
         per_row = {"reward": total, "reward_std": std, "frac_reward_zero_std": (std == 0).double(),
-                   "completion_length": lengths}
+                   "completion_length": lengths, "rollout_s": torch.full_like(total, seconds)}
         for rw, f, s in zip(self.rewards, per_fn, fn_std, strict=True):
             per_row[f"rewards/{rw.name}/mean"], per_row[f"rewards/{rw.name}/std"] = f, s
         out, start = [], 0
