@@ -69,6 +69,16 @@ def test_bf16_rollout_casts_upcast_norms_and_shares_the_head(tiny_model_dir):
     torch.testing.assert_close(got, want, atol=3e-2, rtol=0)
 
 
+def test_merged_weights_are_summed_in_fp32_under_the_rollouts_autocast(tiny_model_dir):
+    """GRPO samples under autocast: the merged weights built there are the ones built outside (B @ A not rounded
+    to bf16 first)."""
+    model = lora_model(tiny_model_dir("llama"))
+    want = merged_policy(model, torch.float32).model.layers[0].mlp.up_proj.weight
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = merged_policy(model, torch.float32).model.layers[0].mlp.up_proj.weight
+    assert torch.equal(got, want)
+
+
 def test_merged_sampling_equals_the_adapter_path(tiny_model_dir, tiny_tokenizer):
     """Same seed, same GenerationConfig: the same completions token for token (fp32, where the logits agree)."""
     model = lora_model(tiny_model_dir("llama"))

@@ -152,8 +152,10 @@ def _fill(leaf, weight: torch.Tensor, base) -> None:
 
 
 def _merged_weight(layer, adapter: str, dtype: torch.dtype) -> torch.Tensor:
-    """W + scaling * B @ A, summed in fp32 (peft's get_delta_weight: fan_in_fan_out and rsLoRA scaling)."""
-    with torch.no_grad():
+    """W + scaling * B @ A, summed in fp32 (peft's get_delta_weight: fan_in_fan_out and rsLoRA scaling). Autocast
+    is off: the rollout runs under it, and it would round B @ A to bf16 before the sum."""
+    device = layer.lora_B[adapter].weight.device
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
         w = _dense_weight(layer.get_base_layer())
         return (w.float() + layer.get_delta_weight(adapter).float()).to(dtype)
 
