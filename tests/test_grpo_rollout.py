@@ -122,12 +122,16 @@ def test_nothing_of_the_rollout_model_is_held_after_the_rollout(tiny_model_dir, 
 
 
 def test_falls_back_to_the_adapter_path(tiny_model_dir):
-    """The knob, and DoRA (its magnitude vectors are not folded in): today's path, with the reason."""
+    """The knob, a module the engine cannot map, and DoRA (its magnitude vectors are not folded in): today's path,
+    with the reason."""
     model = lora_model(tiny_model_dir("llama"))
     policy, path, why = rollout_policy(model, ADAPTER, torch.float32, 4, 16)
     assert policy is model and path == ADAPTER and "adapter" in why
     policy, path, _ = rollout_policy(model, MERGED, torch.float32, 4, 16)
     assert policy is not model and path == MERGED
+    model.get_base_model().model.norm = torch.nn.LayerNorm(64)  # a module the model's own class does not build
+    policy, path, why = rollout_policy(model, MERGED, torch.float32, 4, 16)
+    assert policy is model and path == ADAPTER and "model.norm is a LayerNorm" in why, why
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 

@@ -79,8 +79,8 @@ def rollout_policy(model, mode: str, dtype: torch.dtype, rows: int, tokens: int)
         return model, ADAPTER, why
     try:
         return merged_policy(model, dtype), MERGED, f"W + scaling * B @ A in {str(dtype).removeprefix('torch.')}"
-    except ValueError as e:  # a module this engine cannot map: today's path, said once in the log
-        return model, ADAPTER, str(e)
+    except Exception as e:  # noqa: BLE001  a model this engine cannot build must still train, on today's path
+        return model, ADAPTER, f"building the merged model failed: {type(e).__name__}: {str(e)[:200]}"
 
 
 def _no_room(model, dtype: torch.dtype, rows: int, tokens: int) -> str | None:
@@ -97,7 +97,7 @@ def _no_room(model, dtype: torch.dtype, rows: int, tokens: int) -> str | None:
 
 def merged_policy(model, dtype: torch.dtype):
     """A plain model of the PEFT model's class and config: linear weights W + scaling * B @ A in `dtype`,
-    every other module shared with `model`. Raises ValueError when a module cannot be mapped."""
+    every other module shared with `model`. Raises ValueError (AttributeError) when a module cannot be mapped."""
     lm = model.get_base_model()
     adapter = model.active_adapters[0]
     config = copy.deepcopy(lm.config)
@@ -110,7 +110,7 @@ def merged_policy(model, dtype: torch.dtype):
     for name, leaf in list(fresh.named_modules()):
         if not name or next(leaf.children(), None) is not None:
             continue  # only leaves are filled; their parents (decoder layers, attention) hold no tensors
-        src = lm.get_submodule(name)
+        src = lm.get_submodule(name)  # AttributeError: a module the training model lacks (falls back)
         if isinstance(src, LoraLayer):
             _fill(leaf, _merged_weight(src, adapter, dtype), src.get_base_layer())
         elif _is_4bit(src):  # a quantized linear without LoRA: dequantized once
