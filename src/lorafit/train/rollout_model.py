@@ -15,8 +15,9 @@ samples from it and drops it before the loss pass, so the step's peak is the lar
 The merged weights round W + BA once to the compute dtype (bf16: 8 mantissa bits); the loss pass scores the
 sampled tokens with the adapter model itself, and with one update per rollout the policy ratio is
 exp(logp - logp.detach()) = 1, so that rounding only changes which tokens are drawn, as an inference engine's
-(vLLM's in TRL) does. No static cache or CUDA graphs: the model is new every step, so a compiled graph would
-be recompiled (or hold stale weights) every step.
+(vLLM's in TRL) does. No static cache or CUDA graphs (torch.compile's reduce-overhead): graphs record the
+weights' addresses and these weights are new every step, so each step would re-record, or one model's storage
+would have to stay allocated through the loss pass; and a compile cannot be tried on the GPU from here.
 """
 from __future__ import annotations
 
