@@ -9,7 +9,9 @@ completions each, sampled at temperature 1 with exactly 256 new tokens (random w
 min_new_tokens = max_new_tokens makes both stacks generate the same count); micro-batches of one prompt's 8
 completions, 8 accumulated per optimizer step; loss dapo, beta 0 (TRL's defaults: no reference forward);
 a reward of -len(text) (its cost is nil next to generation). Step time: the median of the steps after the
-first (warm-up); the first includes CUDA and allocator warm-up in both stacks.
+first (warm-up); the first includes CUDA and allocator warm-up in both stacks. lorafit's line also records
+which rollout path ran (its "grpo rollouts:" log lines: merged weights, or the adapter and why) and rollout_s,
+the sampling part of each step; `--rollout adapter` times the adapter path (`bash bench/run.sh grpo grpo-adapter`).
 """
 from __future__ import annotations
 
