@@ -18,7 +18,8 @@
 #        recipes (~8 min: the shipped recipes as shipped, hub names swapped for local random models of their dims)
 #        m2:KIND (a random model of ../shared/bench/make_models2.py's KIND in /tmp/KIND), rcp:RECIPE[:FLAGS] (one recipe)
 #        grpo (s per GRPO step, 8 prompts x 8 completions x 256 tokens, QLoRA: lorafit vs TRL's GRPOTrainer; makes the
-#        model if missing; about 5 minutes with the model: `bash bench/run.sh grpo`)
+#        model if missing; about 5 minutes with the model: `bash bench/run.sh grpo`), grpo-adapter (after grpo: lorafit
+#        sampling through the adapter model, --rollout_weights adapter, as a third row; ~3 min)
 set -uo pipefail
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -85,6 +86,10 @@ for s in $STEPS; do
           PYTHONPATH=/tmp/site-peers:$PYTHONPATH timeout 170 python3 bench/grpo_bench.py trl $MODEL "$OUT/grpo.jsonl" \
             > "$OUT/grpo_trl.log" 2>&1
           echo "rc=$? (trl)" | tee -a "$OUT/log"; grep -E 'Error' "$OUT/grpo_trl.log" | tail -4 | tee -a "$OUT/log"
+          python3 bench/grpo_bench.py table "$OUT/grpo.jsonl" | tee "$OUT/grpo_table.md" ;;
+    grpo-adapter) timeout 200 python3 bench/grpo_bench.py lorafit $MODEL "$OUT/grpo.jsonl" --rollout adapter \
+            > "$OUT/grpo_adapter.log" 2>&1
+          echo "rc=$? (lorafit-adapter)" | tee -a "$OUT/log"; grep -E '^step|Error' "$OUT/grpo_adapter.log" | tail -6 | tee -a "$OUT/log"
           python3 bench/grpo_bench.py table "$OUT/grpo.jsonl" | tee "$OUT/grpo_table.md" ;;
     fsdp2) bash bench/fsdp2.sh 2 2>&1 | tee -a "$OUT/log" ;;
     fsdp1) bash bench/fsdp2.sh 1 2>&1 | tee -a "$OUT/log" ;;

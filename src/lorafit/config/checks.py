@@ -30,6 +30,7 @@ CHOICES = {
     "dpo_loss": ("sigmoid", "ipo", "hinge"),
     "loss_type": ("dapo", "bnpo", "grpo", "dr_grpo"),
     "scale_rewards": ("group", "batch", "none"),
+    "rollout_weights": ("merged", "adapter"),
 }
 
 

@@ -257,6 +257,9 @@ class GrpoArgs:
     """Word limit of the built-in conciseness reward."""
     min_completion_length: int = 0
     """Sample at least this many tokens (end-of-text suppressed before): fixed-length timing in bench/grpo_bench.py."""
+    rollout_weights: str = "merged"
+    """Sample from merged weights (W + scaling * B @ A in the compute dtype, rebuilt each step; much faster) or
+    through the adapter as trained; merged falls back to adapter, with a log line, where it cannot run."""
 
 
 @dataclass

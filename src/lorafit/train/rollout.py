@@ -1,7 +1,8 @@
 """GRPO rollouts: sample a group of completions per prompt from the current policy.
 
 Sampling is one batched `generate` call (KV cache, left-padded prompts, each prompt repeated
-`num_generations` times) on the LoRA model in eval mode. transformers samples from the global torch RNG, so
+`num_generations` times) on the policy in eval mode: the merged-weight model of train/rollout_model.py, or
+the LoRA model itself. transformers samples from the global torch RNG, so
 the call runs inside `torch.random.fork_rng` seeded from (seed, step, rank): the completions of a step are
 the same after a resume, and the dropout stream of training (saved in rng.pt) is left untouched.
 

@@ -20,6 +20,7 @@ statistic crosses ranks except the counts that turn logged sums into means (and 
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ from lorafit.train.objectives.base import Batch, Metrics
 from lorafit.train.objectives.sft import decoder_and_head
 from lorafit.train.rewards import Reward, build_rewards, check_rewards, score
 from lorafit.train.rollout import rollout_seed, sample
+from lorafit.train.rollout_model import rollout_policy
 
 EPS = 1e-4
 """Added to the reward std before dividing (TRL's value): a group of equal rewards gets advantage 0, not NaN."""
@@ -143,6 +145,8 @@ class GRPO:
         self.beta = beta_of(cfg)
         self.preview_steps = cfg.train.preview_steps
         self.described = False
+        self.rollout_path: tuple[str, str] | None = None
+        """(MERGED or ADAPTER, why) of the last rollout: logged when it changes."""
 
     def units(self, batch: Batch) -> int:
         return count_units(batch["completion_mask"], self.g.loss_type, self.g.max_completion_length)
@@ -176,29 +180,42 @@ class GRPO:
         was_training = model.training
         model.eval()
         try:
+            started = time.perf_counter()
             with autocast:
-                roll = sample(model, [ids for ids, _ in flat], num_generations=G,
-                              max_new_tokens=self.g.max_completion_length,
-                              min_new_tokens=self.g.min_completion_length, temperature=self.gen.temperature,
-                              top_p=self.gen.top_p, top_k=self.gen.top_k,
-                              eos=eos_token_ids(model, r.tokenizer, r.data.template), pad_id=_pad_id(r.tokenizer),
-                              seed=rollout_seed(self.seed, step, r.d.rank), decode=lambda t: decode(r.tokenizer, t),
-                              stops=r.data.template.stop_strings)
+                roll = self._sample(r, model, [ids for ids, _ in flat], step)
+            seconds = time.perf_counter() - started  # sample ends on the host (tolist), so the GPU is done too
             prompts = [row.prompt for _, row in flat for _ in range(G)]
             names = sorted({k for _, row in flat for k in row.columns})
             columns = {k: [row.columns.get(k) for _, row in flat for _ in range(G)] for k in names}
             per_fn = torch.tensor(score(self.rewards, prompts, roll.texts, columns, G), dtype=torch.float64)  # (F, N)
             weights = torch.tensor([rw.weight for rw in self.rewards], dtype=torch.float64)
             total = (weights[:, None] * per_fn).sum(dim=0)  # (N,)
-            batches = self._batches(r, roll, rows, total, per_fn, autocast)
+            batches = self._batches(r, roll, rows, total, per_fn, autocast, seconds)
         finally:
             model.train(was_training)
         if self.preview_steps and step % self.preview_steps == 0:
             _previews(r.tlog, step, flat[0][1], roll.texts[:PREVIEW_COMPLETIONS], total, per_fn, self.rewards)
         return batches
 
-    def _batches(self, r, roll, rows, total, per_fn, autocast) -> list[Batch]:
-        """Split the rollout into the group's micro-batches, with advantages, reference log-probs and stats."""
+    def _sample(self, r, model, prompts: list[list[int]], step: int):
+        """The step's rollout, from merged weights where it can (train/rollout_model.py), else the adapter model.
+        The merged model is dropped on return: the loss pass never holds it."""
+        G, L = self.g.num_generations, self.g.max_completion_length
+        policy, path, why = rollout_policy(model, self.g.rollout_weights, r.dtype, len(prompts) * G,
+                                           max(len(p) for p in prompts) + L)
+        if (path, why) != self.rollout_path:
+            self.rollout_path = (path, why)
+            r.tlog.info(f"grpo rollouts: {path} weights ({why})")
+        return sample(policy, prompts, num_generations=G, max_new_tokens=L,
+                      min_new_tokens=self.g.min_completion_length, temperature=self.gen.temperature,
+                      top_p=self.gen.top_p, top_k=self.gen.top_k,
+                      eos=eos_token_ids(model, r.tokenizer, r.data.template), pad_id=_pad_id(r.tokenizer),
+                      seed=rollout_seed(self.seed, step, r.d.rank), decode=lambda t: decode(r.tokenizer, t),
+                      stops=r.data.template.stop_strings)
+
+    def _batches(self, r, roll, rows, total, per_fn, autocast, seconds: float) -> list[Batch]:
+        """Split the rollout into the group's micro-batches, with advantages, reference log-probs and stats
+        (`seconds`: the rollout's time, logged as rollout_s: every row carries it, so its mean is the time)."""
         g, G, d = self.g, self.g.num_generations, r.d
         lengths = roll.completion_mask.sum(dim=1).double().cpu()  # (N,)
         n, tokens = float(total.numel()), float(lengths.sum())
@@ -212,8 +229,8 @@ class GRPO:
         u_all, n_all, t_all = dist.all_reduce_sum(d, [float(units), n, tokens])
         seq_scale, tok_scale = u_all / max(n_all, 1.0), u_all / max(t_all, 1.0)
         per_row = {"reward": total, "reward_std": std, "frac_reward_zero_std": (std == 0).double(),
-                   "completion_length": lengths}
-        for rw, f, s in zip(self.rewards, per_fn, fn_std):
+                   "completion_length": lengths, "rollout_s": torch.full_like(total, seconds)}
+        for rw, f, s in zip(self.rewards, per_fn, fn_std, strict=True):
             per_row[f"rewards/{rw.name}/mean"], per_row[f"rewards/{rw.name}/std"] = f, s
         out, start = [], 0
         for part in rows:
@@ -239,14 +256,15 @@ def _slice(roll, sl: slice) -> Batch:
     prompt_mask, completion_mask = roll.attention_mask[sl, :P], roll.completion_mask[sl]
     first = int(prompt_mask.any(dim=0).int().argmax())  # leftmost column any prompt of the slice uses
     width = int(completion_mask.sum(dim=1).max())  # longest completion of the slice
-    return {"input_ids": roll.input_ids[sl, first: P + width], "attention_mask": roll.attention_mask[sl, first: P + width],
+    cols = slice(first, P + width)
+    return {"input_ids": roll.input_ids[sl, cols], "attention_mask": roll.attention_mask[sl, cols],
             "completion_mask": completion_mask[:, :width]}
 
 
 def _prompt_rows(data, batch: Batch) -> list[tuple[list[int], Any]]:
     """The (prompt ids, PromptRow) of each row of a prompt batch (right-padded, as `GRPO.collate` builds it)."""
     out = []
-    for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+    for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
         prompt = ids[mask.bool()].tolist()
         row = data.rows.get(tuple(prompt))
         if row is None:
