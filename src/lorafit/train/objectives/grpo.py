@@ -119,7 +119,6 @@ class GRPO:
     """Rollouts in `prepare`, the clipped policy-gradient loss in `loss`; units per `loss_type`."""
 
     name = "grpo"
-    fused_loss = False  # per-token log-probs of sampled completions, not a summed cross-entropy
     rollout = True
 
     def pass_tokens(self, example, max_seq_length: int) -> int:
