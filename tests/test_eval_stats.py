@@ -115,7 +115,7 @@ def test_user_function_metric(tmp_path):
 ])
 def test_user_function_errors_name_the_file_and_the_fix(tmp_path, source, spec, message):
     from lorafit.errors import UserError
-    from lorafit.evaluate.user_fn import call_per_example, load_callable
+    from lorafit.user_fn import call_per_example, load_callable
 
     path = tmp_path / "m.py"
     if source is not None:
@@ -129,7 +129,7 @@ def test_user_function_errors_name_the_file_and_the_fix(tmp_path, source, spec, 
 
 def test_callable_spec_form():
     from lorafit.errors import UserError
-    from lorafit.evaluate.user_fn import is_callable_spec, load_callable
+    from lorafit.user_fn import is_callable_spec, load_callable
 
     assert is_callable_spec("rewards/len.py:score") and is_callable_spec("C:/x/y.py:f")
     assert not is_callable_spec("rouge_l") and not is_callable_spec("file.py") and not is_callable_spec("file.py:")

@@ -207,7 +207,7 @@ def grpo_args(model_dir, data, out, **fields) -> dict[str, str]:
 @pytest.mark.parametrize("spec,expected", [
     ("missing.py:fn", ["reward function 'missing.py:fn'", "does not exist"]),
     ("broken.py:fn", ["importing", "SyntaxError"]),
-    ("rewards.py:nothing", ["has no 'nothing'", "wrong_length"]),
+    ("rewards.py:nothing", ["defines no 'nothing'", "wrong_length"]),
     ("rewards.py:wrong_length", ["returned a list of 1 for 2 completions"]),
     ("rewards.py:text", ["returned 'good' among its rewards"]),
     ("exact_match:gold", ["column 'gold'", "its columns: answer"]),

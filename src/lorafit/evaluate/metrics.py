@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorafit.errors import UserError
-from lorafit.evaluate.user_fn import call_per_example, is_callable_spec, load_callable
+from lorafit.user_fn import call_per_example, is_callable_spec, load_callable
 
 SHORT_ANSWER_WORDS = 5
 BUILTIN = ("exact_match", "contains", "rouge_l", "bleu", "chrf")

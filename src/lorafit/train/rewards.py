@@ -15,16 +15,14 @@ words"), `length` (-1 per 100 characters), `exact_match[:column]` and `contains[
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from lorafit.errors import UserError
+from lorafit.user_fn import is_callable_spec, load_callable
 
 RewardCall = Callable[..., Sequence[float]]
 
@@ -34,37 +32,6 @@ class Reward:
     name: str
     fn: RewardCall
     weight: float = 1.0
-
-
-def load_callable(spec: str, what: str) -> Callable[..., Any]:
-    """The function `name` of the Python file in `path/to/file.py:name`; every failure is one UserError naming
-    `what` (e.g. 'reward function') and the spec. (Issue 19's evaluate/user_fn.py has the same API; the two are
-    to be one at merge.)"""
-    path_text, sep, name = spec.rpartition(":")
-    if not sep or not path_text.endswith(".py") or not name.isidentifier():
-        raise UserError(f"{what} '{spec}' is not of the form path/to/file.py:function_name",
-                        fix="name a Python file and the function in it, e.g. my_rewards.py:short_answers")
-    path = Path(path_text).expanduser()
-    if not path.is_file():
-        raise UserError(f"{what} '{spec}': the file '{path}' does not exist", fix="check the path (relative to here)")
-    module_name = f"lorafit_user_{abs(hash(str(path.resolve())))}"
-    try:
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_name] = module  # dataclasses and pickling inside the file look themselves up here
-        module_spec.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001  a user's file can raise anything while it imports
-        sys.modules.pop(module_name, None)
-        raise UserError(f"{what} '{spec}': importing '{path}' failed: {type(e).__name__}: {e}",
-                        fix=f"run `python {path}` to see the error, and fix the file") from None
-    fn = getattr(module, name, None)
-    if fn is None:
-        public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-        raise UserError(f"{what} '{spec}': '{path}' has no '{name}' (its functions: {', '.join(public) or 'none'})",
-                        fix="check the name after the colon")
-    if not callable(fn):
-        raise UserError(f"{what} '{spec}': '{name}' is a {type(fn).__name__}, not a function")
-    return fn
 
 
 def build_rewards(specs: list[str], weights: list[float], max_words: int) -> list[Reward]:
@@ -87,7 +54,7 @@ def _resolve(spec: str, max_words: int) -> RewardCall:
         return lambda completions, **_: [-len(c) / 100 for c in completions]
     if name in ("exact_match", "contains"):
         return _reference_reward(name, column or "reference")
-    if ".py:" in spec:
+    if is_callable_spec(spec):
         return load_callable(spec, "reward function")
     raise UserError(f"unknown reward function '{spec}'",
                     fix="use conciseness, length, exact_match[:column], contains[:column], regex:PATTERN, "

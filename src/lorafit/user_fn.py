@@ -1,4 +1,4 @@
-"""A user's Python function named as `path/to/file.py:name`, loaded for eval metrics (and reward functions).
+"""A user's Python function named as `path/to/file.py:name`: eval's `--metrics` and GRPO's `--reward_funcs`.
 
     fn = load_callable("metrics.py:keyword_hit", "metric")
     scores = call_per_example(fn, "metric 'metrics.py:keyword_hit'", predictions, references)
