@@ -67,10 +67,11 @@ def run_state(cfg, d, model, ddp, dtype):
         def collate(self, examples, records, max_seq_length):
             return examples[records[0]]
 
-    return SimpleNamespace(cfg=cfg, d=d, model=model, ddp=ddp, dtype=dtype, scaler=None, optimizer=opt, objective=Prebuilt(),
-                           data=SimpleNamespace(train=[]), fast=None,
+    plan = SimpleNamespace(epoch_micro=1, epoch_items=1, micro_batch=0, tokens_per_pass=1 << 30)
+    return SimpleNamespace(cfg=cfg, d=d, model=model, ddp=ddp, dtype=dtype, scaler=None, optimizer=opt,
+                           objective=Prebuilt(), data=SimpleNamespace(train=[]), fast=None,
                            scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), pos=Position(),
-                           plan=SimpleNamespace(epoch_micro=1, epoch_items=1, micro_batch=0, tokens_per_pass=1 << 30), tlog=LastStep())
+                           plan=plan, tlog=LastStep())
 
 
 class LastStep:
@@ -129,8 +130,8 @@ def grad_check(r, b) -> float:
 def measure(r, bs: int, seq: int, steps: int, warmup: int, vocab: int) -> dict:
     import torch
 
-    from lorafit.train import parallel as dist
     from lorafit.data.batching import Pass
+    from lorafit.train import parallel as dist
     from lorafit.train.loop import _optimizer_step
 
     cuda = r.d.device.type == "cuda"

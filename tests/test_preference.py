@@ -40,7 +40,8 @@ def test_kto_loss_by_hand():
     policy, ref = _t(-10.0, -10.0), _t(-12.0, -7.0)  # log-ratios +2 and -3
     desirable = torch.tensor([True, False])
     got = kto_losses(policy, ref, desirable, _t(0.5)[0], 0.1, 1.0, 2.0)
-    sig = lambda x: 1 / (1 + math.exp(-x))
+    def sig(x):
+        return 1 / (1 + math.exp(-x))
     assert got.tolist() == pytest.approx([1 - sig(0.1 * (2 - 0.5)), 2 * (1 - sig(0.1 * (0.5 + 3)))], abs=1e-12)
     assert float(kl_baseline(_t(-5.0, -7.0), _t(-6.0, -5.0))) == 0.0  # mean -0.5 clamps to 0
     assert float(kl_baseline(_t(-5.0, -4.0), _t(-6.0, -6.0))) == pytest.approx(1.5)

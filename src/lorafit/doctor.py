@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import platform
 import shutil
+import urllib.request
 from typing import Any
 
 from lorafit.run_dir import PACKAGES, installed_versions
@@ -45,7 +46,10 @@ def doctor() -> int:
     for name, (needs_gpu, missing, on_cpu) in OPTIONAL.items():
         installed = versions[name] is not None
         ok = installed and (bool(gpus) or not needs_gpu)
-        why = missing if not installed else "" if gpus else (on_cpu if not needs_gpu else f"installed, but no CUDA GPU: {on_cpu}")
+        if not installed:
+            why = missing
+        else:
+            why = "" if gpus else (on_cpu if not needs_gpu else f"installed, but no CUDA GPU: {on_cpu}")
         table.add_row(f"{name} usable", "[green]yes[/]" if ok else "[yellow]no[/]", why)
     free, total = disk_space(".")
     table.add_row("disk (this folder)", f"{free / 2**30:.1f} GiB free", f"of {total / 2**30:.1f} GiB")
@@ -104,7 +108,6 @@ def disk_space(path: str) -> tuple[int, int]:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """One HEAD request to the hub. Never raises: any failure means "not reachable"."""
-    import urllib.request
 
     try:
         urllib.request.urlopen(urllib.request.Request(HUB_URL, method="HEAD"), timeout=timeout)

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,6 @@ PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandb
 
 def installed_versions(names) -> dict[str, str | None]:
     """Installed version of each distribution in `names` (None when absent)."""
-    from importlib import metadata
 
     out: dict[str, str | None] = {}
     for name in names:

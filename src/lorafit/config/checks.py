@@ -41,10 +41,9 @@ def validate(cfg: Config) -> None:
         value = cfg.get(key)
         if value not in choices:
             raise ConfigError(f"'{key}' is {value!r}; it must be one of {', '.join(choices)}")
-    for key in ("report_to",):
-        for value in t.report_to:
-            if value not in ("tensorboard", "wandb", "mlflow", "none"):
-                raise ConfigError(f"'report_to' holds {value!r}; use tensorboard, wandb, mlflow or none")
+    for value in t.report_to:
+        if value not in ("tensorboard", "wandb", "mlflow", "none"):
+            raise ConfigError(f"'report_to' holds {value!r}; use tensorboard, wandb, mlflow or none")
 
     def positive(key: str, value: float) -> None:
         if not (value > 0 and math.isfinite(value)):
@@ -156,7 +155,8 @@ def check_grpo(cfg: Config) -> None:
     if g.max_completion_length < 1:
         raise ConfigError(f"'max_completion_length' must be > 0, got {g.max_completion_length}")
     if not 0 <= g.min_completion_length <= g.max_completion_length:
-        raise ConfigError(f"'min_completion_length' must be in [0, max_completion_length], got {g.min_completion_length}")
+        raise ConfigError("'min_completion_length' must be in [0, max_completion_length], "
+                          f"got {g.min_completion_length}")
     if not 0 < g.epsilon < 1:
         raise ConfigError(f"'epsilon' must be in (0, 1), got {g.epsilon}")
     if g.max_words < 1:
@@ -185,13 +185,15 @@ def check_fsdp(cfg: Config, source: str) -> None:
     if t.method != "sft":
         raise ConfigError(f"FSDP ({source}) trains --method sft only: {t.method} scores sequences by calling the model "
                           "(and its reference with the adapter off) outside FSDP's sharded forward",
-                          fix="train data-parallel instead (torchrun or `accelerate launch --multi_gpu`, without --fsdp)")
+                          fix="train data-parallel instead (torchrun or `accelerate launch --multi_gpu`, "
+                              "without --fsdp)")
     if m.load_in_8bit:
         raise ConfigError(f"FSDP ({source}) cannot shard an 8-bit (bitsandbytes LLM.int8) base model",
                           fix="shard a 4-bit base instead (--load_in_4bit true: QLoRA under FSDP), or train "
                               "data-parallel without --fsdp / --use_fsdp")
     if t.fp16:
-        raise ConfigError(f"FSDP ({source}) trains in bf16 or float32, not fp16", fix="use --bf16 true instead of --fp16")
+        raise ConfigError(f"FSDP ({source}) trains in bf16 or float32, not fp16",
+                          fix="use --bf16 true instead of --fp16")
     if t.optim != "adamw_torch":
         raise ConfigError(f"FSDP ({source}) needs optim adamw_torch, not {t.optim} (bitsandbytes' optimizers cannot "
                           "step sharded parameters; the fused AdamW is not tested with them)",

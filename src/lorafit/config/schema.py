@@ -7,8 +7,11 @@ name is unique across sections, so a YAML file may be flat (`lora_r: 16`) or sec
 """
 from __future__ import annotations
 
+import ast
+import contextlib
 import dataclasses
 import difflib
+import inspect
 import itertools
 import math
 import types
@@ -192,9 +195,11 @@ class TrainArgs:
     auto_find_batch_size: bool = False
     """Before training, halve max_tokens_per_pass until a pass of the longest records fits in memory."""
     fsdp: bool = False
-    """Shard weights, gradients and optimizer state over the processes (FSDP2); on under `accelerate launch --use_fsdp`."""
+    """Shard weights, gradients and optimizer state over the processes (FSDP2); on under
+    `accelerate launch --use_fsdp`."""
     fsdp_offload: bool = False
-    """Under FSDP, keep the sharded parameters, gradients and optimizer state in CPU memory (accelerate's --fsdp_offload_params)."""
+    """Under FSDP, keep the sharded parameters, gradients and optimizer state in CPU memory (accelerate's
+    --fsdp_offload_params)."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Loggers besides metrics.jsonl: tensorboard, wandb, mlflow, none."""
     push_to_hub: str | None = None
@@ -410,10 +415,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if isinstance(value, (int, float)):
             number = float(value)
         elif isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 number = float(value)
-            except ValueError:
-                pass
         if number is not None and math.isfinite(number):  # nan passes every `<` range check unnoticed
             return number
         raise ConfigError(f"'{key}' must be a finite number, got {value!r}")
@@ -447,8 +450,6 @@ def _field_docs() -> dict[str, str]:
     """Field docstrings (the string under each field), parsed from this module's source."""
     global _DOCS
     if _DOCS is None:
-        import ast
-        import inspect
 
         tree = ast.parse(inspect.getsource(inspect.getmodule(Config)))
         docs: dict[str, str] = {}

@@ -81,8 +81,9 @@ def print_report(report: dict) -> None:
 
 
 def _cut_line(report: dict) -> str:
-    return (f"{report['truncated_share']:.1%} of sequences at {report['max_seq_length']} tokens ({report['prompts_cut']} "
-            f"prompts cut at their start, {report['replies_cut']} replies cut at their end, {report['dropped']} dropped)")
+    return (f"{report['truncated_share']:.1%} of sequences at {report['max_seq_length']} tokens "
+            f"({report['prompts_cut']} prompts cut at their start, {report['replies_cut']} replies cut at their end, "
+            f"{report['dropped']} dropped)")
 
 
 def print_preference_report(report: dict) -> None:

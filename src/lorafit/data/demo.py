@@ -40,7 +40,8 @@ def _task(instruction: str, output: str, data: str = "", rng: random.Random | No
 def addition(rng: random.Random) -> Record:
     a, b = rng.randint(2, 99), rng.randint(2, 99)
     if rng.random() < 0.5:
-        q = rng.choice(["What is {a} + {b}?", "Calculate {a} plus {b}.", "Add {a} and {b}.", "What is the sum of {a} and {b}?"])
+        q = rng.choice(["What is {a} + {b}?", "Calculate {a} plus {b}.", "Add {a} and {b}.",
+                        "What is the sum of {a} and {b}?"])
         return _task(q.format(a=a, b=b), str(a + b))
     a, b = max(a, b), min(a, b)
     q = rng.choice(["What is {a} - {b}?", "Calculate {a} minus {b}.", "Subtract {b} from {a}."])
@@ -49,7 +50,8 @@ def addition(rng: random.Random) -> Record:
 
 def multiplication(rng: random.Random) -> Record:
     a, b = rng.randint(2, 12), rng.randint(2, 12)
-    q = rng.choice(["What is {a} times {b}?", "Multiply {a} by {b}.", "What is {a} x {b}?", "What is the product of {a} and {b}?"])
+    q = rng.choice(["What is {a} times {b}?", "Multiply {a} by {b}.", "What is {a} x {b}?",
+                    "What is the product of {a} and {b}?"])
     return _task(q.format(a=a, b=b), str(a * b))
 
 
@@ -94,7 +96,8 @@ def year_extraction(rng: random.Random) -> Record:
     sentence = rng.choice([f"The new {thing} in {city} opened in {year} after years of work.",
                            f"In {year}, the old {thing} of {city} was rebuilt.",
                            f"{rng.choice(NAMES)} visited the {thing} in {city} in {year}."])
-    q = rng.choice(["Extract the year from this sentence:", "In which year did this happen?", "What year is mentioned here?"])
+    q = rng.choice(["Extract the year from this sentence:", "In which year did this happen?",
+                    "What year is mentioned here?"])
     return _task(q, str(year), sentence, rng)
 
 
@@ -110,7 +113,8 @@ def extremes(rng: random.Random) -> Record:
 
 def counting(rng: random.Random) -> Record:
     items = rng.sample(ITEMS, rng.randint(2, 7))
-    q = rng.choice(["How many items are in this list?", "Count the fruits in this list.", "How many fruits are listed?"])
+    q = rng.choice(["How many items are in this list?", "Count the fruits in this list.",
+                    "How many fruits are listed?"])
     return _task(q, str(len(items)), ", ".join(items), rng)
 
 

@@ -120,7 +120,7 @@ def split_conversations(conversations: list[list[dict]], cfg: Config) -> tuple[l
     if d.dedup:
         seen: set[str] = set()
         kept = []
-        for key, conv in zip(keys, conversations):
+        for key, conv in zip(keys, conversations, strict=True):
             if key not in seen:
                 seen.add(key)
                 kept.append(conv)
@@ -164,7 +164,8 @@ def encode_many(template: Template, conversations: list[list[dict]], tokenizer: 
         chunk = conversations[start: start + _BATCH]
         segments = [template.segments(m, tokenizer) for m in chunk]
         for ids, trained in _tokenize(segments, tokenizer, template.add_special_tokens):
-            labels = list(ids) if train_on_inputs else [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained)]
+            labels = list(ids) if train_on_inputs else [t if keep else IGNORE_INDEX
+                                                         for t, keep in zip(ids, trained, strict=True)]
             if labels:
                 labels[0] = IGNORE_INDEX  # never a target: nothing precedes it (keeps packed rows exact)
             enc = Encoded(list(ids), labels, len(ids))
@@ -182,7 +183,7 @@ def _tokenize(segments: list[list[tuple[str, bool]]], tokenizer: Any, add_specia
         yield from _tokenize_by_segment(segments, tokenizer, add_special)
         return
     enc = tokenizer(texts, add_special_tokens=add_special, return_offsets_mapping=True)
-    for text, segs, ids, offsets in zip(texts, segments, enc["input_ids"], enc["offset_mapping"]):
+    for text, segs, ids, offsets in zip(texts, segments, enc["input_ids"], enc["offset_mapping"], strict=True):
         mask = bytearray(len(text) + 1)
         pos = 0
         for s, trained in segs:
@@ -234,5 +235,5 @@ def prepare_loaded(cfg: Config, tokenizer: Any, loaded: Loaded) -> PreparedData:
 
 
 def _keep_trainable(encoded: list[Encoded], conversations: list[list[dict]]) -> list[Example]:
-    return [Example(e.input_ids, e.labels, conv) for e, conv in zip(encoded, conversations)
+    return [Example(e.input_ids, e.labels, conv) for e, conv in zip(encoded, conversations, strict=True)
             if not e.dropped and any(t != IGNORE_INDEX for t in e.labels)]

@@ -122,7 +122,7 @@ def _guanaco(d: dict, where: str, field: str) -> Conversation:
     conv: Conversation = []
     if parts[0].strip():
         conv.append({"role": "system", "content": parts[0].strip()})
-    for speaker, content in zip(parts[1::2], parts[2::2]):
+    for speaker, content in zip(parts[1::2], parts[2::2], strict=False):
         conv.append({"role": "user" if speaker.lower() == "human" else "assistant", "content": content.strip()})
     return _finish(conv, where, "'### Assistant:' turn in its text")
 

@@ -122,7 +122,7 @@ def _hh_turns(text: str, where: str) -> Conversation:
     """'\\n\\nHuman: q\\n\\nAssistant: a\\n\\nHuman: q2\\n\\nAssistant:' into turns ending with the user's."""
     parts = _HH_TURN.split(text)
     turns: Conversation = []
-    for speaker, content in zip(parts[1::2], parts[2::2]):
+    for speaker, content in zip(parts[1::2], parts[2::2], strict=False):
         if content.strip() or speaker == "Human":
             turns.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
     if not turns or turns[-1]["role"] != "user":

@@ -1,5 +1,6 @@
 """The data a run trains on, by method: conversations for SFT (encode.py), preference records for DPO, ORPO
-and KTO (preference.py), prompts for GRPO (prompts.py). Training, `lorafit data` and `lorafit eval` all come through here."""
+and KTO (preference.py), prompts for GRPO (prompts.py). Training, `lorafit data` and `lorafit eval` all come
+through here."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any

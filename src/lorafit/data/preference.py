@@ -94,7 +94,8 @@ def prepare_preference(cfg: Config, tokenizer: Any) -> PreparedData:
     return PreparedData(train, val, template, report, report["fingerprint"])
 
 
-def split_preference(cfg: Config) -> tuple[list[PrefRecord], list[dict], tuple[list[PrefRecord], list[PrefRecord], int]]:
+def split_preference(cfg: Config) -> tuple[list[PrefRecord], list[dict],
+                                           tuple[list[PrefRecord], list[PrefRecord], int]]:
     """(records, their JSON rows, (train, val, duplicates)): dedup, shuffle, cap and hold out as SFT does
     (`split_conversations`), so eval finds the same held-out pairs from the run's config."""
     d = cfg.data
@@ -165,7 +166,8 @@ def collate_preference(examples: list[PrefExample], kl_pairs: bool = False) -> d
     return _collate([examples], pad_token_id=0, kl_pairs=kl_pairs)
 
 
-def preference_passes(examples: list[PrefExample], budget: int, kl_pairs: bool = False) -> list[dict[str, torch.Tensor]]:
+def preference_passes(examples: list[PrefExample], budget: int,
+                      kl_pairs: bool = False) -> list[dict[str, torch.Tensor]]:
     """Every example once, in order, in padding-free passes of at most `budget` tokens (eval, tests)."""
     lengths = [len(e.input_ids) * (2 if kl_pairs else 1) for e in examples]
     return [collate_preference([examples[i] for i in p], kl_pairs) for p in

@@ -81,7 +81,7 @@ def example_tokens(example: Example, tokenizer: Any) -> list[list]:
     """[[token text, trained?], ...] for one example, for display."""
     pieces = tokenizer.convert_ids_to_tokens(example.input_ids)
     texts = [tokenizer.convert_tokens_to_string([p]) if p is not None else "" for p in pieces]
-    return [[t, label != IGNORE_INDEX] for t, label in zip(texts, example.labels)]
+    return [[t, label != IGNORE_INDEX] for t, label in zip(texts, example.labels, strict=True)]
 
 
 def warnings_for(report: dict) -> list[str]:

@@ -85,7 +85,7 @@ def read_file(path: Path) -> list[Record]:
 
 def read_folder(path: Path, split: str = "train") -> list[Record]:
     """A `save_to_disk` folder, or every data file under `path` (only the split's files when names tell)."""
-    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+    if any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
         return _load_from_disk(path, split)
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
     if not files:
@@ -148,7 +148,8 @@ def _read_utf8(path: Path) -> str:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"'{path}:{line}' is not UTF-8 text (byte {e.start} is {raw[e.start]:#04x})",
-                        fix=f"re-encode the file, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}`") from None
+                        fix=f"re-encode the file, e.g. "
+                            f"`iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}`") from None
     return text.removeprefix("\ufeff")  # a byte-order mark some editors write
 
 
@@ -204,10 +205,8 @@ def _read_json(path: Path, text: str) -> list[Record]:
                         fix="fix the file (a JSON list of objects), or save it as JSON lines (.jsonl)") from None
     if isinstance(value, dict):
         lists = [v for v in value.values() if isinstance(v, list)]
-        if len(lists) == 1 and all(isinstance(x, dict) for x in lists[0]):
-            value = lists[0]  # {"data": [...]} / {"train": [...]}
-        else:
-            value = [value]
+        one_list = len(lists) == 1 and all(isinstance(x, dict) for x in lists[0])
+        value = lists[0] if one_list else [value]  # {"data": [...]} / {"train": [...]}, or one record
     if not isinstance(value, list):
         raise DataError(f"'{path}' holds a JSON {type(value).__name__}, not a list of records",
                         fix="write a JSON list of objects, or JSON lines (.jsonl)")

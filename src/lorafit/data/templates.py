@@ -13,6 +13,7 @@ come from rendering growing prefixes of the conversation.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,6 @@ class Template:
 
     @classmethod
     def load(cls, run_dir: Path) -> Template:
-        import json
 
 
         path = Path(run_dir) / TEMPLATE_FILE

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +107,8 @@ def attention_keeping(q, k, v, batch, n_heads, n_kv, head_dim, scale, plan=None,
             qh, kh, vh = reference.heads(q, k, v, batch, n_heads, n_kv, head_dim)
             o, lse, cu_q, cu_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
                 qh, kh, vh, None, True, 0.0, True, False, scale=scale)
-            return o.transpose(1, 2).reshape(n, n_heads * head_dim), ("cudnn", lse, cu_q, cu_k, max_q, max_k, seed, offset)
+            state = ("cudnn", lse, cu_q, cu_k, max_q, max_k, seed, offset)
+            return o.transpose(1, 2).reshape(n, n_heads * head_dim), state
     except RuntimeError as e:       # an op this torch lacks or refuses: plain attention, recomputed as before
         _warn_once(e)
     return attention(q, k, v, *args, plan=plan, doc_ids=doc_ids, window=window), None
@@ -118,7 +120,6 @@ _WARNED = []
 def _warn_once(e: Exception) -> None:
     if not _WARNED:
         _WARNED.append(e)
-        import logging
         logging.getLogger(__name__).warning("attention is recomputed in backward (its saved-state kernels failed: %s)",
                                             str(e).splitlines()[0][:200])
 

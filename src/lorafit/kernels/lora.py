@@ -112,7 +112,7 @@ class FactorPack:
     def current(self, device) -> bool:
         """False when the parameters moved (model.to(...), a new dtype): build a new pack then."""
         return self.a_buf.device == torch.device(device) and self.ptrs == [t.data_ptr() for t in self.b_src] \
-            and all(a.data_ptr() == h.data_ptr() for a, h in zip(self.a_src, self._a_params))
+            and all(a.data_ptr() == h.data_ptr() for a, h in zip(self.a_src, self._a_params, strict=True))
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -132,15 +132,15 @@ def _base_weight(group: Group, in_features: int, dtype, device, pool: WeightBuff
     total = group.out_features
     if pool is None:
         w = torch.empty(total, in_features, dtype=dtype, device=device)
-        rows = [w[o:o + h.out_features] for o, h in zip(group.offsets, heads)]
+        rows = [w[o:o + h.out_features] for o, h in zip(group.offsets, heads, strict=True)]
     else:
         buf = pool.get(total * in_features, dtype, device)
         key = (buf.data_ptr(), buf.dtype, in_features)
         if group.w_views is None or group.w_views[0] != key:
             w = buf[:total * in_features].view(total, in_features)
-            group.w_views = (key, w, [w[o:o + h.out_features] for o, h in zip(group.offsets, heads)])
+            group.w_views = (key, w, [w[o:o + h.out_features] for o, h in zip(group.offsets, heads, strict=True)])
         _, w, rows = group.w_views
-    for h, row in zip(heads, rows):
+    for h, row in zip(heads, rows, strict=True):
         h.dequant(row)
     return w
 
@@ -228,7 +228,7 @@ class _LoRAGroup(torch.autograd.Function):
             # (the off-diagonal blocks are a few skinny FLOPs; one launch instead of ~7 per head)
             grad_b_all = (dy.t() @ h_act).float().mul_(group.scaling) if group.scaling is not None else None
             r0 = i = 0
-            for o, h in zip(group.offsets, group.heads):
+            for o, h in zip(group.offsets, group.heads, strict=True):
                 if h.lora_A is None:
                     continue
                 r = h.lora_A.shape[0]

@@ -81,10 +81,10 @@ class ActivationStore:
         # ~20 layers' reloaded tensors (~1 GiB at 4 x 2048) sat in that state at the step's peak.
         side = self._side(device)
         host = [isinstance(t, torch.Tensor) and t.is_pinned() for t in items]
-        out = tuple(torch.empty_like(t, device=device) if h else t for t, h in zip(items, host))
+        out = tuple(torch.empty_like(t, device=device) if h else t for t, h in zip(items, host, strict=True))
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            for y, t, h in zip(out, items, host):
+            for y, t, h in zip(out, items, host, strict=True):
                 if h:
                     y.copy_(t, non_blocking=True)
             ev = torch.cuda.Event()

@@ -19,7 +19,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (weight.float() * xhat.float()).to(x.dtype)
 
 
-def add_rmsnorm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rmsnorm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add then RMSNorm: returns (h = x + r, rmsnorm(h))."""
     h = x + r
     return h, rmsnorm(h, weight, eps)
@@ -76,7 +77,7 @@ def lora_group(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.
     as PEFT stores lora_A.weight / lora_B.weight; drop_i(x) = x * mask_i (mask already holding 1/(1-p)).
     """
     outs = []
-    for i, (w, b) in enumerate(zip(weights, biases)):
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
         y = F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
         if loras[i] is not None:
             a, bb, s = loras[i]

@@ -101,7 +101,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _AddRMSNorm.apply(x, None, weight, eps)
 
 
-def add_rmsnorm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rmsnorm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of reference.add_rmsnorm: (x + r, rmsnorm(x + r))."""
     return _AddRMSNorm.apply(x, r, weight, eps)
 

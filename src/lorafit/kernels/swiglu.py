@@ -15,14 +15,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _fwd(GU, O, n_cols, BLOCK: tl.constexpr):
+def _fwd(GU, OUT, n_cols, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     g = tl.load(GU + row * 2 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(GU + row * 2 * n_cols + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    act = (g * tl.sigmoid(g)).to(O.dtype.element_ty).to(tl.float32)  # HF rounds silu(gate)
-    tl.store(O + row * n_cols + cols, (act * u).to(O.dtype.element_ty), mask=mask)
+    act = (g * tl.sigmoid(g)).to(OUT.dtype.element_ty).to(tl.float32)  # HF rounds silu(gate)
+    tl.store(OUT + row * n_cols + cols, (act * u).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -207,7 +207,6 @@ def attention_backend(asked: str, device) -> str:
     attention (transformers would stop with an ImportError), so a recipe written for a GPU box still runs."""
     if asked != "flash_attention_2":
         return asked
-    import importlib.util
 
     import torch
 

@@ -326,7 +326,8 @@ def load_adapter_state(model, weights: dict[str, torch.Tensor]) -> list[str]:
 
 
 def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """After `load_state_dict` of a whole state: cut each tensor shaped like its sharded parameter to this rank's piece."""
+    """After `load_state_dict` of a whole state: cut each tensor shaped like its sharded parameter to this rank's
+    piece."""
     for group in optimizer.param_groups:
         for p in group["params"]:
             if not is_sharded(p):

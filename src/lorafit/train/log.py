@@ -8,6 +8,8 @@ otherwise (CI logs, `| tee`).
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -47,10 +49,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return []
     out = []
     for line in path.read_text(encoding="utf-8").splitlines():
-        try:
+        with contextlib.suppress(ValueError):  # the last line of a killed run may be half written
             out.append(json.loads(line))
-        except ValueError:
-            pass  # the last line of a killed run may be half written
     return out
 
 
@@ -169,7 +169,8 @@ class TrainLog:
         """`metrics`: the objective's per-unit means (DPO: accuracy, margin, ...); for those, units are pairs
         and a perplexity means nothing."""
         if metrics:
-            self._write({"step": step, "val_loss": loss, "val_units": n_tokens, **{f"val_{k}": v for k, v in metrics.items()}})
+            self._write({"step": step, "val_loss": loss, "val_units": n_tokens,
+                         **{f"val_{k}": v for k, v in metrics.items()}})
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k)
             self.info(f"step {step}: validation loss {loss:.4f}, {shown} ({n_tokens:,} held out)")
             return
@@ -312,7 +313,6 @@ class _MLflow:
 
 
 def _open_trackers(run_dir: Path, report_to: list[str], config: dict[str, Any], purge_step: int | None) -> list:
-    import importlib.util
 
     out: list = []
     for name in dict.fromkeys(report_to):
@@ -323,8 +323,8 @@ def _open_trackers(run_dir: Path, report_to: list[str], config: dict[str, Any], 
                         name, name)
             continue
         try:
-            out.append({"tensorboard": lambda: _TensorBoard(run_dir, purge_step), "wandb": lambda: _Wandb(run_dir, config),
-                        "mlflow": lambda: _MLflow(run_dir, config)}[name]())
+            out.append({"tensorboard": lambda: _TensorBoard(run_dir, purge_step),
+                        "wandb": lambda: _Wandb(run_dir, config), "mlflow": lambda: _MLflow(run_dir, config)}[name]())
         except Exception as e:  # noqa: BLE001 -- a tracker that cannot start (no login, no server) must not stop training
             log.warning("report_to %s could not start (%s: %s); continuing without it", name, type(e).__name__, e)
     return out

@@ -130,10 +130,7 @@ def _load_model(r: TrainState, source):
     if r.fsdp and r.fsdp.activation_checkpointing:
         r.cfg.model.gradient_checkpointing = True
     set_seed(r.cfg.train.seed)  # LoRA init and dropout
-    if r.fsdp:
-        base = fsdp.load_base(r.cfg, r.d, r.fsdp, r.dtype, source)
-    else:
-        base = load_base_model(r.cfg, r.d.device, source)
+    base = fsdp.load_base(r.cfg, r.d, r.fsdp, r.dtype, source) if r.fsdp else load_base_model(r.cfg, r.d.device, source)
     r.fused, r.fused_why = fused_path_choice(r.cfg, base.config.model_type, fsdp=r.fsdp is not None,
                                              cuda=r.d.device.type == "cuda")
     model = apply_lora(base, r.cfg, fused=r.fused)
@@ -376,7 +373,7 @@ def _validate(r: TrainState) -> bool:
     names = dist.broadcast(d, sorted(sums))  # rank 0's names: a rank with an empty shard has none
     ce, n, *values = dist.all_reduce_sum(d, [float(ce), float(n), *(float(sums.get(k, 0.0)) for k in names)])
     loss = ce / max(n, 1.0)
-    r.tlog.validation(r.pos.step, loss, int(n), {k: v / max(n, 1.0) for k, v in zip(names, values)})
+    r.tlog.validation(r.pos.step, loss, int(n), {k: v / max(n, 1.0) for k, v in zip(names, values, strict=True)})
     return r.pos.record_validation(loss, cfg.train.early_stopping_patience, r.tlog)
 
 

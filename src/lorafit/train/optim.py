@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -48,7 +49,6 @@ def build_optimizer(model: torch.nn.Module, t: TrainArgs) -> torch.optim.Optimiz
         raise ConfigError(f"optim '{t.optim}' needs bitsandbytes",
                           fix="pip install bitsandbytes==0.50.2, or use --optim adamw_torch") from None
     if t.optim.startswith("paged") and not torch.cuda.is_available():
-        import warnings
 
         # bitsandbytes warns on every parameter's first step; one line here says the same once
         warnings.filterwarnings("ignore", message=".*Paged optimizers are not supported on CPU.*")

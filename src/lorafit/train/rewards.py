@@ -37,7 +37,7 @@ class Reward:
 def build_rewards(specs: list[str], weights: list[float], max_words: int) -> list[Reward]:
     """Reward objects for `--reward_funcs` (built-in names or file.py:name) with their weights."""
     weights = list(weights) or [1.0] * len(specs)
-    return [Reward(spec, _resolve(spec, max_words), float(w)) for spec, w in zip(specs, weights)]
+    return [Reward(spec, _resolve(spec, max_words), float(w)) for spec, w in zip(specs, weights, strict=True)]
 
 
 def _resolve(spec: str, max_words: int) -> RewardCall:
@@ -74,8 +74,8 @@ def _reference_reward(kind: str, column: str) -> RewardCall:
                             f"not have (its columns: {shown})", fix=f"name one of those: --reward_funcs {kind}:COLUMN")
         refs = [str(r).strip() for r in columns[column]]
         if kind == "exact_match":
-            return [float(c.strip() == r) for c, r in zip(completions, refs)]
-        return [float(bool(r) and r in c) for c, r in zip(completions, refs)]
+            return [float(c.strip() == r) for c, r in zip(completions, refs, strict=True)]
+        return [float(bool(r) and r in c) for c, r in zip(completions, refs, strict=True)]
 
     reward.__name__ = kind
     return reward

