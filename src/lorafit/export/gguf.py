@@ -50,7 +50,7 @@ def export_gguf(path: Path, output: Path, dtype: str = "f16", overrides: dict[st
                 overwrite: bool = False, perplexity: bool = True, imatrix: bool = False) -> Path:
     """Write `output` (.gguf) and its Modelfile from a run directory (merged first) or a merged folder; for a
     quantized dtype also `output`.quant.json/.md: per-tensor error and (for a run) held-out perplexity vs f16.
-    `imatrix`: weigh the k-quant scale search by importance from the run's training data (imatrix.py)."""
+    `imatrix`: weigh the quantizers' scale searches by importance from the run's training data (imatrix.py)."""
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -103,7 +103,7 @@ def write_gguf(folder: Path, output: Path, dtype: str = "f16", template: dict | 
 
     `template` is a run's template.json (its chat template goes into the file); `params` are Ollama
     `PARAMETER`s (temperature, top_p, ...); `source` names the model in `general.description`; `importance`
-    holds per-column weights for the k-quant scale search, by GGUF tensor name.
+    holds per-column weights for the quantizers' scale searches, by GGUF tensor name.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -315,7 +315,7 @@ def _write_tensors(writer: Any, tmp: Path, folder: Path, plans: list[TensorPlan]
             for plan, t in _sources(folder, plans):
                 qtype = types[plan.name]
                 progress.update(task, description=f"{plan.name} ({qtype.name})")
-                if qtype.name.endswith("_K"):
+                if qtype.name.endswith("_K") or plan.name in importance:
                     data = quants.quantize(t.to(device), qtype, importance.get(plan.name))
                 else:
                     data = _cast(t, qtype)
