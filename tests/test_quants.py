@@ -98,7 +98,12 @@ LLAMA_7B_COUNTS = {
 def test_type_mix_matches_llama_cpp_on_llama_2_7b(dtype):
     types = tensor_types(_llama_7b(), dtype, 32)
     assert _counts(types) == LLAMA_7B_COUNTS[dtype]
+    if dtype == "q4_0":  # with an importance matrix llama-quantize guards the first eighth's ffn_down with Q4_1
+        guarded = tensor_types(_llama_7b(), dtype, 32, imatrix=True)
+        assert _counts(guarded) == {"F32": 65, "Q4_0": 221, "Q4_1": 4, "Q6_K": 1}
+        assert all(guarded[f"blk.{i}.ffn_down.weight"] == Q.Q4_1 for i in range(4))
     if dtype == "q4_k_m":
+        assert tensor_types(_llama_7b(), dtype, 32, imatrix=True) == types
         six = sorted(int(n.split(".")[1]) for n, t in types.items() if "attn_v" in n and t == Q.Q6_K)
         assert six == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
         assert types["output.weight"] == Q.Q6_K and types["token_embd.weight"] == Q.Q4_K
