@@ -134,56 +134,79 @@ def _run(cmd: list, log: Path) -> None:
         subprocess.run([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, check=True)
 
 
+FILES = ["q4_k_m", "q4_k_m-imatrix", "llamacpp-Q4_K_M", "llamacpp-Q4_K_M-lorafit-imatrix",
+         "llamacpp-Q4_K_M-llamacpp-imatrix"]
+
+
+def make_files(folder: Path, run: Path, cfg, session, work: Path, binary: Path) -> None:
+    """lorafit's q4_k_m --imatrix, and llama-quantize's Q4_K_M with lorafit's matrix and with llama-imatrix's."""
+    ex = work / "exports"
+    imp = importance(folder, run, cfg, _folder_plans(folder))
+    if not (ex / "q4_k_m-imatrix.gguf").exists():
+        write_gguf(folder, ex / "q4_k_m-imatrix.gguf", "q4_k_m", template=_read_template(run), importance=imp)
+    write_llamacpp_imatrix(imp, work / "lorafit.imatrix.dat", SEQUENCES)
+    text = training_text(run, session, work / "train64.txt")
+    _run([binary / "llama-imatrix", "-m", ex / "f16.gguf", "-f", text, "-o", work / "llamacpp.imatrix.gguf",
+          "-c", "128", "-b", "128", "--no-ppl"], work / "llama-imatrix.log")
+    for name, matrix in (("lorafit-imatrix", "lorafit.imatrix.dat"), ("llamacpp-imatrix", "llamacpp.imatrix.gguf")):
+        _run([binary / "llama-quantize", "--imatrix", work / matrix, ex / "f32.gguf",
+              ex / f"llamacpp-Q4_K_M-{name}.gguf", "Q4_K_M"], work / f"quantize-{name}.log")
+
+
+def perplexities(held: HeldOut, ex: Path, results: dict, out: Path) -> None:
+    """Held-out perplexity of each file, of one tensor group at a time, and of the Q5_0 tensors held at Q8_0."""
+    ppl = results["perplexity"] = {}
+    print(f"\n{'weights':64} {'held-out ppl':>12} {'vs f16':>8}", flush=True)
+
+    def record(label: str, value: float) -> None:
+        ppl[label] = value
+        print(f"{label:64} {value:12.4f} {100 * (value / ppl['f16'] - 1):+7.2f}%", flush=True)
+        out.write_text(json.dumps(results, indent=2))
+
+    record("f16", held())
+    for name in FILES:
+        record(name, held(ex / f"{name}.gguf"))
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(ex / "q4_k_m.gguf").tensors}
+    for name in ("q4_k_m-imatrix", "q4_k_m"):
+        path = ex / f"{name}.gguf"
+        record(f"{name}, Q5_0 tensors at Q8_0 (not llama.cpp's mix)",
+               held(path, only=lambda n: types[n] != Q.Q5_0, replace=lambda n: types[n] == Q.Q5_0))
+        for label, keys in GROUPS.items():
+            record(f"{name}: only {label}", held(path, only=lambda n, k=keys: any(s in n for s in k)))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--bin", type=Path, required=True)
     args = p.parse_args()
-    ex, run = args.work / "exports", args.run
+    ex, run, out = args.work / "exports", args.run, args.work / "imatrix_results.json"
     cfg = load_run_config(run)
     session = load_session(run, load_run_config(run, {"temperature": 0}))
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         folder = merge_to_folder(run, Path(tmp) / "merged", cfg)
-        imp = importance(folder, run, cfg, _folder_plans(folder))
-        if not (ex / "q4_k_m-imatrix.gguf").exists():
-            write_gguf(folder, ex / "q4_k_m-imatrix.gguf", "q4_k_m", template=_read_template(run), importance=imp)
-        write_llamacpp_imatrix(imp, args.work / "lorafit.imatrix.dat", SEQUENCES)
-        text = training_text(run, session, args.work / "train64.txt")
-        _run([args.bin / "llama-imatrix", "-m", ex / "f16.gguf", "-f", text, "-o", args.work / "llamacpp.imatrix.gguf",
-              "-c", "128", "-b", "128", "--no-ppl"], args.work / "llama-imatrix.log")
-        for name, matrix in (("lorafit-imatrix", "lorafit.imatrix.dat"), ("llamacpp-imatrix", "llamacpp.imatrix.gguf")):
-            _run([args.bin / "llama-quantize", "--imatrix", args.work / matrix, ex / "f32.gguf",
-                  ex / f"llamacpp-Q4_K_M-{name}.gguf", "Q4_K_M"], args.work / f"quantize-{name}.log")
+        make_files(folder, run, cfg, session, args.work, args.bin)
         results = {"same_blocks": {
             "plain": same_blocks(ex / "q4_k_m.gguf", ex / "llamacpp-Q4_K_M.gguf", ex / "f32.gguf"),
             "imatrix": same_blocks(ex / "q4_k_m-imatrix.gguf", ex / "llamacpp-Q4_K_M-lorafit-imatrix.gguf",
                                    ex / "f32.gguf")}}
-        held = HeldOut(folder, run, cfg)
-        files = ["q4_k_m", "q4_k_m-imatrix", "llamacpp-Q4_K_M", "llamacpp-Q4_K_M-lorafit-imatrix",
-                 "llamacpp-Q4_K_M-llamacpp-imatrix"]
-        ppl = {"f16": held()}
-        for name in files:
-            ppl[name] = held(ex / f"{name}.gguf")
-        types = {t.name: t.tensor_type for t in gguf.GGUFReader(ex / "q4_k_m.gguf").tensors}
-        for label, keys in GROUPS.items():
-            for name in ("q4_k_m", "q4_k_m-imatrix"):
-                ppl[f"{name}: only {label}"] = held(ex / f"{name}.gguf", only=lambda n, k=keys: any(s in n for s in k))
-        for name in ("q4_k_m", "q4_k_m-imatrix"):
-            ppl[f"{name}, Q5_0 tensors at Q8_0 (not llama.cpp's mix)"] = held(
-                ex / f"{name}.gguf", only=lambda n: types[n] != Q.Q5_0, replace=lambda n: types[n] == Q.Q5_0)
+        _print_blocks(results["same_blocks"])
+        perplexities(HeldOut(folder, run, cfg), ex, results, out)
     held_out = held_out_text(run, session, args.work / "held_out.txt")
-    results["perplexity"] = ppl
-    results["llama_perplexity"] = {n: perplexity(args.bin, ex / f"{n}.gguf", held_out) for n in ["f16", *files]}
-    (args.work / "imatrix_results.json").write_text(json.dumps(results, indent=2))
-    for kind, rows in results["same_blocks"].items():
+    results["llama_perplexity"] = {n: perplexity(args.bin, ex / f"{n}.gguf", held_out) for n in ["f16", *FILES]}
+    out.write_text(json.dumps(results, indent=2))
+    print("\nllama-perplexity (held-out text):")
+    for name, v in results["llama_perplexity"].items():
+        print(f"{name:40} {v or float('nan'):10.4f}")
+
+
+def _print_blocks(same: dict) -> None:
+    for kind, rows in same.items():
         for t, r in rows.items():
             print(f"{kind:8} {t:5} {r['tensors']:4d} tensors  identical blocks {100 * r['same_blocks']:6.2f}%  rel RMS "
-                  f"lorafit {100 * r['lorafit_rel_rmse']:.3f}%  llama-quantize {100 * r['llamacpp_rel_rmse']:.3f}%")
-    print(f"\n{'weights':64} {'held-out ppl':>12} {'vs f16':>8}")
-    for name, v in ppl.items():
-        print(f"{name:64} {v:12.4f} {100 * (v / ppl['f16'] - 1):+7.2f}%")
-    print("\nllama-perplexity:", {n: v for n, v in results["llama_perplexity"].items()})
+                  f"lorafit {100 * r['lorafit_rel_rmse']:.3f}%  llama-quantize {100 * r['llamacpp_rel_rmse']:.3f}%",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -56,8 +56,9 @@ def quantize(t: torch.Tensor, qtype, importance: torch.Tensor | None = None) -> 
     w = None
     if importance is not None:
         w = importance.float().to(x.device).reshape(1, cols // QK_K, QK_K).expand(rows, -1, -1).reshape(-1, QK_K)
-    trials = 22 if importance is None else 38  # Q4_K's searches: 1 + 21 trial scales, or 1 + 37
-    step = max(1, CHUNK_ELEMENTS.get(x.device.type, 1 << 21) // (QK_K * trials))  # super-blocks per chunk
+    # Q6_K's search holds a (sub-blocks, 19 trials, 16) temporary; Q4_K/Q5_K's runs its trials one by one
+    per_block = QK_K * (19 if qtype == Q.Q6_K else 2)
+    step = max(1, CHUNK_ELEMENTS.get(x.device.type, 1 << 21) // per_block)  # super-blocks per chunk
     parts = []
     for start in range(0, x.shape[0], step):
         xb = x[start:start + step]

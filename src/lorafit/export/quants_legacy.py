@@ -31,7 +31,8 @@ def quantize(t: torch.Tensor, name: str, importance: torch.Tensor) -> np.ndarray
         raise ValueError(f"{name} needs rows of a multiple of {QK} weights, got {cols}")
     x = t.float()
     qw = importance.float().to(x.device).reshape(1, cols)
-    step = max(1, CHUNK_ELEMENTS.get(x.device.type, 1 << 21) // (cols * 38))  # rows per chunk (<= 38 trials)
+    # the symmetric search holds a (blocks, 19 trials, 32) temporary; the one with a min runs its trials one by one
+    step = max(1, CHUNK_ELEMENTS.get(x.device.type, 1 << 21) // (cols * (2 if TYPES[name][1] else 19)))  # rows
     parts = []
     for start in range(0, rows, step):
         xr = x[start:start + step]
