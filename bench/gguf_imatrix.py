@@ -163,16 +163,19 @@ def perplexities(held: HeldOut, ex: Path, results: dict, out: Path) -> None:
         print(f"{label:64} {value:12.4f} {100 * (value / ppl['f16'] - 1):+7.2f}%", flush=True)
         out.write_text(json.dumps(results, indent=2))
 
-    record("f16", held())
-    for name in FILES:
-        record(name, held(ex / f"{name}.gguf"))
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(ex / "q4_k_m.gguf").tensors}
+    record("f16", held())
+    # most telling first: on a slow machine the later lines can be left out (each result is written as it comes)
+    for name in FILES[:2] + FILES[-1:]:
+        record(name, held(ex / f"{name}.gguf"))
     for name in ("q4_k_m-imatrix", "q4_k_m"):
         path = ex / f"{name}.gguf"
         record(f"{name}, Q5_0 tensors at Q8_0 (not llama.cpp's mix)",
                held(path, only=lambda n: types[n] != Q.Q5_0, replace=lambda n: types[n] == Q.Q5_0))
         for label, keys in GROUPS.items():
             record(f"{name}: only {label}", held(path, only=lambda n, k=keys: any(s in n for s in k)))
+    for name in FILES[2:-1]:
+        record(name, held(ex / f"{name}.gguf"))
 
 
 def main() -> None:
@@ -192,13 +195,13 @@ def main() -> None:
             "imatrix": same_blocks(ex / "q4_k_m-imatrix.gguf", ex / "llamacpp-Q4_K_M-lorafit-imatrix.gguf",
                                    ex / "f32.gguf")}}
         _print_blocks(results["same_blocks"])
+        held_out = held_out_text(run, session, args.work / "held_out.txt")
+        results["llama_perplexity"] = {n: perplexity(args.bin, ex / f"{n}.gguf", held_out) for n in ["f16", *FILES]}
+        out.write_text(json.dumps(results, indent=2))
+        print("\nllama-perplexity (held-out text):")
+        for name, v in results["llama_perplexity"].items():
+            print(f"{name:40} {v or float('nan'):10.4f}", flush=True)
         perplexities(HeldOut(folder, run, cfg), ex, results, out)
-    held_out = held_out_text(run, session, args.work / "held_out.txt")
-    results["llama_perplexity"] = {n: perplexity(args.bin, ex / f"{n}.gguf", held_out) for n in ["f16", *FILES]}
-    out.write_text(json.dumps(results, indent=2))
-    print("\nllama-perplexity (held-out text):")
-    for name, v in results["llama_perplexity"].items():
-        print(f"{name:40} {v or float('nan'):10.4f}")
 
 
 def _print_blocks(same: dict) -> None:
