@@ -39,6 +39,9 @@ for kind in Q4_K_M Q6_K; do  # llama.cpp's own quantizer, from the same f32 weig
     "$BIN/llama-quantize" "$WORK/exports/f32.gguf" "$WORK/exports/llamacpp-$kind.gguf" "$kind"
 done
 if [ ! -f "$WORK/exports/converted-f16.gguf" ]; then
+  # convert_hf_to_gguf.py imports sentencepiece before it looks for a tokenizer.model (its requirements.txt has it)
+  "$PY" -c "import sentencepiece" 2>/dev/null ||
+    { echo "llama.cpp's convert_hf_to_gguf.py needs sentencepiece: $PY -m pip install sentencepiece" >&2; exit 2; }
   rm -rf "$WORK/merged"
   "$PY" -m lorafit merge --adapter_path "$RUN" --output_dir "$WORK/merged"
   "$PY" "$SRC/convert_hf_to_gguf.py" "$WORK/merged" --outtype f16 --outfile "$WORK/exports/converted-f16.gguf"

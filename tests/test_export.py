@@ -465,3 +465,26 @@ def test_smollm2_exports_and_answers_the_same(tmp_path):
         answers.append((ids.tolist(), tok.decode(out[0, ids.shape[1]:])))
     assert answers[0] == answers[1]
     assert "Paris" in answers[1][1]
+
+
+def test_importance_reaches_the_fallback_types(tiny_model_dir, tmp_path):
+    """With an importance matrix the 32-weight fallback types (Q5_0 here) are searched with it too, as
+    llama-quantize --imatrix does; Q8_0 ignores it, as llama.cpp's does."""
+    import gguf
+
+    from lorafit.export.gguf import _folder_plans, write_gguf
+
+    folder = tiny_model_dir("qwen2")
+    g = torch.Generator().manual_seed(0)
+    imp = {p.name: torch.rand(p.shape[-1], generator=g) ** 4 * 100 for p in _folder_plans(folder) if len(p.shape) == 2}
+    tensors = {}
+    for name, weights in (("plain", None), ("imatrix", imp)):
+        path = tmp_path / f"{name}.gguf"
+        write_gguf(folder, path, "q4_k_m", importance=weights)
+        tensors[name] = {t.name: (t.tensor_type, bytes(t.data)) for t in gguf.GGUFReader(path).tensors}
+    Q = gguf.GGMLQuantizationType
+    for name, (qtype, data) in tensors["plain"].items():
+        if qtype in (Q.Q5_0, Q.Q4_K, Q.Q6_K):
+            assert tensors["imatrix"][name][1] != data, name
+        elif qtype == Q.Q8_0:
+            assert tensors["imatrix"][name][1] == data, name

@@ -175,7 +175,7 @@ def cmd_export(argv: list[str]) -> int:
     p.add_argument("--skip_perplexity", action="store_true",
                    help="for a quantized dtype, skip the held-out perplexity check (per-tensor errors still shown)")
     p.add_argument("--imatrix", action="store_true",
-                   help="weigh k-quant rounding by importance from the run's training data (mean squared activations)")
+                   help="weigh the rounding by importance from the run's training data (mean squared activations)")
     args, rest = p.parse_known_args(argv)
     from lorafit.export.gguf import export_gguf
 

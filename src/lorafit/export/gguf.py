@@ -42,7 +42,7 @@ Q8_TOLERANCE_STEPS = 0.57
 # Largest relative RMS error (||dequantized - original|| / ||original||) a tensor may read back with; far above
 # what the quantizers reach (gaussian weights: Q4_0 8.6%, Q4_K 7.2%, Q5_0 4.3%, Q5_K 3.6%, Q6_K 1.8%; LLM tensors
 # with outliers a few points more), far below what a wrong block layout gives (~100%). Above it: a lorafit bug.
-MAX_REL_RMSE = {"Q4_0": 0.3, "Q4_K": 0.3, "Q5_0": 0.15, "Q5_1": 0.15, "Q5_K": 0.15, "Q6_K": 0.08}
+MAX_REL_RMSE = {"Q4_0": 0.3, "Q4_1": 0.3, "Q4_K": 0.3, "Q5_0": 0.15, "Q5_1": 0.15, "Q5_K": 0.15, "Q6_K": 0.08}
 _EXACT = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # GGMLQuantizationType F32, F16, BF16 values
 
 
@@ -50,7 +50,7 @@ def export_gguf(path: Path, output: Path, dtype: str = "f16", overrides: dict[st
                 overwrite: bool = False, perplexity: bool = True, imatrix: bool = False) -> Path:
     """Write `output` (.gguf) and its Modelfile from a run directory (merged first) or a merged folder; for a
     quantized dtype also `output`.quant.json/.md: per-tensor error and (for a run) held-out perplexity vs f16.
-    `imatrix`: weigh the k-quant scale search by importance from the run's training data (imatrix.py)."""
+    `imatrix`: weigh the quantizers' scale searches by importance from the run's training data (imatrix.py)."""
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -103,7 +103,7 @@ def write_gguf(folder: Path, output: Path, dtype: str = "f16", template: dict | 
 
     `template` is a run's template.json (its chat template goes into the file); `params` are Ollama
     `PARAMETER`s (temperature, top_p, ...); `source` names the model in `general.description`; `importance`
-    holds per-column weights for the k-quant scale search, by GGUF tensor name.
+    holds per-column weights for the quantizers' scale searches, by GGUF tensor name.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -116,7 +116,7 @@ def write_gguf(folder: Path, output: Path, dtype: str = "f16", template: dict | 
     spec = arch_for(config)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     plans = tensor_plans(config, spec, folder_shapes(folder))
-    types = tensor_types([(p.name, p.shape) for p in plans], dtype, config.num_hidden_layers)
+    types = tensor_types([(p.name, p.shape) for p in plans], dtype, config.num_hidden_layers, bool(importance))
     tmp = new_temp_file(output)
     try:
         writer = _new_writer(spec.gguf_arch, source or folder.name, output, dtype)
@@ -126,7 +126,7 @@ def write_gguf(folder: Path, output: Path, dtype: str = "f16", template: dict | 
         if fmt.jinja:
             writer.add_chat_template(fmt.jinja)
         _write_tensors(writer, tmp, folder, plans, types, console, importance or {})
-        errors = verify_gguf(tmp, folder, dtype, plans)
+        errors = verify_gguf(tmp, folder, dtype, plans, imatrix=bool(importance))
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
@@ -141,7 +141,8 @@ def write_gguf(folder: Path, output: Path, dtype: str = "f16", template: dict | 
     return errors
 
 
-def verify_gguf(gguf_path: Path, folder: Path, dtype: str, plans: list[TensorPlan] | None = None) -> list[dict]:
+def verify_gguf(gguf_path: Path, folder: Path, dtype: str, plans: list[TensorPlan] | None = None,
+                imatrix: bool = False) -> list[dict]:
     """Read the file back and compare every tensor with the folder's (same layout change, same cast).
 
     Bit-exact for f32/f16/bf16; q8_0 within 0.57 quantization steps of each block (Q8_TOLERANCE_STEPS); other
@@ -155,7 +156,7 @@ def verify_gguf(gguf_path: Path, folder: Path, dtype: str, plans: list[TensorPla
     config = AutoConfig.from_pretrained(folder)
     if plans is None:
         plans = tensor_plans(config, arch_for(config), folder_shapes(folder))
-    types = tensor_types([(p.name, p.shape) for p in plans], dtype, config.num_hidden_layers)
+    types = tensor_types([(p.name, p.shape) for p in plans], dtype, config.num_hidden_layers, imatrix)
     reader = gguf.GGUFReader(gguf_path)
     stored = {t.name: t for t in reader.tensors}
     if set(stored) != {p.name for p in plans}:
@@ -315,7 +316,7 @@ def _write_tensors(writer: Any, tmp: Path, folder: Path, plans: list[TensorPlan]
             for plan, t in _sources(folder, plans):
                 qtype = types[plan.name]
                 progress.update(task, description=f"{plan.name} ({qtype.name})")
-                if qtype.name.endswith("_K"):
+                if qtype.name.endswith("_K") or plan.name in importance:
                     data = quants.quantize(t.to(device), qtype, importance.get(plan.name))
                 else:
                     data = _cast(t, qtype)

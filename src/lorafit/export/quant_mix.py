@@ -8,6 +8,8 @@ so a lorafit q4_k_m file has the same per-tensor types as one made by `llama-qua
   fallbacks       a row that is not a multiple of a type's block cannot hold it: Q4_K -> Q5_0, Q5_K -> Q5_1,
                   Q6_K -> Q8_0 (a 32-weight block), and F16 when not even 32 divides the row.
   1-D tensors     norms, biases and rope_freqs stay F32 (llama.cpp adds them in f32).
+  with imatrix    q4_0's ffn_down on the first eighth of the layers gets Q4_1 (llama.cpp guards those layers so
+                  only when an importance matrix is given, so a plain q4_0 stays what it always was).
 """
 from __future__ import annotations
 
@@ -34,8 +36,10 @@ def more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def tensor_types(tensors: Iterable[tuple[str, tuple[int, ...]]], dtype: str, n_layer: int) -> dict[str, object]:
-    """{GGUF tensor name: GGMLQuantizationType} for (name, PyTorch shape) pairs in file order."""
+def tensor_types(tensors: Iterable[tuple[str, tuple[int, ...]]], dtype: str, n_layer: int,
+                 imatrix: bool = False) -> dict[str, object]:
+    """{GGUF tensor name: GGMLQuantizationType} for (name, PyTorch shape) pairs in file order; `imatrix`: the
+    mix `llama-quantize --imatrix` picks."""
     import gguf
 
     Q = gguf.GGMLQuantizationType
@@ -69,6 +73,8 @@ def tensor_types(tensors: Iterable[tuple[str, tuple[int, ...]]], dtype: str, n_l
                 kind = "Q6_K"
             elif dtype == "q4_k_s" and i_down < n_layer // 8:
                 kind = "Q5_K"
+            elif dtype == "q4_0" and imatrix and i_down < n_layer // 8:
+                kind = "Q4_1"
             i_down += 1
         out[name] = _fit(getattr(Q, kind), cols)
     return out

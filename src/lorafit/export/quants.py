@@ -2,15 +2,17 @@
 
 The `gguf` package dequantizes k-quants but cannot make them, and llama.cpp's quantizer is C that a user
 would have to build. These are vectorized over all blocks of a tensor at once, on the GPU when there is one,
-so a 7B model quantizes in minutes (bench/quant_speed.py). The 32-weight block types (Q4_0, Q5_0, Q5_1, Q8_0)
-come from the `gguf` package, which already matches llama.cpp's reference quantizers bit for bit.
+so a 7B model quantizes in minutes (bench/quant_speed.py). The 32-weight block types (Q4_0, Q4_1, Q5_0, Q5_1,
+Q8_0) come from the `gguf` package, which matches llama.cpp's reference quantizers bit for bit; with an
+importance matrix they come from quants_legacy.py, as llama.cpp then runs a weighted search for them too.
 
-The scale searches follow llama.cpp's reference quantizers (what `llama-quantize` runs without an importance
-matrix): per 32-weight sub-block a weighted least-squares fit of scale and min over a grid of trial scales
-(Q4_K, Q5_K), per 16-weight sub-block a weighted search of symmetric scales (Q6_K); then the sub-block scales
-are themselves quantized (6 bits against one f16 super-block scale for Q4_K/Q5_K, 8 bits for Q6_K) and the
-weights re-rounded against the stored scales. With an importance matrix (`importance`, one weight per input
-column), every error is weighted by it as well.
+Without an importance matrix the scale searches follow llama.cpp's reference quantizers: per 32-weight
+sub-block a weighted least-squares fit of scale and min over a grid of trial scales (Q4_K, Q5_K), per
+16-weight sub-block a weighted search of symmetric scales (Q6_K); then the sub-block scales are themselves
+quantized (6 bits against one f16 super-block scale for Q4_K/Q5_K, 8 bits for Q6_K) and the weights re-rounded
+against the stored scales. With one (`importance`, one weight per input column) they follow llama.cpp's
+`quantize_row_q*_K_impl`: the errors are weighted by importance * sqrt(sigma^2 + x^2) (Q4_K/Q5_K; Q6_K by the
+importance alone), over a finer grid of trial scales, and the sub-block scales get a weighted search too.
 
   quantize(t, qtype, importance=None)   float tensor (rows, cols) -> uint8 array (rows, bytes per row)
 """
@@ -19,13 +21,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lorafit.export import quants_legacy
+from lorafit.export.quant_search import (
+    CHUNK_ELEMENTS,
+    GROUP_MAX_EPS,
+    f16,
+    f16_bytes,
+    fit_min_scale,
+    positive_scale,
+    round_clamp,
+    symmetric_scale,
+)
+
 QK_K = 256  # weights per k-quant super-block
-GROUP_MAX_EPS = 1e-15  # llama.cpp treats a group with max |w| below this as all zero
-# Float32 elements of the largest temporary, the (sub-blocks, trial scales, weights) tensor of one chunk: a few
-# MiB stays in a CPU's cache; on a GPU fewer, larger chunks keep the kernels busy (~2 GiB per temporary).
-CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 29}
-# (nmax, rmin, rdelta, nstep) of llama.cpp's reference min/scale search for each type.
+# (nmax, rmin, rdelta, nstep) of llama.cpp's reference min/scale search for each type, and of its search with an
+# importance matrix (quantize_row_q4_K_impl / q5_K_impl: 37 trials from nmax - 0.9 in steps of 0.05).
 SEARCH = {"Q4_K": (15, -1.0, 0.1, 20), "Q5_K": (31, -0.5, 0.1, 15)}
+IMATRIX_SEARCH = (-0.9, 0.05, 36)
 
 
 def quantize(t: torch.Tensor, qtype, importance: torch.Tensor | None = None) -> np.ndarray:
@@ -34,7 +46,9 @@ def quantize(t: torch.Tensor, qtype, importance: torch.Tensor | None = None) -> 
 
     Q = gguf.GGMLQuantizationType
     if qtype not in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
-        return gguf.quants.quantize(t.float().cpu().numpy(), qtype)
+        if importance is not None and qtype.name in quants_legacy.TYPES:
+            return quants_legacy.quantize(t, qtype.name, importance)
+        return gguf.quants.quantize(t.float().cpu().numpy(), qtype)  # Q8_0 ignores importance, as llama.cpp's
     rows, cols = t.shape
     if cols % QK_K:
         raise ValueError(f"{qtype.name} needs rows of a multiple of {QK_K} weights, got {cols}")
@@ -42,7 +56,9 @@ def quantize(t: torch.Tensor, qtype, importance: torch.Tensor | None = None) -> 
     w = None
     if importance is not None:
         w = importance.float().to(x.device).reshape(1, cols // QK_K, QK_K).expand(rows, -1, -1).reshape(-1, QK_K)
-    step = max(1, CHUNK_ELEMENTS.get(x.device.type, 1 << 21) // (QK_K * 22))  # super-blocks per chunk
+    # Q6_K's search holds a (sub-blocks, 19 trials, 16) temporary; Q4_K/Q5_K's runs its trials one by one
+    per_block = QK_K * (19 if qtype == Q.Q6_K else 2)
+    step = max(1, CHUNK_ELEMENTS.get(x.device.type, 1 << 21) // per_block)  # super-blocks per chunk
     parts = []
     for start in range(0, x.shape[0], step):
         xb = x[start:start + step]
@@ -50,60 +66,6 @@ def quantize(t: torch.Tensor, qtype, importance: torch.Tensor | None = None) -> 
         blocks = _q6_k(xb, wb) if qtype == Q.Q6_K else _q45_k(xb, wb, qtype.name)
         parts.append(blocks.cpu())
     return torch.cat(parts).numpy().reshape(rows, -1)
-
-
-def _f16(t: torch.Tensor) -> torch.Tensor:
-    """What a stored f16 scale reads back as."""
-    return t.to(torch.float16).float()
-
-
-def _f16_bytes(t: torch.Tensor) -> torch.Tensor:
-    """(n,) float -> (n, 2) uint8, little endian (GGUF's and every llama.cpp host's byte order)."""
-    return t.to(torch.float16).reshape(-1, 1).contiguous().view(torch.uint8)
-
-
-def _round_clamp(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    return torch.round(v).clamp_(lo, hi)  # torch rounds half to even, as llama.cpp's nearest_int does
-
-
-def _fit_min_scale(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
-                   nstep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of `x` (n, 32): scale and min (x ~ scale * L - min, L in 0..nmax) minimizing sum w * err^2.
-
-    Each trial scale rounds L once; the best scale and min for that L are then the weighted least-squares
-    solution (2x2 normal equations), with the min clamped to <= 0 as the format stores a subtracted min. All
-    trials run at once, as a (n, trials, 32) tensor whose weighted sums are batched matmuls.
-    """
-    lo = x.amin(-1).clamp(max=0)
-    rng = x.amax(-1) - lo
-    flat = rng == 0
-    rng = torch.where(flat, torch.ones_like(rng), rng)
-    wx = w * x
-    sw, sx, sxx = w.sum(-1), wx.sum(-1), (wx * x).sum(-1)
-    xs = x - lo[:, None]
-    steps = np.float32(rmin) + np.float32(rdelta) * np.arange(nstep + 1, dtype=np.float32) + np.float32(nmax)
-    trials = torch.tensor(np.concatenate([[np.float32(nmax)], steps]), device=x.device)  # (T,) first: plain max-min
-    L = _round_clamp(xs[:, None, :] * (trials[None, :, None] / rng[:, None, None]), 0, nmax)  # (n, T, 32)
-    sl = torch.einsum("ntk,nk->nt", L, w)
-    sl2 = torch.einsum("ntk,nk->nt", L * L, w)
-    sxl = torch.einsum("ntk,nk->nt", L, wx)
-    sw, sx, sxx = sw[:, None], sx[:, None], sxx[:, None]
-    D = sw * sl2 - sl * sl
-    s = (sw * sxl - sx * sl) / D
-    m = (sl2 * sx - sl * sxl) / D
-    pos = m > 0
-    s = torch.where(pos, sxl / sl2, s)
-    m = torch.where(pos, torch.zeros_like(m), m)
-    s[:, 0], m[:, 0] = rng / nmax, lo  # trial 0 keeps the max-min scale and min themselves, as llama.cpp starts
-    # sum w (s L + m - x)^2 expanded into the sums above, so no pass over the weights per trial
-    err = s * s * sl2 + 2 * s * m * sl + m * m * sw - 2 * s * sxl - 2 * m * sx + sxx
-    ok = D > 0
-    ok[:, 0] = True
-    err = torch.where(ok & torch.isfinite(err), err, torch.full_like(err, float("inf")))
-    best = err.argmin(-1, keepdim=True)  # the first of equal errors, as llama.cpp's strict `<` keeps
-    scale, the_min = s.gather(-1, best).squeeze(-1), m.gather(-1, best).squeeze(-1)
-    scale = torch.where(flat, torch.zeros_like(scale), scale)
-    return scale, -the_min
 
 
 def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
@@ -119,25 +81,35 @@ def _q45_k(x: torch.Tensor, qw: torch.Tensor | None, name: str) -> torch.Tensor:
     nmax, rmin, rdelta, nstep = SEARCH[name]
     nb = x.shape[0]
     sub = x.reshape(-1, 32)  # (nb*8, 32)
-    # llama.cpp weights each error by |w| plus the sub-block's RMS: large weights matter more, none is ignored.
-    w = sub.pow(2).mean(-1, keepdim=True).sqrt() + sub.abs()
-    if qw is not None:
-        w = w * qw.reshape(-1, 32)
-    scale, mins = _fit_min_scale(sub, w, nmax, rmin, rdelta, nstep)
+    if qw is None:
+        # llama.cpp weights each error by |w| plus the sub-block's RMS: large weights matter more, none is ignored.
+        w = sub.pow(2).mean(-1, keepdim=True).sqrt() + sub.abs()
+    else:
+        rmin, rdelta, nstep = IMATRIX_SEARCH
+        sigma2 = 2 * x.pow(2).sum(-1, keepdim=True) / QK_K  # llama.cpp's 2 * mean x^2 of the super-block
+        w = (qw * torch.sqrt(sigma2 + x * x)).reshape(-1, 32)
+    scale, mins, _ = fit_min_scale(sub, w, nmax, rmin, rdelta, nstep)
+    # a negative least-squares scale (rare) would wrap around in llama.cpp's uint8 sub-scale; 0 is what it means
     scale, mins = scale.reshape(nb, 8).clamp(min=0), mins.reshape(nb, 8)
-    max_scale, max_min = scale.amax(-1), mins.amax(-1)
-    inv_s = torch.where(max_scale > 0, 63 / max_scale, torch.zeros_like(max_scale))
-    inv_m = torch.where(max_min > 0, 63 / max_min, torch.zeros_like(max_min))
-    ls = _round_clamp(inv_s[:, None] * scale, 0, 63)
-    lm = _round_clamp(inv_m[:, None] * mins, 0, 63)
-    d, dmin = _f16(max_scale / 63), _f16(max_min / 63)
+    if qw is None:
+        max_scale, max_min = scale.amax(-1), mins.amax(-1)
+        inv_s = torch.where(max_scale > 0, 63 / max_scale, torch.zeros_like(max_scale))
+        inv_m = torch.where(max_min > 0, 63 / max_min, torch.zeros_like(max_min))
+        ls = round_clamp(inv_s[:, None] * scale, 0, 63)
+        lm = round_clamp(inv_m[:, None] * mins, 0, 63)
+        d_block, m_block = max_scale / 63, max_min / 63
+    else:  # make_qp_quants, each sub-block weighted by its summed error weights
+        sw = w.sum(-1).reshape(nb, 8)
+        d_block, ls = positive_scale(scale, sw, 63)
+        m_block, lm = positive_scale(mins, sw, 63)
+    d, dmin = f16(d_block), f16(m_block)
     dsub, msub = d[:, None] * ls, dmin[:, None] * lm  # (nb, 8): what the file's scales read back as
     xr = x.reshape(nb, 8, 32)
     safe = torch.where(dsub > 0, dsub, torch.ones_like(dsub))
-    L = _round_clamp((xr + msub[..., None]) / safe[..., None], 0, nmax)
+    L = round_clamp((xr + msub[..., None]) / safe[..., None], 0, nmax)
     L = torch.where((dsub > 0)[..., None], L, torch.zeros_like(L)).to(torch.uint8).reshape(nb, 4, 2, 32)
     scales = _pack_scales_k4(ls.to(torch.uint8), lm.to(torch.uint8))
-    head = [_f16_bytes(max_scale / 63), _f16_bytes(max_min / 63), scales]
+    head = [f16_bytes(d_block), f16_bytes(m_block), scales]
     low = L & 15
     qs = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(nb, 128)  # 64-weight chunks: weight l and l+32 share a byte
     if name == "Q4_K":
@@ -147,34 +119,13 @@ def _q45_k(x: torch.Tensor, qw: torch.Tensor | None, name: str) -> torch.Tensor:
     return torch.cat(head + [qh, qs], dim=1)
 
 
-def _symmetric_scale(x: torch.Tensor, w: torch.Tensor, nmax: int) -> torch.Tensor:
-    """Per row of `x` (n, 16): the scale s (x ~ s * L, L in -nmax..nmax-1) with the lowest weighted error
-    over 19 trial roundings around nmax / max; the extreme weight keeps its sign so it maps to -nmax."""
-    idx = x.abs().argmax(-1, keepdim=True)
-    mx = x.gather(-1, idx).squeeze(-1)
-    zero = mx.abs() < GROUP_MAX_EPS
-    mx = torch.where(zero, torch.ones_like(mx), mx)
-    order = [0, *range(-9, 0), *range(1, 10)]  # llama.cpp's order: ties go to the earliest
-    trials = torch.tensor([np.float32(nmax) + np.float32(0.1) * np.float32(i) for i in order], device=x.device)
-    L = _round_clamp(x[:, None, :] * (-trials[None, :, None] / mx[:, None, None]), -nmax, nmax - 1)  # (n, T, 16)
-    sumlx = torch.einsum("ntk,nk->nt", L, w * x)
-    suml2 = torch.einsum("ntk,nk->nt", L * L, w)
-    has = suml2 > 0
-    # the weighted least-squares scale for L is sumlx / suml2, and its error falls as sumlx^2 / suml2 grows
-    gain = torch.where(has, sumlx * sumlx / torch.where(has, suml2, torch.ones_like(suml2)), -torch.inf)
-    gain[:, 0] = torch.where(has[:, 0], gain[:, 0], torch.zeros_like(gain[:, 0]))
-    best = gain.argmax(-1, keepdim=True)
-    lx, l2 = sumlx.gather(-1, best).squeeze(-1), suml2.gather(-1, best).squeeze(-1)
-    scale = torch.where(l2 > 0, lx / torch.where(l2 > 0, l2, torch.ones_like(l2)), torch.zeros_like(lx))
-    return torch.where(zero, torch.zeros_like(scale), scale)
-
-
 def _q6_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     """(nb, 256) -> Q6_K (210 bytes: ql[128], qh[64], int8 scales[16], d)."""
     nb = x.shape[0]
     sub = x.reshape(-1, 16)
-    w = sub * sub if qw is None else qw.reshape(-1, 16) * sub * sub  # llama.cpp weighs errors by x^2 here
-    scales = _symmetric_scale(sub, w, 32).reshape(nb, 16)
+    # llama.cpp weighs errors by x^2 here, and by the importance alone with one (quantize_row_q6_K_impl)
+    w = sub * sub if qw is None else qw.reshape(-1, 16)
+    scales = symmetric_scale(sub, w, 32)[0].reshape(nb, 16)
     idx = scales.abs().argmax(-1, keepdim=True)
     max_scale = scales.gather(-1, idx).squeeze(-1)
     zero = max_scale.abs() < GROUP_MAX_EPS
@@ -183,9 +134,9 @@ def _q6_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     d = torch.where(zero, torch.zeros_like(iscale), 1 / iscale)
     sc = torch.round(iscale[:, None] * scales).clamp_(-128, 127)
     sc = torch.where(zero[:, None], torch.zeros_like(sc), sc)
-    dsub = _f16(d)[:, None] * sc  # (nb, 16)
+    dsub = f16(d)[:, None] * sc  # (nb, 16)
     safe = torch.where(dsub != 0, dsub, torch.ones_like(dsub))
-    L = _round_clamp(x.reshape(nb, 16, 16) / safe[..., None], -32, 31) + 32
+    L = round_clamp(x.reshape(nb, 16, 16) / safe[..., None], -32, 31) + 32
     L = torch.where((dsub != 0)[..., None], L, torch.full_like(L, 32))
     L = torch.where(zero[:, None, None], torch.zeros_like(L), L)  # llama.cpp zero-fills an all-zero block
     L = L.to(torch.uint8).reshape(nb, 2, 4, 32)  # 128-weight halves, 32-weight quarters
@@ -193,4 +144,4 @@ def _q6_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     ql = torch.cat([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], dim=2).reshape(nb, 128)
     shifts = torch.tensor([0, 2, 4, 6], device=x.device, dtype=torch.uint8).reshape(1, 1, 4, 1)
     qh = (high << shifts).sum(dim=2, dtype=torch.uint8).reshape(nb, 64)
-    return torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), _f16_bytes(d)], dim=1)
+    return torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), f16_bytes(d)], dim=1)
