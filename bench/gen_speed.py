@@ -4,8 +4,10 @@
 
 Runs eval's own batched path (generate.generate_batch, left-padded, KV cache) on the first `--prompts`
 held-out prompts of --dataset (default: the run's data), with no EOS so every system generates exactly
-prompts x max_new_tokens tokens. The three systems take turns in every repeat (base, unmerged, merged),
-so a busy shared machine slows them alike; the table shows the median seconds and the ratio to the base.
+prompts x max_new_tokens tokens. The base runs twice: as the plain transformers model (what a user of the base
+runs; the ratios are to it) and as the PeftModel with its adapter switched off (how eval scores the base). The four
+systems take turns in every repeat, so a busy shared machine slows them alike; the table shows the median seconds
+and the ratio to the plain base.
 Writes one JSON line per system to $OUT/gen_speed.jsonl when $OUT is set.
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main() -> None:
     overrides = {"dataset": args.dataset} if args.dataset else {}
     cfg = load_run_config(args.adapter_path, overrides | {"max_samples": args.prompts})
     examples, _ = eval_examples(Path(args.adapter_path), cfg)
+    plain = load_session(args.adapter_path, cfg, use_adapter=False)
     unmerged = load_session(args.adapter_path, cfg, merge=False)
     merged = load_session(args.adapter_path, cfg)
     prompts = [encode_prompt(unmerged.template, e.prompt, unmerged.tokenizer) for e in examples]
@@ -50,7 +53,8 @@ def main() -> None:
         assert all(r.completion_tokens == args.max_new_tokens for r in out)
         return seconds
 
-    systems = {"base": lambda: run(unmerged, True), "tuned, adapter unmerged": lambda: run(unmerged, False),
+    systems = {"base": lambda: run(plain, False), "base, adapter disabled": lambda: run(unmerged, True),
+               "tuned, adapter unmerged": lambda: run(unmerged, False),
                "tuned, merged in memory": lambda: run(merged, False)}
     for fn in systems.values():  # warm-up: first calls pay one-off allocation costs
         fn()
