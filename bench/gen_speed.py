@@ -65,12 +65,14 @@ def main() -> None:
     tokens = len(prompts) * args.max_new_tokens
     base = statistics.median(times["base"])
     rows = [{"system": k, "median_s": round(statistics.median(v), 3), "tokens": tokens,
-             "tokens_per_s": round(tokens / statistics.median(v), 1), "ratio_to_base": round(statistics.median(v) / base, 3),
+             "tokens_per_s": round(tokens / statistics.median(v), 1),
+             "ratio_to_base": round(statistics.median(v) / base, 3),
              "all_s": [round(x, 3) for x in v], "threads": torch.get_num_threads()} for k, v in times.items()]
     if os.environ.get("OUT"):
         with open(Path(os.environ["OUT"]) / "gen_speed.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    print(f"{len(prompts)} prompts x {args.max_new_tokens} tokens, {args.repeats} repeats, {torch.get_num_threads()} threads")
+    print(f"{len(prompts)} prompts x {args.max_new_tokens} tokens, {args.repeats} repeats, "
+          f"{torch.get_num_threads()} threads")
     print(f"{'system':<26}{'median s':>10}{'tok/s':>9}{'x base':>8}")
     for r in rows:
         print(f"{r['system']:<26}{r['median_s']:>10.2f}{r['tokens_per_s']:>9.1f}{r['ratio_to_base']:>8.2f}")

@@ -16,6 +16,8 @@ after another from several threads never interleaves two generations on one KV c
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -102,10 +104,6 @@ def run_template(run_dir: Path, cfg: Config) -> Template:
     template from that same system_prompt, so the two differ only when --system_prompt was given now
     ('' drops the trained one); the rest of the template (how prompts are rendered) stays the run's.
     """
-    import dataclasses
-    import logging
-
-
     template = Template.load(run_dir)
     if cfg.data.system_prompt != template.system_prompt:
         logging.getLogger("lorafit").info("system prompt: %r (trained with %r)", cfg.data.system_prompt,
