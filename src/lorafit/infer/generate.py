@@ -104,8 +104,6 @@ def run_template(run_dir: Path, cfg: Config) -> Template:
     template from that same system_prompt, so the two differ only when --system_prompt was given now
     ('' drops the trained one); the rest of the template (how prompts are rendered) stays the run's.
     """
-
-
     template = Template.load(run_dir)
     if cfg.data.system_prompt != template.system_prompt:
         logging.getLogger("lorafit").info("system prompt: %r (trained with %r)", cfg.data.system_prompt,
