@@ -29,8 +29,8 @@ try:
 except ImportError:  # a GPU image without it: the pure-Python wheel, carried as .whl-gguf/, imports from the zip
     sys.path[:0] = [str(w) for w in sorted((REPO / ".whl-gguf").glob("gguf-*.whl"))]
 
-from lorafit.export.quant_mix import QUANTIZED, tensor_types
-from lorafit.export.quants import quantize
+from lorafit.export.quant_mix import QUANTIZED, tensor_types  # noqa: E402  (after the path set-up above)
+from lorafit.export.quants import quantize  # noqa: E402
 
 HIDDEN, FFN, KV, VOCAB, LAYERS = 4096, 14336, 1024, 32000, 32
 
@@ -76,7 +76,8 @@ def main() -> None:
         del w, blocks
     total, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    summary = {"dtype": args.dtype, "device": gpu, "layers": args.layers, "shrink": args.shrink, "tensors": len(tensors),
+    summary = {"dtype": args.dtype, "device": gpu, "layers": args.layers, "shrink": args.shrink,
+               "tensors": len(tensors),
                "weights": sum(r["weights"] for r in rows), "seconds": round(total, 2), "cpu_seconds": round(cpu, 2),
                "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None}
     if os.environ.get("OUT"):
@@ -87,7 +88,8 @@ def main() -> None:
     for kind, (n, numel, seconds) in sorted(per_type.items()):
         print(f"{kind:6} {n:7d} {numel / 1e6:9.1f} {seconds:8.2f} {numel / 1e6 / max(seconds, 1e-9):10.1f}")
     print(f"total: {args.dtype} of {summary['weights'] / 1e6:,.1f}M weights ({args.layers} of {LAYERS} layers)"
-          f"{'' if args.shrink == 1 else f', sizes / {args.shrink}'} on {gpu}: {total:.1f} s ({cpu:.1f} s of CPU time)" + (f", peak {summary['peak_gib']} GiB" if summary["peak_gib"] else ""))
+          f"{'' if args.shrink == 1 else f', sizes / {args.shrink}'} on {gpu}: {total:.1f} s ({cpu:.1f} s of CPU time)"
+          + (f", peak {summary['peak_gib']} GiB" if summary["peak_gib"] else ""))
 
 
 if __name__ == "__main__":

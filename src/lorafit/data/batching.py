@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 # per token as the 8 x 384 rows of a packed micro-batch (measured: 21.9-25.3 s vs 23.3-23.6 s per 3,072 tokens,
 # hidden 576, one thread); SmolLM2-135M in float32 with LoRA dropout keeps ~2.5 MB a token for its backward, so the
 # issue's packed 8 x 384 run peaked at 12.1 GiB RSS with its micro-batch in one pass, 3.9 GiB at 1,024 tokens a pass
-# and 2.9 GiB at 512 (all 40 steps and validations: 3,066,072 kB maxrss). On a GPU, beyond ~8k tokens a pass is GPU-bound (bench: the host queues a 4x2048
-# step in 290 of 363 ms), so more only raises the peak.
+# and 2.9 GiB at 512 (all 40 steps and validations: 3,066,072 kB maxrss). On a GPU, beyond ~8k tokens a pass is
+# GPU-bound (bench: the host queues a 4x2048 step in 290 of 363 ms), so more only raises the peak.
 CPU_PASS_TOKENS = 512
 GPU_PASS_CAP = 16384
 _EVAL_GPU_TOKENS = 4096  # a loss-only pass holds its (T, vocab) float32 logits: 2 GiB at 128k vocabulary

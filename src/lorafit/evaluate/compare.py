@@ -45,7 +45,8 @@ def compare_perplexity(tuned: Sequence[tuple[float, int] | None], base: Sequence
     """tuned/base: per example (NLL sum over reply tokens, token count), None when it was not scored."""
     import numpy as np
 
-    rows = [i for i, (x, y) in enumerate(zip(tuned, base)) if x is not None and y is not None and x[1] and y[1]]
+    rows = [i for i, (x, y) in enumerate(zip(tuned, base, strict=True))
+            if x is not None and y is not None and x[1] and y[1]]
     if not rows:
         return {"n": 0}
     nt, ct = (np.asarray([tuned[i][k] for i in rows], dtype=np.float64) for k in (0, 1))
@@ -68,8 +69,8 @@ def _summary(diff: float, dist, tuned: list[float], base: list[float], higher_is
     import numpy as np
 
     low, high = (float(v) for v in np.percentile(dist, [2.5, 97.5]))
-    wins = int(sum(float(t) - float(b) > TIE for t, b in zip(tuned, base)))
-    losses = int(sum(float(b) - float(t) > TIE for t, b in zip(tuned, base)))
+    wins = int(sum(float(t) - float(b) > TIE for t, b in zip(tuned, base, strict=True)))
+    losses = int(sum(float(b) - float(t) > TIE for t, b in zip(tuned, base, strict=True)))
     if not (np.isfinite(low) and np.isfinite(high)):
         verdict = "not significant"
     elif low > 0 or high < 0:

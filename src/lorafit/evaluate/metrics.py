@@ -66,7 +66,8 @@ class Metric:
         rows = [i for i, r in enumerate(references) if not self.short_only or is_short_answer(r)]
         values: list[float | None] = [None] * len(references)
         if rows:
-            for i, v in zip(rows, self.example_fn([answers[i] for i in rows], [references[i] for i in rows])):
+            scores = self.example_fn([answers[i] for i in rows], [references[i] for i in rows])
+            for i, v in zip(rows, scores, strict=True):
                 values[i] = v
         scored = [v for v in values if v is not None]
         return Scored(round(sum(scored) / len(scored), 4) if scored else None, values)
@@ -133,18 +134,18 @@ def _chrf():
 
 
 def _exact_match(answers: list[str], references: list[str]) -> list[float]:
-    return [100.0 * (normalize(a) == normalize(r)) for a, r in zip(answers, references)]
+    return [100.0 * (normalize(a) == normalize(r)) for a, r in zip(answers, references, strict=True)]
 
 
 def _contains(answers: list[str], references: list[str]) -> list[float]:
-    return [100.0 * (normalize(r) in normalize(a)) for a, r in zip(answers, references)]
+    return [100.0 * (normalize(r) in normalize(a)) for a, r in zip(answers, references, strict=True)]
 
 
 def _rouge_l(answers: list[str], references: list[str]) -> list[float]:
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [round(100 * scorer.score(r, a)["rougeL"].fmeasure, 4) for a, r in zip(answers, references)]
+    return [round(100 * scorer.score(r, a)["rougeL"].fmeasure, 4) for a, r in zip(answers, references, strict=True)]
 
 
 def normalize(text: str) -> str:

@@ -80,7 +80,8 @@ def score_examples(model, examples: list, cfg: Config) -> dict[int, list[tuple[i
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             logps, _ = sequence_logps(model, batch, compute_dtype(cfg))  # SDPA wants the mask in the query's dtype
-            for kind, index, value in zip(batch["seq_kind"].tolist(), batch["seq_example"].tolist(), logps.tolist()):
+            kinds, indices = batch["seq_kind"].tolist(), batch["seq_example"].tolist()
+            for kind, index, value in zip(kinds, indices, logps.tolist(), strict=True):
                 out.setdefault(index, []).append((kind, value))
     model.train(was_training)
     return out
@@ -122,13 +123,14 @@ def side_by_side(session, examples: list, cfg: Config) -> list[dict]:
     shown = [EvalExample(e.messages[:-1], e.messages[-1]["content"]) for e in examples[:GENERATIONS]]
     if not shown:
         return []
-    budget = cfg.eval.eval_max_new_tokens if isinstance(cfg.eval.eval_max_new_tokens, int) else cfg.generate.max_new_tokens
+    asked = cfg.eval.eval_max_new_tokens
+    budget = asked if isinstance(asked, int) else cfg.generate.max_new_tokens
     bs, limit = cfg.train.per_device_eval_batch_size, cfg.data.max_seq_length
     with _adapter_off(session.model):
         base = [r.text for r in generate_answers(session, session.template, shown, budget, bs, limit)]
     tuned = [r.text for r in generate_answers(session, session.template, shown, budget, bs, limit)]
     return [{"prompt": e.prompt[-1]["content"], "chosen": e.reference, "rejected": x.rejected, "base": b, "tuned": t}
-            for e, x, b, t in zip(shown, examples, base, tuned)]
+            for e, x, b, t in zip(shown, examples, base, tuned, strict=False)]
 
 
 def _cell(value) -> str:
@@ -155,7 +157,8 @@ def print_table(report: dict) -> None:
 def markdown(report: dict, name: str) -> str:
     lines = [f"# Preference eval: {name}", "", "| metric | base | tuned |", "|---|---|---|"]
     lines += [f"| {label} | {_cell(report['base'].get(k))} | {_cell(report['tuned'].get(k))} |" for k, label in ROWS]
-    lines += ["", "## Answers side by side", "", "| prompt | chosen | rejected | base | tuned |", "|---|---|---|---|---|"]
+    lines += ["", "## Answers side by side", "", "| prompt | chosen | rejected | base | tuned |",
+              "|---|---|---|---|---|"]
     lines += [f"| {_md_cell(x['prompt'])} | {_md_cell(x['chosen'])} | {_md_cell(x['rejected'])} | "
               f"{_md_cell(x['base'])} | {_md_cell(x['tuned'])} |" for x in report["examples"]]
     return "\n".join(lines) + "\n"

@@ -221,8 +221,9 @@ def generate_answers(session: Session, template: Template, examples: list[EvalEx
     out: list = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         rows = order[start: start + batch_size]
-        for i, r in zip(rows, generate_batch(s.model, s.tokenizer, [prompts[i] for i in rows], max_new_tokens, eos,
-                                             template.stop_strings)):
+        answers = generate_batch(s.model, s.tokenizer, [prompts[i] for i in rows], max_new_tokens, eos,
+                                 template.stop_strings)
+        for i, r in zip(rows, answers, strict=True):
             out[i] = r
     return out
 
@@ -305,7 +306,8 @@ def build_report(results: dict[str, Scoring], examples: list[EvalExample], metri
         for b in BASES if b in results}
     report["verdict"] = verdict(report["comparisons"], settings["metric_labels"])
     report["examples"] = [
-        {"prompt": merged_content(e.prompt[-1]), "reference": e.reference, **{w: results[w].answers[i] for w in results},
+        {"prompt": merged_content(e.prompt[-1]), "reference": e.reference,
+         **{w: results[w].answers[i] for w in results},
          "scores": {w: {m.name: results[w].scored[m.name].per_example[i] for m in metrics} for w in results}}
         for i, e in enumerate(examples)]
     return report

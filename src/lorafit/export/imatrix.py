@@ -2,8 +2,9 @@
 
 For every linear layer, the mean squared activation of each input column over a few batches of training
 conversations (rendered with the run's template): a weight that multiplies large inputs moves the output more
-when it is rounded, so the quantizers' scale searches weigh its error more (quants.py, quants_legacy.py). llama.cpp computes the same
-statistic with a separate `llama-imatrix` run over a text file; here it comes from the data the adapter learned.
+when it is rounded, so the quantizers' scale searches weigh its error more (quants.py, quants_legacy.py).
+llama.cpp computes the same statistic with a separate `llama-imatrix` run over a text file; here it comes from
+the data the adapter learned.
 
   importance(folder, run_dir, cfg, plans)   {GGUF tensor name: (cols,) float32}
 """

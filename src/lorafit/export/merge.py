@@ -51,7 +51,8 @@ CHECK_CONVERSATIONS = [
     [{"role": "user", "content": "What is 17 + 25?"}, {"role": "assistant", "content": "42"}],
     [{"role": "user", "content": "Give three tips for staying healthy."},
      {"role": "assistant", "content": "Eat vegetables, sleep eight hours and walk every day."}],
-    [{"role": "user", "content": "Write the word 'garden' in capital letters."}, {"role": "assistant", "content": "GARDEN"}],
+    [{"role": "user", "content": "Write the word 'garden' in capital letters."},
+     {"role": "assistant", "content": "GARDEN"}],
 ]
 CHECK_MAX_TOKENS = 64
 
@@ -145,7 +146,7 @@ def check_logits(model_dir: Path, inputs: list[list[int]], reference: list, dtyp
     del model
     name = str(dtype).removeprefix("torch.")
     worst, scale = 0.0, 1.0
-    for got, want in zip(merged, reference):
+    for got, want in zip(merged, reference, strict=True):
         if not torch.isfinite(got).all() or not torch.isfinite(want).all():
             which = "merged model's" if not torch.isfinite(got).all() else "adapter model's"
             raise MergeCheckError(f"the {which} logits hold NaN or inf: the adapter or base weights are broken; "

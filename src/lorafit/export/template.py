@@ -3,9 +3,10 @@ Modelfile (Go template syntax, for `ollama create`).
 
 lorafit's plain templates (alpaca, instruction, guanaco, raw; rendered in Python by data/templates.py) get a
 Jinja and a Go twin built from the same pieces. For Jinja templates (chatml, the model's own) the Go template
-is not translated from source; it is read off rendered conversations: render the Jinja with placeholder messages, cut out each role's prefix and suffix, rebuild the conversation from those pieces
-and check it renders the same. A template that does not decompose this way (e.g. Llama 2's system prompt
-inside the first [INST]) gets a plain `{{ .Prompt }}` template and a warning instead of a wrong one.
+is not translated from source; it is read off rendered conversations: render the Jinja with placeholder
+messages, cut out each role's prefix and suffix, rebuild the conversation from those pieces and check it
+renders the same. A template that does not decompose this way (e.g. Llama 2's system prompt inside the first
+[INST]) gets a plain `{{ .Prompt }}` template and a warning instead of a wrong one.
 """
 from __future__ import annotations
 
@@ -134,7 +135,9 @@ _U, _A, _U2, _S = "\x02USER\x03", "\x02ASSISTANT\x03", "\x02USER2\x03", "\x02SYS
 def split_turns(jinja: str, eos: str) -> Turns | None:
     """Role prefixes/suffixes of a chat template, or None when the template is not a plain per-turn one."""
     try:
-        r = lambda msgs, gen=False: render(jinja, msgs, gen, eos=eos)
+        def r(msgs, gen=False):
+            return render(jinja, msgs, gen, eos=eos)
+
         u, a, u2, s = ({"role": "user", "content": _U}, {"role": "assistant", "content": _A},
                        {"role": "user", "content": _U2}, {"role": "system", "content": _S})
         conv, single, pair, with_sys = r([u, a, u2]), r([u]), r([u, a]), r([s, u])

@@ -79,7 +79,9 @@ def add_vocab(writer: Any, folder: Path, tokenizer: Any, config: Any) -> VocabIn
             getattr(writer, f"add_{key}_token_id")(token_id)
     writer.add_add_bos_token(_adds(tokenizer, ids["bos"], first=True))
     writer.add_add_eos_token(_adds(tokenizer, ids["eos"], first=False))
-    name = lambda i: tokens[i] if i is not None else None
+    def name(i):
+        return tokens[i] if i is not None else None
+
     return VocabInfo(kind, pre, len(tokens), name(ids["bos"]), name(ids["eos"]), warning)
 
 
