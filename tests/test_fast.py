@@ -183,3 +183,21 @@ def test_in_interpreter_uses_the_triton_kernels():
     from lorafit.kernels.rmsnorm import rmsnorm
     from lorafit.train.fast import _ops
     assert _ops(torch.device("cpu")).rmsnorm is rmsnorm
+
+
+def test_offload_activations_reaches_the_fused_path_and_keeps_the_loss():
+    """`--offload_activations false` keeps each checkpointed layer's input on the device instead of parking
+    activations in host memory: the store says so, and loss and gradients are the offloading run's."""
+    pm = tiny("llama")
+    bt = batch()
+    runs = {}
+    for offload in (True, False):
+        fast, _ = loss_path(pm, True, "fused LoRA kernels", gradient_checkpointing=True, offload_activations=offload)
+        assert fast.store.offload is offload
+        pm.zero_grad(set_to_none=True)
+        loss, _ = fast(bt)
+        loss.backward()
+        runs[offload] = (loss.item(), {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None})
+    assert runs[False][0] == pytest.approx(runs[True][0], rel=1e-6)
+    for name, g in runs[True][1].items():
+        torch.testing.assert_close(runs[False][1][name], g, rtol=1e-5, atol=1e-7, msg=name)

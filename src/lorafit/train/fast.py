@@ -388,7 +388,8 @@ def enable_fast_path(peft_model, *, gradient_checkpointing: bool, offload_activa
     return FastLoss(peft_model, gradient_checkpointing=gradient_checkpointing, offload_activations=offload_activations)
 
 
-def loss_path(model, fused: bool, why: str, gradient_checkpointing: bool) -> tuple[FastLoss | None, str]:
+def loss_path(model, fused: bool, why: str, gradient_checkpointing: bool,
+              offload_activations: bool = True) -> tuple[FastLoss | None, str]:
     """(FastLoss or None, why), given model/arch.py's fused_path_choice for this run; the wrapped model has the
     last word (dropout, DoRA, a LoRA on the head... fall back to the reference path, saying why)."""
     if not fused:
@@ -396,4 +397,5 @@ def loss_path(model, fused: bool, why: str, gradient_checkpointing: bool) -> tup
     ok, reason = fast_forward_supported(model)
     if not ok:
         return None, f"fused kernels do not support this model: {reason}"
-    return enable_fast_path(model, gradient_checkpointing=gradient_checkpointing), why
+    return enable_fast_path(model, gradient_checkpointing=gradient_checkpointing,
+                            offload_activations=offload_activations), why

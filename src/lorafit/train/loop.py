@@ -90,7 +90,8 @@ def _train(cfg: Config, d: dist.Dist) -> Path:
     r.model = _load_model(r, source)
 
     # -- setup: batch plan, loss path, wrapping (DDP or FSDP), optimizer, schedule, resume, run files --
-    fast, why = loss_path(r.model, r.fused, r.fused_why, cfg.model.gradient_checkpointing)
+    fast, why = loss_path(r.model, r.fused, r.fused_why, cfg.model.gradient_checkpointing,
+                          offload_activations=cfg.model.offload_activations)
     budget = find_pass_budget(r, LossModule(r.model, r.objective, fast, r.dtype), pass_budget(r, fast is not None))
     r.plan = plan_steps(cfg, r.data, d, budget)
     r.fast = fast
