@@ -317,3 +317,29 @@ def pair_records(n: int = 24) -> list[dict]:
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+def resume_in_one_process(run: Path, single: Path, tmp_path: Path) -> None:
+    """`run` (2 ranks x 2 accumulation) resumed from its step-2 checkpoint as 1 process x 4 learns what `single` did."""
+    copy = Path(shutil.copytree(run, tmp_path / "run"))
+    shutil.rmtree(copy / "checkpoints" / "step-000004")
+    assert cli_main(["train", "--output_dir", str(copy), "--resume", "--gradient_accumulation_steps", "4"]) == 0
+    assert losses(copy) == pytest.approx(losses(single), rel=1e-4)
+    assert_same_adapter(copy, single, atol=1e-5)
+
+
+def resume_under_fsdp(single: Path, tmp_path: Path, *flags: str) -> str:
+    """`single` resumed from its step-2 checkpoint under `torchrun --nproc_per_node 2 ... --fsdp true` (2 x 2) learns
+    what it did; returns the run's stderr for the caller's own checks."""
+    copy = Path(shutil.copytree(single, tmp_path / "run"))
+    shutil.rmtree(copy / "checkpoints" / "step-000004")
+    proc = subprocess.run([*torchrun_cmd(), "--standalone", "--nproc_per_node", "2", "-m", "lorafit", "train",
+                           "--output_dir", str(copy), "--resume", "--fsdp", "true", "--gradient_accumulation_steps",
+                           "2", *flags], check=False, capture_output=True, text=True, timeout=400, cwd=REPO,
+                          env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "fsdp: FSDP2 over 2 processes (--fsdp true)" in proc.stderr
+    assert "resuming from" in proc.stderr
+    assert losses(copy) == pytest.approx(losses(single), rel=1e-4)
+    assert_same_adapter(copy, single, atol=1e-5)
+    return proc.stderr

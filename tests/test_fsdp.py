@@ -10,10 +10,8 @@ on rank 0 only and gives the other ranks zeros, so without lorafit's broadcast t
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from helpers import (
@@ -22,14 +20,14 @@ from helpers import (
     adapter_tensors,
     alpaca_file,
     assert_same_adapter,
-    cli_main,
     losses,
+    resume_in_one_process,
+    resume_under_fsdp,
     run_cli,
     run_train,
     step_metric,
     subprocess_env,
     to_argv,
-    torchrun_cmd,
     train_args,
     val_losses,
 )
@@ -91,28 +89,14 @@ def test_fsdp_adapter_loads_with_peft(runs, tiny_model_dir):
 def test_fsdp_checkpoint_resumes_in_one_process(runs, tmp_path):
     """Checkpoints hold whole tensors in the single-process layout: 2 FSDP ranks x 2 resume as 1 process x 4."""
     run, single, _ = runs
-    copy = Path(shutil.copytree(run, tmp_path / "run"))
-    shutil.rmtree(copy / "checkpoints" / "step-000004")
-    assert cli_main(["train", "--output_dir", str(copy), "--resume", "--gradient_accumulation_steps", "4"]) == 0
-    assert losses(copy) == pytest.approx(losses(single), rel=1e-4)
-    assert_same_adapter(copy, single, atol=1e-5)
+    resume_in_one_process(run, single, tmp_path)
 
 
 @pytest.mark.slow
 def test_one_process_checkpoint_resumes_under_fsdp(runs, tmp_path):
     """The other way: adapter and AdamW state are cut into each rank's shards on resume."""
     _, single, _ = runs
-    copy = Path(shutil.copytree(single, tmp_path / "run"))
-    shutil.rmtree(copy / "checkpoints" / "step-000004")
-    proc = subprocess.run([*torchrun_cmd(), "--standalone", "--nproc_per_node", "2", "-m", "lorafit", "train",
-                           "--output_dir", str(copy), "--resume", "--fsdp", "true", "--gradient_accumulation_steps",
-                           "2"], check=False, capture_output=True, text=True, timeout=400, cwd=REPO,
-                          env=subprocess_env())
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "fsdp: FSDP2 over 2 processes (--fsdp true)" in proc.stderr
-    assert "resuming from" in proc.stderr
-    assert losses(copy) == pytest.approx(losses(single), rel=1e-4)
-    assert_same_adapter(copy, single, atol=1e-5)
+    resume_under_fsdp(single, tmp_path)
 
 
 @pytest.mark.parametrize("how", ["flag", "accelerate"])

@@ -9,10 +9,8 @@ runs' differences to reduction order, so the tolerances are the bf16-free ones o
 """
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from helpers import (
@@ -20,8 +18,9 @@ from helpers import (
     REPO,
     alpaca_file,
     assert_same_adapter,
-    cli_main,
     losses,
+    resume_in_one_process,
+    resume_under_fsdp,
     run_train,
     step_metric,
     subprocess_env,
@@ -79,11 +78,7 @@ def test_fsdp_4bit_two_ranks_equal_one_process(runs):
 def test_fsdp_4bit_checkpoint_resumes_in_one_process(runs, tmp_path):
     """2 FSDP ranks x 2 accumulation resume as 1 process x 4, still 4-bit, without FSDP."""
     run, single, _ = runs
-    copy = Path(shutil.copytree(run, tmp_path / "run"))
-    shutil.rmtree(copy / "checkpoints" / "step-000004")
-    assert cli_main(["train", "--output_dir", str(copy), "--resume", "--gradient_accumulation_steps", "4"]) == 0
-    assert losses(copy) == pytest.approx(losses(single), rel=1e-4)
-    assert_same_adapter(copy, single, atol=1e-5)
+    resume_in_one_process(run, single, tmp_path)
 
 
 @pytest.mark.slow
@@ -91,19 +86,8 @@ def test_one_process_4bit_checkpoint_resumes_under_fsdp(runs, tmp_path):
     """The other way, under torchrun --fsdp true, where each rank quantizes its own copy of the base, with gradient
     checkpointing on (recomputation inside FSDP's units changes no number)."""
     _, single, _ = runs
-    copy = Path(shutil.copytree(single, tmp_path / "run"))
-    shutil.rmtree(copy / "checkpoints" / "step-000004")
-    proc = subprocess.run([*torchrun_cmd(), "--standalone", "--nproc_per_node", "2", "-m", "lorafit", "train",
-                           "--output_dir", str(copy), "--resume", "--fsdp", "true", "--gradient_accumulation_steps",
-                           "2", "--gradient_checkpointing", "true"], check=False, capture_output=True, text=True,
-                          timeout=400, cwd=REPO,
-                          env=subprocess_env())
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "fsdp: FSDP2 over 2 processes (--fsdp true)" in proc.stderr
-    assert "fsdp: 4-bit base: 14 NF4 weights" in proc.stderr
-    assert "resuming from" in proc.stderr
-    assert losses(copy) == pytest.approx(losses(single), rel=1e-4)
-    assert_same_adapter(copy, single, atol=1e-5)
+    stderr = resume_under_fsdp(single, tmp_path, "--gradient_checkpointing", "true")
+    assert "fsdp: 4-bit base: 14 NF4 weights" in stderr
 
 
 @pytest.mark.slow

@@ -272,6 +272,12 @@ def is_4bit_linear(module) -> bool:
     return "quant_state" in vars(module) and hasattr(module, "in_features")
 
 
+def has_4bit_weight(module) -> bool:
+    """A bitsandbytes Linear4bit, or any module whose weight is a Params4bit (its quant_state rides on the weight):
+    what the fused path and the GRPO rollout dequantize."""
+    return type(module).__name__ == "Linear4bit" or type(getattr(module, "weight", None)).__name__ == "Params4bit"
+
+
 def parameter_sizes(model):
     """(parameter, element count) for each distinct parameter. A bitsandbytes 4-bit weight counts its unpacked
     elements (in x out of its Linear4bit), whatever dtype packs it and also once FSDP has replaced it by a shard."""

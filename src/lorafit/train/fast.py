@@ -33,16 +33,13 @@ from lorafit.kernels.attention import attention, attention_keeping, attention_re
 from lorafit.kernels.lora import FactorPack, Group, Head, WeightBuffer, lora_group
 from lorafit.kernels.offload import ActivationStore, checkpoint
 from lorafit.model.arch import family, fused_families
+from lorafit.model.load import has_4bit_weight
 
 # ---------------------------------------------------------------- support check
 
 def _lora_layer_cls():
     from peft.tuners.lora import LoraLayer
     return LoraLayer
-
-
-def _is_4bit(layer) -> bool:
-    return type(layer).__name__ == "Linear4bit" or type(getattr(layer, "weight", None)).__name__ == "Params4bit"
 
 
 def fast_forward_supported(model) -> tuple[bool, str]:
@@ -102,7 +99,7 @@ class _Dequant:
 
     def __call__(self, out):
         w = self.layer.weight
-        if _is_4bit(self.layer):
+        if has_4bit_weight(self.layer):
             qs = w.quant_state
             if w.is_cuda and qs.quant_type == "nf4" and qs.dtype == self.dtype:
                 if self.nf4 is None or self.nf4.packed.data_ptr() != w.data_ptr():
@@ -129,7 +126,7 @@ def _head(mod, adapter: str, dtype) -> Head:
                     lora_A=mod.lora_A[adapter].weight, lora_B=mod.lora_B[adapter].weight,
                     scaling=float(mod.scaling[adapter]),
                     dropout=float(drop.p) if isinstance(drop, torch.nn.Dropout) else 0.0)
-    if not isinstance(mod, torch.nn.Linear) and not _is_4bit(mod):
+    if not isinstance(mod, torch.nn.Linear) and not has_4bit_weight(mod):
         raise TypeError(f"{type(mod).__name__} is not a linear layer")
     return Head(out_features=mod.out_features, dequant=_Dequant(mod, dtype), bias=mod.bias)
 
@@ -174,7 +171,7 @@ def _without_lora(layers: list[_Layer]) -> list[_Layer]:
 
 def _compute_dtype(base) -> torch.dtype:
     for m in base.modules():
-        if _is_4bit(m):
+        if has_4bit_weight(m):
             return getattr(m, "compute_dtype", None) or m.weight.quant_state.dtype
     w = base.model.layers[0].mlp.down_proj
     w = getattr(w, "base_layer", w).weight

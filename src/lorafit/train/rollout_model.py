@@ -26,6 +26,8 @@ import copy
 import torch
 from peft.tuners.lora import LoraLayer
 
+from lorafit.model.load import has_4bit_weight
+
 ADAPTER = "adapter"
 MERGED = "merged"
 
@@ -66,7 +68,8 @@ def merged_bytes(model, dtype: torch.dtype) -> int:
     lm = model.get_base_model()
     wrapped = [m for m in lm.modules() if isinstance(m, LoraLayer)]
     bases = {id(m.get_base_layer()) for m in wrapped}
-    dense = [m.get_base_layer() for m in wrapped] + [m for m in lm.modules() if _is_4bit(m) and id(m) not in bases]
+    dense = [m.get_base_layer() for m in wrapped]
+    dense += [m for m in lm.modules() if has_4bit_weight(m) and id(m) not in bases]
     return sum(m.in_features * m.out_features if hasattr(m, "in_features") else m.weight.numel()
                for m in dense) * dtype.itemsize
 
@@ -114,7 +117,7 @@ def merged_policy(model, dtype: torch.dtype):
         src = lm.get_submodule(name)  # AttributeError: a module the training model lacks (falls back)
         if isinstance(src, LoraLayer):
             _fill(leaf, _merged_weight(src, adapter, dtype), src.get_base_layer())
-        elif _is_4bit(src):  # a quantized linear without LoRA: dequantized once
+        elif has_4bit_weight(src):  # a quantized linear without LoRA: dequantized once
             _fill(leaf, _dense_weight(src).to(dtype), src)
         elif type(src) is type(leaf):
             fresh.set_submodule(name, src if src is head else _in_dtype(src, leaf, dtype))
@@ -163,15 +166,11 @@ def _merged_weight(layer, adapter: str, dtype: torch.dtype) -> torch.Tensor:
 
 def _dense_weight(base) -> torch.Tensor:
     """The base weight as a dense tensor: dequantized from NF4/FP4 on a 4-bit base (in its compute dtype)."""
-    if not _is_4bit(base):
+    if not has_4bit_weight(base):
         return base.weight.detach()
     import bitsandbytes.functional as bnbf  # noqa: PLC0415  optional: only 4-bit runs have it
 
     return bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state)
-
-
-def _is_4bit(module) -> bool:
-    return type(getattr(module, "weight", None)).__name__ == "Params4bit"
 
 
 def kv_cache_bytes(config, rows: int, tokens: int, dtype: torch.dtype) -> int:
