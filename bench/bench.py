@@ -3,8 +3,10 @@ transformers process-wide, so every stack runs in its own process; bench/run.sh 
 
 usage: python bench/bench.py STACK MODEL_DIR [--shapes 8x512,4x2048] [--real]
 STACK: hf (transformers + PEFT + bitsandbytes, the seeds' stack, as ../shared/bench/peer_bench.py),
-       unsloth, or lorafit[:offload|:gpu|:nockpt] (fast path; activation checkpointing with inputs
-       parked in pinned CPU memory / kept on the GPU / no recomputation at all).
+       unsloth, or lorafit[:offload|:gpu|:nockpt|:graphs|:graphs-gpu] (fast path; activation checkpointing with inputs
+       parked in pinned CPU memory / kept on the GPU / no recomputation at all / parked, and each step one
+       padding-free row of its records replayed as a CUDA graph, as `lorafit train` runs it: train/graphs.py;
+       graphs-gpu: the same with each layer's input kept on the GPU, --offload_activations false).
 Shapes: the same random token batch every step, all tokens labelled, median of 8 steps after 4
 warm-up steps. --real: one pass over the alpaca_en_demo record lengths (bench/alpaca_lengths.txt),
 random token ids, prompts masked from the loss; hf/unsloth take batches of 8 records padded to
@@ -49,14 +51,17 @@ def load(stack: str, path: str, max_seq: int = 2048):
                                             bias="none", task_type="CAUSAL_LM"))
 
 
-def make_step(stack: str, model):
+def make_step(stack: str, model, max_len: int = 2048):
     """batch -> (loss value tensor, labelled tokens) after one optimizer step."""
     import torch
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     if stack.startswith("lorafit"):
         from lorafit.train.fast import enable_fast_path
         mode = stack.partition(":")[2] or "offload"
-        fl = enable_fast_path(model, gradient_checkpointing=mode != "nockpt", offload_activations=mode == "offload")
+        fl = enable_fast_path(model, gradient_checkpointing=mode != "nockpt",
+                              offload_activations=mode in ("offload", "graphs"))
+        if mode.startswith("graphs"):
+            return graphed_step(fl, model, opt, max_len)
 
         def step(batch):
             loss_sum, n = fl(batch)
@@ -73,6 +78,42 @@ def make_step(stack: str, model):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
+    return step
+
+
+def as_row(batch: dict) -> dict:
+    """A (B, T) batch as the CLI trains it: one padding-free row of its records (each row, or each document of a
+    packed row, one record; padding dropped), CPU tensors (lorafit.data.batching.concat_row)."""
+    from lorafit.data.batching import concat_row
+    ids, labels = batch["input_ids"].cpu(), batch["labels"].cpu()
+    doc = batch["doc_ids"].cpu() if "doc_ids" in batch else batch["attention_mask"].cpu()
+    pieces = []
+    for r in range(ids.shape[0]):
+        for d in doc[r].unique().tolist():
+            if d > 0:
+                keep = doc[r] == d
+                pieces.append((ids[r][keep].tolist(), labels[r][keep].tolist()))
+    return concat_row(pieces, max_seq_length=max(len(p[0]) for p in pieces))
+
+
+def graphed_step(fl, model, opt, max_len: int):
+    """lorafit:graphs: the CLI's pass, a padding-free row replayed through train/graphs.py's CUDA graphs (the
+    `lorafit train` default for SFT without dropout on one GPU)."""
+    import torch
+
+    from lorafit.train.graphs import PassGraphs
+    params = [p for p in model.parameters() if p.requires_grad]
+    graphs = PassGraphs(fl, params, max_len, torch.bfloat16, torch.device("cuda"))
+
+    def step(batch):
+        if "_row" not in batch:
+            batch["_row"] = as_row(batch)
+        row = batch["_row"]
+        n = int((row["labels"][:, 1:] != -100).sum())
+        loss_sum = graphs.run(row, 1.0 / n)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        return loss_sum / n
     return step
 
 
@@ -264,7 +305,7 @@ def main() -> None:
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",") if s]
     model = load(args.stack, args.model, max([2048, *(seq for _, seq in shapes)]))
     model.train()
-    step = make_step(args.stack, model)
+    step = make_step(args.stack, model, max([2048, *(seq for _, seq in shapes)]))
     for bs, seq in shapes:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -274,6 +315,7 @@ def main() -> None:
             rec = {"stack": args.stack, "shape": f"{bs}x{seq}{args.tag}", "step_s": round(st, 4),
                    "tok_s": round(bs * seq / st), "host_queue_s": round(timed.issue_s, 4),
                    "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                   "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
                    "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4)}
         except Exception as e:  # noqa: BLE001 -- one failed shape must not hide the others
             import traceback

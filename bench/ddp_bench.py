@@ -69,7 +69,7 @@ def run_state(cfg, d, model, ddp, dtype):
 
     plan = SimpleNamespace(epoch_micro=1, epoch_items=1, micro_batch=0, tokens_per_pass=1 << 30)
     return SimpleNamespace(cfg=cfg, d=d, model=model, ddp=ddp, dtype=dtype, scaler=None, optimizer=opt,
-                           objective=Prebuilt(), data=SimpleNamespace(train=[]), fast=None,
+                           objective=Prebuilt(), data=SimpleNamespace(train=[]), fast=None, graphs=None,
                            scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), pos=Position(),
                            plan=plan, tlog=LastStep())
 

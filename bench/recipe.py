@@ -75,7 +75,8 @@ def main() -> None:
     else:
         s = json.loads(summary.read_text())
         rec.update(tok_s=round(s["steady_tokens_per_s"] or s["tokens_per_s"]), whole_run_tok_s=round(s["tokens_per_s"]),
-                   peak_gib=round(s["peak_memory_gib"], 2), tokens=s["tokens"])
+                   peak_gib=round(s["peak_memory_gib"], 2), tokens=s["tokens"], reserved_gib=s.get("peak_reserved_gib"),
+                   cuda_graphs=s.get("cuda_graphs"))
     print(json.dumps(rec), flush=True)
 
 

@@ -11,6 +11,8 @@
 #              QLoRA), tiny random model), fsdp1 (the same sharded path on one GPU: torchrun --nproc_per_node 1 --fsdp true)
 #        qlora8b (Llama-3-8B-shaped QLoRA: FSDP over 2 vs DDP over 2 vs 1 GPU, peak memory and tokens/s; on one GPU:
 #              1 GPU vs FSDP over 1), qlora8b:STEP (one of its steps: model single ddp2 fsdp2 fsdp1 table)
+#        graphs (the recipe shape through the CLI with --cuda_graphs true and false, GSTEPS steps (100) each, then
+#          bench/graphs_check.py: their losses step by step; needs m2:phi3-llama first; ~6 min)
 #        recipe (issue 14's recipe shape, one H200, ~7 min: lorafit's CLI on phi3_alpaca.yaml, all-linear, dropout 0,
 #          vs Unsloth and transformers+PEFT unpacked at 4 x 4 via peer_real.py, each in its own process, then the table)
 #        shapes (~9 min: 8x512 / 4x2048 on Phi-3-mini and Llama-3-8B dims, lorafit and Unsloth)
@@ -43,7 +45,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 for s in $STEPS; do
   echo "=== $s $(date -u +%FT%TZ)" | tee -a "$OUT/log"
   case $s in
-    tests) timeout 200 python3 -m pytest -q -p no:cacheprovider -rA tests/test_kernels.py > "$OUT/tests.log" 2>&1
+    tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -rA tests/test_kernels.py tests/test_graphs_gpu.py > "$OUT/tests.log" 2>&1
            grep -E "^(FAILED|PASSED|ERROR|E  )|passed|failed|backend" "$OUT/tests.log" | tail -40 | tee -a "$OUT/log" ;;
     mem:*) timeout 300 python3 bench/bench.py lorafit $MODEL --shapes "" --memory ${s#mem:} 2>&1 | grep -E "^memory|MiB|Error" | tee -a "$OUT/log" ;;
     prof*) timeout 300 python3 bench/bench.py lorafit $MODEL --shapes "" --profile ${s#prof:} 2>&1 | grep -E "^\{|profile|ms |Error" | tee -a "$OUT/log" ;;
@@ -78,6 +80,12 @@ for s in $STEPS; do
          echo "rc=$? (trl)" | tee -a "$OUT/log"; grep -E 'Error|error' "$OUT/dpo_trl.log" | tail -5
          grep -hE '^\{' "$OUT/dpo_lorafit.log" "$OUT/dpo_trl.log" | tee "$OUT/dpo.jsonl"
          python3 bench/dpo_bench.py table "$OUT/dpo.jsonl" | tee "$OUT/dpo_table.md" ;;
+    graphs) for g in true false; do      # the recipe shape with CUDA graphs and without, same records: speed and losses
+              timeout 420 python3 bench/recipe.py configs/phi3_alpaca.yaml /tmp/phi3-llama /tmp/rg-$g --steps ${GSTEPS:-100} \
+                --name recipe-graphs-$g --target_modules all-linear --lora_dropout 0 --cuda_graphs $g 2>&1 \
+                | tee -a "$OUT/log" | grep -E '^\{' | tee -a "$OUT/results.jsonl"
+            done
+            python3 bench/graphs_check.py /tmp/rg-true/run-phi3_alpaca /tmp/rg-false/run-phi3_alpaca 2>&1 | tee -a "$OUT/log" ;;
     cli2) bash bench/cli2.sh 2>&1 | tee -a "$OUT/log" ;;
     grpo) [ -d $MODEL ] || timeout 300 python3 bench/make_model.py $MODEL 2>&1 | tail -1 | tee -a "$OUT/log"
           rm -f "$OUT/grpo.jsonl"

@@ -343,3 +343,36 @@ def resume_under_fsdp(single: Path, tmp_path: Path, *flags: str) -> str:
     assert losses(copy) == pytest.approx(losses(single), rel=1e-4)
     assert_same_adapter(copy, single, atol=1e-5)
     return proc.stderr
+
+
+# -- tiny PEFT models for the fused path's tests --------------------------------------------------------------
+
+TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
+
+
+def tiny_peft(model_type: str, targets=None, dropout=0.0):
+    import peft
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(
+        model_type, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=97, max_position_embeddings=128, pad_token_id=0, tie_word_embeddings=False)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
+    lc = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets or TARGETS[model_type])
+    pm = peft.get_peft_model(model, lc)
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)   # non-zero so the B path and dA are exercised
+    return pm
+
+
+def lora_grads(pm):
+    """Each trainable parameter's gradient, by name."""
+    return {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}

@@ -8,30 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from helpers import lora_grads
+from helpers import tiny_peft as tiny
 from triton_interp import INTERPRETED, OUTER_ONLY, run_in_interpreter
 
 from lorafit.train.fast import enable_fast_path, fast_forward_supported, loss_path
-
-TARGETS = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-}
-
-
-def tiny(model_type: str, targets=None, dropout=0.0):
-    torch.manual_seed(0)
-    cfg = transformers.AutoConfig.for_model(
-        model_type, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=97, max_position_embeddings=128, pad_token_id=0, tie_word_embeddings=False)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
-    lc = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets or TARGETS[model_type])
-    pm = peft.get_peft_model(model, lc)
-    for n, p in pm.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.1)   # non-zero so the B path and dA are exercised
-    return pm
 
 
 def batch(b=2, t=24, packed=False):
@@ -56,10 +37,6 @@ def hf_loss(pm, bt):
                 position_ids=bt["position_ids"]).logits
     tgt = F.pad(bt["labels"][:, 1:], (0, 1), value=-100)
     return F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), reduction="sum", ignore_index=-100)
-
-
-def lora_grads(pm):
-    return {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "phi3"])

@@ -42,6 +42,11 @@ def _varlen():
     return None
 
 
+def has_varlen() -> bool:
+    """Whether this torch has varlen attention (packed rows then run flash attention over cu_seqlens)."""
+    return _varlen() is not None
+
+
 def backend() -> str:
     """Which kernel packed rows get on CUDA (for benchmark records)."""
     vl = _varlen()

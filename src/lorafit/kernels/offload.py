@@ -4,7 +4,8 @@ Forward runs the layer without building a graph and copies its input to a pinned
 on a side stream (overlapping the next layer's compute); backward brings the input back
 (prefetching the previous layer's input while this one recomputes), reruns the layer with
 grad and backpropagates through it. GPU memory then holds one layer's activations instead of
-32 layer inputs (1.5 GiB at 4 x 2048 x 3072 bf16). Host buffers are allocated once and reused.
+32 layer inputs (1.5 GiB at 4 x 2048 x 3072 bf16). Host buffers are allocated once and reused (views of
+growing arenas, so passes of another length reuse them too).
 
 A layer may park more than its input (`fn` returning (out, extras)): values its recomputation
 would otherwise produce again (lorafit parks the attention output and the mid-layer residual, so
@@ -51,10 +52,7 @@ class ActivationStore:
                 if not _parkable(t):
                     parked.append(t)
                     continue
-                buf = self.host.get((idx, j))
-                if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                    buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                    self.host[(idx, j)] = buf
+                buf = self._host_view(idx, j, t)
                 buf.copy_(t, non_blocking=True)
                 parked.append(buf)
                 sent.append(t)
@@ -66,6 +64,20 @@ class ActivationStore:
         # out of reuse until the allocator sees the copy complete, and the host runs layers ahead of the GPU.
         self._release()
         self.pending = (sent, ev, cur)
+
+    def _host_view(self, idx: int, j: int, t: torch.Tensor) -> torch.Tensor:
+        """A view of (idx, j)'s pinned host arena shaped like t. Arenas only grow (by a quarter more than asked,
+        so passes of varying length stop reallocating soon), and a grown one is a new tensor: whoever holds
+        the old one (a captured CUDA graph writes to fixed addresses) keeps it, and it stays theirs."""
+        arena = self.host.get((idx, j))
+        if arena is None or arena.numel() < t.numel() or arena.dtype != t.dtype:
+            arena = torch.empty(t.numel() + t.numel() // 4, dtype=t.dtype, pin_memory=True)
+            self.host[(idx, j)] = arena
+        return arena[:t.numel()].view(t.shape)
+
+    def arenas(self) -> list[torch.Tensor]:
+        """The pinned host buffers in use now (a CUDA graph captured over them keeps them alive)."""
+        return list(self.host.values())
 
     def _release(self) -> None:
         if self.pending is not None:

@@ -230,7 +230,7 @@ class FastLoss:
         """The pass's label positions and segment plan, computed on its CPU tensors before they move: on the
         device each is a host sync (nonzero's size, the longest segment), and a sync at a pass's start waits
         for everything queued before it (the previous pass's backward, the optimizer step)."""
-        tgt = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)     # HF's shift
+        tgt = _shifted(batch["labels"])
         out: dict[str, Any] = {**batch, "label_index": (tgt != IGNORE_INDEX).nonzero().squeeze(1)}
         if "seq_index" in batch:
             out["label_seq"] = _label_seq(batch, out["label_index"])
@@ -252,6 +252,17 @@ class FastLoss:
             x, tgt = x.index_select(0, sel), tgt.index_select(0, sel)
         loss = ops.ce(x, self.base.lm_head.weight, tgt)
         return loss, n_tok
+
+    def masked_sum(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """As __call__, with the cross-entropy taken at every position and the unlabelled ones masked out
+        instead of selected first: no shape depends on the labels, so a CUDA graph captured over one pass
+        replays for any other of its length (train/graphs.py). The extra rows cost a little head work (about
+        0.4 GFLOP a token at Phi-3-mini's 32k vocabulary)."""
+        tgt = _shifted(batch["labels"])
+        x, ops = self._hidden(batch, self.layers)
+        keep = tgt != IGNORE_INDEX
+        losses = ops.ce_rows(x, self.base.lm_head.weight, tgt.clamp_min(0))
+        return (losses * keep).sum(), keep.sum()
 
     def sequence_logps(self, batch: dict[str, Any], adapter: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed log-prob of each sequence's labelled tokens (S,) float32, labelled tokens per sequence (S,)) of
@@ -302,8 +313,11 @@ class FastLoss:
         x = x.reshape(b * t, -1)                                               # (N, C)
         # the low-rank activations x @ A^T are parked with a layer and reused by its recomputation,
         # except under dropout (the recomputation draws the masks again and needs them for backward)
+        # a sliding window no segment reaches changes nothing (Mistral-7B-v0.1's 4,096 against records of 512):
+        # the packed rows then keep the varlen kernel instead of the masked fallback
+        window = None if self.window is not None and plan is not None and plan[1] <= self.window else self.window
         ctx = SimpleNamespace(ops=ops, cos=cos, sin=sin, batch=b, plan=plan, doc_ids=doc_ids, training=training,
-                              park_lowrank=not (self.dropout and training))
+                              park_lowrank=not (self.dropout and training), window=window)
         if self.gradient_checkpointing and torch.is_grad_enabled():
             x = x.detach().requires_grad_(True)
             self.store.clear()
@@ -352,9 +366,9 @@ class FastLoss:
             x, h = c.ops.rmsnorm_fork(x, ly.ln2, ly.eps)
         else:
             if park:
-                a, state = attention_keeping(q, k, v, *attn, plan=c.plan, doc_ids=c.doc_ids, window=self.window)
+                a, state = attention_keeping(q, k, v, *attn, plan=c.plan, doc_ids=c.doc_ids, window=c.window)
             else:
-                a = attention(q, k, v, *attn, plan=c.plan, doc_ids=c.doc_ids, window=self.window)
+                a = attention(q, k, v, *attn, plan=c.plan, doc_ids=c.doc_ids, window=c.window)
             o, l_o = lora_group(a, ly.o, **run)
             x, h = c.ops.add_rmsnorm(x, o, ly.ln2, ly.eps)
         gu, l_gu = lora_group(h, ly.gate_up, lowrank=low[2], keep_weight=grad_only, **run)
@@ -368,11 +382,16 @@ class FastLoss:
 def _targets(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """(next-token targets of every position (B*T,), the labelled positions): found before any layer is queued
     (from host_plan, else here: a host sync)."""
-    tgt = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)     # HF's shift
+    tgt = _shifted(batch["labels"])
     sel = batch.get("label_index")
     if sel is None:
         sel = (tgt != IGNORE_INDEX).nonzero().squeeze(1)
     return tgt, sel
+
+
+def _shifted(labels: torch.Tensor) -> torch.Tensor:
+    """The next-token target of every position (B*T,), as Hugging Face shifts labels (-100 after each row's end)."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
 
 
 def _label_seq(batch: dict[str, Any], sel: torch.Tensor) -> torch.Tensor:

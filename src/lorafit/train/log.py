@@ -78,6 +78,15 @@ def memory_gib(device) -> float:
         return float("nan")
 
 
+def reserved_gib(device) -> float | None:
+    """Peak memory the CUDA allocator held from the driver (allocated plus cached; CUDA graphs' pools count here)."""
+    import torch
+
+    if device is None or device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_reserved(device) / 2**30
+
+
 def steady_tokens_per_s(tlog) -> float | None:
     """Tokens/s of the steps after a process's first, or None with fewer than two steps."""
     seconds = getattr(tlog, "steady_seconds", 0.0)

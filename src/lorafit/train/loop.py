@@ -41,6 +41,7 @@ from lorafit.train import fsdp
 from lorafit.train import parallel as dist
 from lorafit.train.fast import loss_path
 from lorafit.train.fsdp import offload_requested, one_process_group
+from lorafit.train.graphs import PassGraphs, graph_choice
 from lorafit.train.log import NullLog, TrainLog, memory_gib, setup_console, truncate_after
 from lorafit.train.memory import find_pass_budget, measured_budget, oom_error, pass_budget
 from lorafit.train.objectives import build_objective
@@ -100,6 +101,12 @@ def _train(cfg: Config, d: dist.Dist) -> Path:
     r.scheduler = build_scheduler(r.optimizer, t, r.plan.total_steps)
     if t.fp16 and d.device.type == "cuda":
         r.scaler = torch.amp.GradScaler("cuda")  # fp16's 5-bit exponent underflows small gradients unscaled
+    graphed, why = graph_choice(cfg, fast, r.objective, d, r.scaler)
+    if graphed:
+        r.graphs = PassGraphs(fast, [q for q in r.model.parameters() if q.requires_grad], cfg.data.max_seq_length,
+                              r.dtype, d.device)
+    if fast is not None:
+        lines.append(f"cuda graphs: {why}")
     prepare_output_dir(r)
     resumed = _maybe_resume(r)
     _open_log(r, resumed, lines)
@@ -235,6 +242,9 @@ def _host_batches(r: TrainState, passes: list[Pass]) -> list[dict[str, torch.Ten
     out = []
     for p in passes:
         b = r.objective.collate(r.data.train, p.records, r.cfg.data.max_seq_length)
+        if r.graphs is not None:      # PassGraphs pads it to its bucket and pins that
+            out.append(b)
+            continue
         if r.fast is not None:
             b = r.fast.host_plan(b)
         if r.d.device.type == "cuda":
@@ -265,9 +275,12 @@ def _optimizer_step(r: TrainState, passes: list[Pass], records: list[int]) -> No
     base_bytes = torch.cuda.memory_allocated(d.device) if d.device.type == "cuda" and r.pos.step == 0 else 0
     try:
         for j, (batch, count) in enumerate(counted):
+            weight = d.world_size / max(n_global, 1.0) if count else 0.0  # a stand-in pass adds nothing
+            if r.graphs is not None:
+                totals["loss"] += r.graphs.run(batch, weight).double()
+                continue
             batch = {k: v.to(d.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                      for k, v in batch.items()}
-            weight = d.world_size / max(n_global, 1.0) if count else 0.0  # a stand-in pass adds nothing
             with dist.grad_sync(r.ddp, j == len(counted) - 1 or not d.enabled):  # all-reduce on the last pass
                 with autocast:
                     loss_sum, metrics = r.ddp(batch)
@@ -306,7 +319,7 @@ def _update(r: TrainState, totals: dict[str, torch.Tensor], n_global: float, tok
             r.scaler.update()
         else:
             r.optimizer.step()
-    r.optimizer.zero_grad(set_to_none=True)
+    r.optimizer.zero_grad(set_to_none=r.graphs is None)  # a captured graph accumulates into these .grad
     r.scheduler.step()
     r.pos.step += 1
     r.pos.tokens += tokens

@@ -32,7 +32,7 @@ from lorafit.run_dir import (
 )
 from lorafit.train import checkpoint as ckpt
 from lorafit.train import parallel as dist
-from lorafit.train.log import memory_gib, steady_tokens_per_s
+from lorafit.train.log import memory_gib, reserved_gib, steady_tokens_per_s
 from lorafit.train.optim import optimizer_state_bytes
 from lorafit.train.plots import plot_loss
 from lorafit.train.state import TrainState
@@ -178,12 +178,15 @@ def write_summary(r: TrainState, seconds: float, peaks: list[float] | None = Non
     trainable, total = parameter_counts(r.model)
     summary = {"steps": r.pos.step, "epochs": round(r.pos.epoch_fraction(r.plan), 3),
                "trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1),
-               "peak_memory_gib": round(memory_gib(r.d.device), 3), "seconds": round(seconds, 1),
+               "peak_memory_gib": round(memory_gib(r.d.device), 3),
+               "peak_reserved_gib": None if (res := reserved_gib(r.d.device)) is None else round(res, 3),
+               "seconds": round(seconds, 1),
                "tokens": r.pos.tokens, "tokens_per_s": round(r.pos.tokens / max(seconds, 1e-9), 1),
                "steady_tokens_per_s": steady_tokens_per_s(r.tlog),
                "best_val_loss": r.pos.best_val, "skipped_steps": r.pos.skipped, "world_size": r.d.world_size,
                "fsdp": r.fsdp is not None, "peak_memory_gib_per_rank": [round(x, 3) for x in peaks or []],
-               "loss_path": "fused" if r.fast is not None else "reference"}
+               "loss_path": "fused" if r.fast is not None else "reference",
+               "cuda_graphs": r.graphs.summary() if r.graphs is not None else None}
     write_json_atomic(r.run_dir / SUMMARY_FILE, summary)
     describe_adapter(r.run_dir, r.cfg, summary)
     try:

@@ -37,6 +37,8 @@ class TrainState:
     fused_why: str = ""
     fast: Any = None
     """The fused loss (train/fast.py FastLoss) when the run uses it, else None."""
+    graphs: Any = None
+    """The CUDA graphs the passes replay (train/graphs.py PassGraphs) when graph_choice says so, else None."""
     ddp: torch.nn.Module | None = None
     """The module each micro-step calls: the LossModule, DDP-wrapped, or FSDP's sharded root."""
     optimizer: torch.optim.Optimizer | None = None
