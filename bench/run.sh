@@ -15,7 +15,8 @@
 #          bench/graphs_check.py: their losses step by step; needs m2:phi3-llama first; ~6 min)
 #        recipe (issue 14's recipe shape, one H200, ~7 min: lorafit's CLI on phi3_alpaca.yaml, all-linear, dropout 0,
 #          vs Unsloth and transformers+PEFT unpacked at 4 x 4 via peer_real.py, each in its own process, then the table)
-#        shapes (~9 min: 8x512 / 4x2048 on Phi-3-mini and Llama-3-8B dims, lorafit and Unsloth)
+#        shapes (~9 min: 8x512 / 4x2048 on Phi-3-mini and Llama-3-8B dims, lorafit (graphs, and rows eager on Phi-3)
+#          and Unsloth)
 #        long (~6 min: 1x32768 memory of lorafit and Unsloth, the 50-step loss check; carry .bench-data)
 #        recipes (~8 min: the shipped recipes as shipped, hub names swapped for local random models of their dims)
 #        m2:KIND (a random model of ../shared/bench/make_models2.py's KIND in /tmp/KIND), rcp:RECIPE[:FLAGS] (one recipe)
@@ -36,7 +37,7 @@ STEPS=${*:-tests model lorafit hf unsloth loss}
 STEPS=" $STEPS "
 STEPS=${STEPS// recipes / m2:phi3 m2:mistral-7b rcp:phi3_alpaca rcp:phi3_guanaco rcp:mistral7b }
 STEPS=${STEPS// recipe / m2:phi3-llama rcp:phi3_alpaca:all peer:unsloth peer:hf }
-STEPS=${STEPS// shapes / model sh:lorafit sh:unsloth m2:llama3-8b sh:lorafit@llama3-8b sh:unsloth@llama3-8b }
+STEPS=${STEPS// shapes / model sh:lorafit:graphs sh:lorafit sh:unsloth m2:llama3-8b sh:lorafit:graphs@llama3-8b sh:unsloth@llama3-8b }
 STEPS=${STEPS// long / model mem32k:lorafit mem32k:unsloth loss }
 LENS="bench/alpaca_lengths.txt bench/alpaca_prompt_lengths.txt"
 declare -A RMODEL=([phi3_alpaca]=/tmp/phi3 [phi3_guanaco]=/tmp/phi3 [mistral7b]=/tmp/mistral-7b)
