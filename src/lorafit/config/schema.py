@@ -51,8 +51,9 @@ class ModelArgs:
     """Recompute activations in backward to save memory (costs about a third more compute)."""
     offload_activations: bool = True
     """Fused path with checkpointing: park each layer's activations in pinned CPU memory (the least GPU memory); false
-    keeps only each layer's input, on the GPU. On an H200, Phi-3-mini dims: one 3,584-token row 15,166 vs 12,871
-    tok/s at +0.43 GiB (bench/bench.py); the recipe shape through the CLI 11,955 vs 11,851 at +0.65 GiB."""
+    keeps only each layer's input, on the GPU. On an H200, Phi-3-mini dims, before CUDA graphs: one 3,584-token row
+    15,166 vs 12,871 tok/s at +0.43 GiB (bench/bench.py); the recipe shape through the CLI 11,955 vs 11,851 at +0.65
+    GiB. With graphs, 8 x 512 ran 22,440 vs 23,588 tok/s (slower) at +0.60 GiB."""
     cuda_graphs: bool = True
     """Fused path, SFT on one GPU: replay each pass's forward and backward as a CUDA graph, one per bucket of pass
     lengths (passes padded up to it, ~3% more tokens), so the step no longer waits on the host queueing ~3,500
