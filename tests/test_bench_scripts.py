@@ -13,7 +13,8 @@ BENCH = REPO / "bench"
 def test_run_sh_parses_and_expands_its_groups():
     assert subprocess.run(["bash", "-n", str(BENCH / "run.sh")], check=False).returncode == 0
     text = (BENCH / "run.sh").read_text()
-    for step in ("rcp:phi3_alpaca:all peer:unsloth peer:hf", "sh:lorafit:graphs@llama3-8b", "graphs_check.py", "mem32k:unsloth loss"):
+    for step in ("rcp:phi3_alpaca:all peer:unsloth peer:hf", "sh:lorafit:graphs@llama3-8b", "graphs_check.py",
+                 "mem32k:unsloth loss"):
         assert step in text
 
 

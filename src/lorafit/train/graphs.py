@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from lorafit.data.records import IGNORE_INDEX
+from lorafit.kernels import reference
 from lorafit.kernels.attention import has_varlen
 
 log = logging.getLogger("lorafit")
@@ -57,23 +58,16 @@ def pad_pass(batch: dict[str, torch.Tensor], tokens: int, segments: int, max_len
     ids, labels, pos, doc = (batch[k][0] for k in _INPUTS)
     n = ids.numel()
     fill = [min(max_len, tokens - n - o) for o in range(0, tokens - n, max_len)]
-    _, lengths = torch.unique_consecutive(doc, return_counts=True)
-    seg = lengths.tolist() + fill
-    if len(seg) > segments or n > tokens:
-        raise ValueError(f"a pass of {n} tokens in {len(seg)} segments does not fit ({tokens}, {segments})")
     last = int(doc.max()) if n else 0
-    extra = len(fill)
-    cu = torch.zeros(segments + 1, dtype=torch.int32)
-    cu[1:len(seg) + 1] = torch.tensor(seg, dtype=torch.int32).cumsum(0)
-    cu[len(seg) + 1:] = tokens
-    f_pos = [torch.arange(m) for m in fill]
-    f_doc = [torch.full((m,), last + 1 + i) for i, m in enumerate(fill)]
     out = {"input_ids": torch.cat([ids, ids.new_zeros(tokens - n)]),
            "labels": torch.cat([labels, labels.new_full((tokens - n,), IGNORE_INDEX)]),
-           "position_ids": torch.cat([pos, *f_pos]) if extra else pos.clone(),
-           "doc_ids": torch.cat([doc, *f_doc]) if extra else doc.clone()}
-    out = {k: v.reshape(1, tokens).to(torch.long) for k, v in out.items()}
-    out["cu_seqlens"] = cu
+           "position_ids": torch.cat([pos, *(torch.arange(m) for m in fill)]),
+           "doc_ids": torch.cat([doc, *(torch.full((m,), last + 1 + i) for i, m in enumerate(fill))])}
+    out = {k: v.reshape(1, -1).to(torch.long) for k, v in out.items()}
+    cu = reference.segments(out["doc_ids"])
+    if cu.numel() > segments + 1 or n > tokens:
+        raise ValueError(f"a pass of {n} tokens in {cu.numel() - 1} segments does not fit ({tokens}, {segments})")
+    out["cu_seqlens"] = torch.cat([cu, cu.new_full((segments + 1 - cu.numel(),), tokens)])
     return out
 
 
@@ -108,8 +102,12 @@ class _Graph:
     seen: bool = False
     graph: torch.cuda.CUDAGraph | None = None
     loss: torch.Tensor | None = None
-    held: list[Any] = field(default_factory=list)      # what the graph reads and writes, kept alive
+    # what the graph reads and writes at fixed addresses, kept alive: checked (factors, weight buffer, .grad) or
+    # only held (the activation store's pinned arenas)
+    factors: Any = None
+    wbuf: torch.Tensor | None = None
     grads: list[torch.Tensor] = field(default_factory=list)
+    arenas: list[torch.Tensor] = field(default_factory=list)
 
 
 class PassGraphs:
@@ -191,7 +189,7 @@ class PassGraphs:
             raise RuntimeError(f"capturing a training pass as a CUDA graph failed: {str(e).splitlines()[0]}; "
                                "--cuda_graphs false runs every pass eagerly") from e
         g.graph = graph
-        g.held = [self.fast.factors, self.fast.pool.buf, *self.fast.store.arenas()]
+        g.factors, g.wbuf, g.arenas = self.fast.factors, self.fast.pool.buf, self.fast.store.arenas()
         self.stats["captured"] += 1
         self.stats["capture_s"] += time.perf_counter() - t0
 
@@ -199,10 +197,9 @@ class PassGraphs:
         """Whether every buffer the graph writes to is still the one in use (a .grad set to None is rebound)."""
         if g.graph is None:
             return True
-        factors, wbuf = g.held[0], g.held[1]
-        if self.fast.factors is not factors or self.fast.pool.buf is not wbuf:
+        if self.fast.factors is not g.factors or self.fast.pool.buf is not g.wbuf:
             return False
-        if not factors.current(factors.a_buf.device):   # (its own device: "cuda" and "cuda:0" compare unequal)
+        if not g.factors.current(g.factors.a_buf.device):   # (its own device: "cuda" and "cuda:0" compare unequal)
             return False
         for i, (p, held) in enumerate(zip(self.params, g.grads, strict=True)):
             if p.grad is None:
