@@ -3,10 +3,12 @@ transformers process-wide, so every stack runs in its own process; bench/run.sh 
 
 usage: python bench/bench.py STACK MODEL_DIR [--shapes 8x512,4x2048] [--real]
 STACK: hf (transformers + PEFT + bitsandbytes, the seeds' stack, as ../shared/bench/peer_bench.py),
-       unsloth, or lorafit[:offload|:gpu|:nockpt|:graphs|:graphs-gpu] (fast path; activation checkpointing with inputs
-       parked in pinned CPU memory / kept on the GPU / no recomputation at all / parked, and each step one
-       padding-free row of its records replayed as a CUDA graph, as `lorafit train` runs it: train/graphs.py;
-       graphs-gpu: the same with each layer's input kept on the GPU, --offload_activations false).
+       unsloth[:nockpt], or lorafit[:offload|:gpu|:nockpt|:graphs|:graphs-gpu|:graphs-nockpt] (fast path; activation
+       checkpointing with inputs parked in pinned CPU memory / kept on the GPU / no recomputation at all / parked,
+       and each step one padding-free row of its records replayed as a CUDA graph, as `lorafit train` runs it:
+       train/graphs.py; graphs-gpu: the same with each layer's input kept on the GPU, --offload_activations false;
+       graphs-nockpt: graphed, no checkpointing, --gradient_checkpointing false). unsloth:nockpt: Unsloth with
+       use_gradient_checkpointing=False, its like for like against lorafit's nockpt stacks.
 Shapes: the same random token batch every step, all tokens labelled, median of 8 steps after 4
 warm-up steps. --real: one pass over the alpaca_en_demo record lengths (bench/alpaca_lengths.txt),
 random token ids, prompts masked from the loss; hf/unsloth take batches of 8 records padded to
@@ -28,14 +30,15 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def load(stack: str, path: str, max_seq: int = 2048):
     import torch
-    if stack == "unsloth":
+    if stack.startswith("unsloth"):
         os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
         os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", "/tmp/unsloth_cache")
         from unsloth import FastLanguageModel
         model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=max_seq, load_in_4bit=True,
                                                      dtype=torch.bfloat16, local_files_only=True)
         return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, target_modules=TARGETS,
-                                                bias="none", use_gradient_checkpointing="unsloth", random_state=0)
+                                                bias="none", random_state=0,
+                                                use_gradient_checkpointing="unsloth" if stack == "unsloth" else False)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -58,7 +61,7 @@ def make_step(stack: str, model, max_len: int = 2048):
     if stack.startswith("lorafit"):
         from lorafit.train.fast import enable_fast_path
         mode = stack.partition(":")[2] or "offload"
-        fl = enable_fast_path(model, gradient_checkpointing=mode != "nockpt",
+        fl = enable_fast_path(model, gradient_checkpointing=not mode.endswith("nockpt"),
                               offload_activations=mode in ("offload", "graphs"))
         if mode.startswith("graphs"):
             return graphed_step(fl, model, opt, max_len)

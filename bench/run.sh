@@ -11,8 +11,10 @@
 #              QLoRA), tiny random model), fsdp1 (the same sharded path on one GPU: torchrun --nproc_per_node 1 --fsdp true)
 #        qlora8b (Llama-3-8B-shaped QLoRA: FSDP over 2 vs DDP over 2 vs 1 GPU, peak memory and tokens/s; on one GPU:
 #              1 GPU vs FSDP over 1), qlora8b:STEP (one of its steps: model single ddp2 fsdp2 fsdp1 table)
-#        graphs (the recipe shape through the CLI with --cuda_graphs true and false, GSTEPS steps (100) each, then
-#          bench/graphs_check.py: their losses step by step; needs m2:phi3-llama first; ~6 min)
+#        graphs (the recipe shape through the CLI with --cuda_graphs true and false, GSTEPS steps (100) each, LoRA
+#          dropout GDROP (0), then bench/graphs_check.py: their losses step by step; needs m2:phi3-llama first; ~6 min)
+#        nockpt (~6 min: 8x512 / 4x2048 on Phi-3-mini dims without recomputation, lorafit graphed vs Unsloth, and
+#          both with checkpointing, each in its own process)
 #        recipe (issue 14's recipe shape, one H200, ~7 min: lorafit's CLI on phi3_alpaca.yaml, all-linear, dropout 0,
 #          vs Unsloth and transformers+PEFT unpacked at 4 x 4 via peer_real.py, each in its own process, then the table)
 #        shapes (~9 min: 8x512 / 4x2048 on Phi-3-mini and Llama-3-8B dims, lorafit (graphs, and rows eager on Phi-3)
@@ -38,6 +40,7 @@ STEPS=" $STEPS "
 STEPS=${STEPS// recipes / m2:phi3 m2:mistral-7b rcp:phi3_alpaca rcp:phi3_guanaco rcp:mistral7b }
 STEPS=${STEPS// recipe / m2:phi3-llama rcp:phi3_alpaca:all peer:unsloth peer:hf }
 STEPS=${STEPS// shapes / model sh:lorafit:graphs sh:lorafit sh:unsloth m2:llama3-8b sh:lorafit:graphs@llama3-8b sh:unsloth@llama3-8b }
+STEPS=${STEPS// nockpt / model sh:lorafit:graphs sh:lorafit:graphs-nockpt sh:unsloth sh:unsloth:nockpt }
 STEPS=${STEPS// long / model mem32k:lorafit mem32k:unsloth loss }
 LENS="bench/alpaca_lengths.txt bench/alpaca_prompt_lengths.txt"
 declare -A RMODEL=([phi3_alpaca]=/tmp/phi3 [phi3_guanaco]=/tmp/phi3 [mistral7b]=/tmp/mistral-7b)
@@ -68,7 +71,7 @@ for s in $STEPS; do
               | grep -E '^\{|Error' | tee -a "$OUT/results.jsonl" ;;
     sh:*) st=${s#sh:}; stack=${st%@*}; tag=""; m=$MODEL; pp=""
           if [ "$st" != "$stack" ]; then tag=@${st#*@}; m=/tmp/${st#*@}; fi
-          [ $stack = unsloth ] && pp=/tmp/site-peers:
+          [[ $stack == unsloth* ]] && pp=/tmp/site-peers:
           PYTHONPATH=$pp$PYTHONPATH timeout 300 python3 bench/bench.py $stack $m --tag "$tag" 2>&1 \
             | grep -E '^\{|Error' | tee -a "$OUT/results.jsonl" ;;
     mem32k:*) stack=${s#mem32k:}; pp=""; [ $stack = unsloth ] && pp=/tmp/site-peers:
@@ -83,7 +86,7 @@ for s in $STEPS; do
          python3 bench/dpo_bench.py table "$OUT/dpo.jsonl" | tee "$OUT/dpo_table.md" ;;
     graphs) for g in true false; do      # the recipe shape with CUDA graphs and without, same records: speed and losses
               timeout 420 python3 bench/recipe.py configs/phi3_alpaca.yaml /tmp/phi3-llama /tmp/rg-$g --steps ${GSTEPS:-100} \
-                --name recipe-graphs-$g --target_modules all-linear --lora_dropout 0 --cuda_graphs $g 2>&1 \
+                --name recipe-graphs-$g --target_modules all-linear --lora_dropout ${GDROP:-0} --cuda_graphs $g 2>&1 \
                 | tee -a "$OUT/log" | grep -E '^\{' | tee -a "$OUT/results.jsonl"
             done
             python3 bench/graphs_check.py /tmp/rg-true/run-phi3_alpaca /tmp/rg-false/run-phi3_alpaca 2>&1 | tee -a "$OUT/log" ;;

@@ -152,7 +152,8 @@ def test_fast_path_through_triton_kernels_in_interpreter():
     """The same equality tests with the Triton RMSNorm, RoPE, SwiGLU and linear+CE kernels in the
     fused forward and backward (Triton's interpreter on CPU), not their twins."""
     # one checkpointed, offloaded case per architecture (the others differ only outside the kernels)
-    run_in_interpreter(__file__, "fast_equals_model[True-True or packed_rows_equal or in_interpreter_uses", expect=7)
+    run_in_interpreter(__file__, "fast_equals_model[True-True or packed_rows_equal or in_interpreter_uses "
+                                 "or dropout_is_reproduced", expect=8)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs inside test_fast_path_through_triton_kernels_in_interpreter")

@@ -2,8 +2,9 @@
 
 Passes of two bucket shapes in turn, the LoRA weights changed between passes as an optimizer would: every
 pass's loss and every LoRA gradient equal the eager fused path's (bf16: to a relative 2e-2); each bucket runs
-eagerly on its first pass and is captured on its second; a .grad replaced behind the graphs' back makes them
-capture again instead of writing to the old tensor."""
+eagerly on its first pass and is captured on its second; under LoRA dropout a replay draws the masks its seed
+gives, as the eager pass does; under fp16 it reads the scaler's current scale; a .grad replaced behind the
+graphs' back makes them capture again instead of writing to the old tensor."""
 
 import pytest
 import torch
@@ -19,14 +20,14 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def _model(tmp_path, nf4: bool):
+def _model(tmp_path, nf4: bool, dropout: float = 0.0, dtype=torch.bfloat16):
     import peft
     import transformers
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=512, max_position_embeddings=512,
                                    tie_word_embeddings=False)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype)
     if nf4:
         pytest.importorskip("bitsandbytes")
         model.save_pretrained(tmp_path / "m")
@@ -36,7 +37,8 @@ def _model(tmp_path, nf4: bool):
                                                                   dtype=torch.bfloat16, device_map={"": 0})
     else:
         model = model.cuda()
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
+                                                   target_modules="all-linear"))
     for n, p in pm.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05)
@@ -52,33 +54,43 @@ def _row(lengths, seed):
     return concat_row(pieces, max_seq_length=128)
 
 
-@pytest.mark.parametrize("nf4", [False, True])
-def test_replays_equal_the_eager_fused_pass(tmp_path, nf4):
-    pm = _model(tmp_path, nf4)
+@pytest.mark.parametrize("nf4, dropout, fp16", [(False, 0.0, False), (True, 0.0, False), (True, 0.1, False),
+                                                (False, 0.1, True)])
+def test_replays_equal_the_eager_fused_pass(tmp_path, nf4, dropout, fp16):
+    dtype = torch.float16 if fp16 else torch.bfloat16
+    pm = _model(tmp_path, nf4, dropout, dtype)
+    pm.train()
     fl = enable_fast_path(pm, gradient_checkpointing=True, offload_activations=True)
     params = [p for p in pm.parameters() if p.requires_grad]
-    graphs = PassGraphs(fl, params, max_seq_length=128, dtype=torch.bfloat16, device=torch.device("cuda"))
+    # fp16: the loss is scaled by the scaler's device tensor, which the loop changes between steps
+    scaler = torch.amp.GradScaler("cuda", init_scale=256.0) if fp16 else None
+    graphs = PassGraphs(fl, params, max_seq_length=128, dtype=dtype, device=torch.device("cuda"), scaler=scaler)
     rows = [_row([100, 40, 77], 1), _row([128, 3, 90, 20], 2), _row([128] * 3 + [60], 3), _row([50, 51], 4),
             _row([128] * 3 + [90], 5), _row([7, 128, 100], 6)]
     for i, bt in enumerate(rows):
         w = 1.0 / (i + 1)
         for p in params:
             p.grad = None
+        torch.manual_seed(i)                        # the pass's dropout seed: the same draw for both runs
         with torch.cuda.stream(graphs.stream):      # where the loop runs every pass
-            loss, _ = fl({k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in fl.host_plan(bt).items()})
-            (loss * w).backward()
+            with torch.autocast("cuda", dtype=dtype):
+                loss, _ = fl({k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in fl.host_plan(bt).items()})
+            (scaler.scale(loss * w) if fp16 else loss * w).backward()
             ref = [p.grad.clone() for p in params]
             loss = loss.detach()
         torch.cuda.current_stream().wait_stream(graphs.stream)
         for p in params:
             p.grad = None        # the graphs rebind the .grad they were captured with
+        torch.manual_seed(i)
         got = graphs.run(bt, w)
         assert rel(got, loss) < 2e-2, i
         worst = max(rel(p.grad, r) for p, r in zip(params, ref, strict=True))
         assert worst < 2e-2, (i, worst)
-        with torch.no_grad():    # an optimizer step: the replay must read the new factors
+        with torch.no_grad():    # an optimizer step: the replay must read the new factors (and the new scale)
             for p in params:
                 p.add_(torch.randn_like(p) * 0.02)
+            if fp16:
+                scaler.update(scaler.get_scale() / 2)   # in place, as the loop's update does
     s = graphs.summary()
     assert s["buckets"] == [256, 512] and s["captured"] == 2 and s["replays"] == len(rows) - 2, s
     # a .grad replaced behind the graphs' back: capture again rather than write to the tensor they hold

@@ -32,7 +32,7 @@ def kernel(name):
 def test_triton_kernels_in_interpreter():
     # by test name: "_kernel" alone would also match the module's name, test_kernels.py, and select every test
     run_in_interpreter(__file__, "rmsnorm_kernel or qkv_rope_kernel or swiglu_kernel or rope_kernel_on "
-                                 "or linear_cross_entropy_kernel", expect=20)
+                                 "or linear_cross_entropy_kernel or hashed_dropout_kernel", expect=22)
 
 
 def rel(a, b):
@@ -138,10 +138,10 @@ def test_lora_group_grad_only_skips_the_product_but_not_the_gradients(dropout):
     x, res = leaf(13, 48, dtype=torch.float32), leaf(13, 64, dtype=torch.float32)
     dy = torch.randn(13, 64, device=DEV)
     params = [p for h in heads for p in (h.lora_A, h.lora_B)]
+    seed = torch.tensor([77], device=DEV)          # the same dropout masks in both calls: the same seed
     grads = []
     for grad_only in (False, True):
-        torch.manual_seed(1)           # the same dropout masks in both calls, as the checkpoint's saved RNG gives
-        y = lora_group(x, heads, training=True, residual=res, grad_only=grad_only)
+        y = lora_group(x, heads, training=True, residual=res, grad_only=grad_only, seed=seed)
         grads.append(torch.autograd.grad(y, [x, res, *params], dy))
     for g, g_only in zip(*grads, strict=True):
         torch.testing.assert_close(g_only, g)
@@ -173,8 +173,8 @@ def test_lora_group_reused_lowrank_and_kept_weight_give_the_same_gradients():
 
 def test_lora_group_dropout_uses_one_mask_per_head_and_matches_reference():
     """Two identical heads under dropout answer differently (a mask each, as PEFT's separate nn.Dropout
-    modules draw), and output and gradients equal the twin given the masks the same seed draws:
-    one (N, in) bernoulli(1 - p) / (1 - p) per head, in head order."""
+    modules draw), and output and gradients equal the twin given each head's hashed mask: the seed gives the
+    masks, so a second call with it (a recomputation, a graph's replay) draws the same ones."""
     torch.manual_seed(0)
     twin = _heads(32, (16,), 4, torch.float32, dropout=0.5)[0]
     heads = [twin, Head(out_features=16, dequant=twin.dequant, lora_A=twin.lora_A, lora_B=twin.lora_B,
@@ -182,13 +182,17 @@ def test_lora_group_dropout_uses_one_mask_per_head_and_matches_reference():
     heads += _heads(32, (8,), 4, torch.float32, dropout=0.5)
     x = leaf(11, 32, dtype=torch.float32)
     params = [twin.lora_A, twin.lora_B, heads[2].lora_A, heads[2].lora_B]
-    torch.manual_seed(3)
-    y = lora_group(x, heads, training=True)
+    seed = torch.tensor([12345], device=DEV)
+    y = lora_group(x, heads, training=True, seed=seed)
     assert not torch.allclose(y[:, :16], y[:, 16:32])              # same weights, other masks
+    torch.testing.assert_close(lora_group(x, heads, training=True, seed=seed), y, rtol=0, atol=0)
+    assert not torch.allclose(lora_group(x, heads, training=True, seed=seed + 1), y)
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, [x, *params], dy)
-    torch.manual_seed(3)
-    masks = [torch.empty_like(x).bernoulli_(0.5).div_(0.5) for _ in heads]
+    ones = torch.ones_like(x)
+    masks = [reference.hashed_dropout(ones, seed, salt, p) for salt, p in
+             [(h.salt * 16 + i, h.dropout) for i, h in enumerate(heads)]]
+    assert all(set(m.unique().tolist()) == {0.0, 2.0} for m in masks)
     loras = [(h.lora_A, h.lora_B, h.scaling) for h in heads]
     weights = [h.dequant(None) for h in heads]
     yr = reference.lora_group(x, weights, [None] * 3, loras, dropout_masks=masks)
@@ -198,6 +202,38 @@ def test_lora_group_dropout_uses_one_mask_per_head_and_matches_reference():
         torch.testing.assert_close(g, gr, atol=5e-5, rtol=1e-4)
     y_eval = lora_group(x, heads, training=False)
     torch.testing.assert_close(y_eval, reference.lora_group(x, weights, [None] * 3, loras))
+
+
+def test_hashed_dropout_keeps_one_minus_p_and_differs_by_seed_and_salt():
+    """The twin's masks: about 1 - p kept, scaled by 1 / (1 - p); another seed or salt, another mask; the same
+    seed and salt, the same mask on any device."""
+    t = torch.ones(512, 384)
+    seed = torch.tensor([2024])
+    for p in (0.05, 0.3, 0.5):
+        kept = reference.hashed_dropout(t, seed, 3, p)
+        frac = (kept != 0).float().mean().item()
+        assert abs(frac - (1 - p)) < 0.005, (p, frac)
+        assert torch.allclose(kept[kept != 0], torch.tensor(1 / (1 - p)))
+    base = reference.hashed_dropout(t, seed, 3, 0.5) != 0
+    for other in (reference.hashed_dropout(t, seed + 1, 3, 0.5), reference.hashed_dropout(t, seed, 4, 0.5)):
+        agree = ((other != 0) == base).float().mean().item()
+        assert 0.45 < agree < 0.55                                  # independent masks agree half the time
+    rows = base.float().mean(1)
+    assert rows.min() > 0.4 and rows.max() < 0.6                    # no row (token) is all kept or all dropped
+    assert torch.equal(reference.hashed_dropout(t.to(DEV), seed.to(DEV), 3, 0.5).cpu() != 0, base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hashed_dropout_kernel(dtype):
+    mod = kernel("dropout")
+    t = leaf(37, 1030, dtype=dtype).detach()
+    seed = torch.tensor([987654321], device=DEV)
+    got, want = mod.hashed_dropout(t, seed, 11, 0.1), reference.hashed_dropout(t, seed, 11, 0.1)
+    assert torch.equal(got == 0, want == 0)                         # the same mask, bit for bit
+    if INTERPRETED and dtype == torch.bfloat16:
+        assert rel(got, want) < TOL[dtype]                          # the interpreter truncates float32 -> bf16
+    else:
+        assert torch.equal(got, want)
 
 
 # ------------------------------------------------------------------ Triton kernels vs twins
@@ -366,7 +402,7 @@ def test_offloaded_checkpoint_gives_plain_autograd_gradients():
     store = ActivationStore(offload=True)
     z = xs
     for i in range(3):
-        z = checkpoint(fn, z, store, i, preserve_rng=False)
+        z = checkpoint(fn, z, store, i)
     z.sum().backward()      # parameters get their gradients inside the recompute (as reentrant checkpointing)
     gx, gw = xs.grad.clone(), w.grad.clone()
     xs.grad = w.grad = None
@@ -394,7 +430,7 @@ def test_checkpoint_parks_extras_and_recompute_reads_them():
     store = ActivationStore(offload=True)
     z = xs
     for i in range(3):
-        z = checkpoint(first, z, store, i, preserve_rng=False, recompute=again)
+        z = checkpoint(first, z, store, i, recompute=again)
     assert store.saved[0][1].device.type == "cpu" and store.saved[0][2] == 3
     store.prefetch(2, "cuda")           # started early (as the fast path does before its last layer)
     z.sum().backward()

@@ -57,7 +57,8 @@ class ModelArgs:
     cuda_graphs: bool = True
     """Fused path, SFT on one GPU: replay each pass's forward and backward as a CUDA graph, one per bucket of pass
     lengths (passes padded up to it, ~3% more tokens), so the step no longer waits on the host queueing ~3,500
-    kernel launches. Off by itself where it cannot apply (LoRA dropout, several processes, fp16); the log says."""
+    kernel launches (LoRA dropout and fp16 loss scaling included). Off by itself where it cannot apply (several
+    processes, DPO/ORPO/KTO/GRPO, a sliding window under max_seq_length); the log says."""
     fast_kernels: str = "auto"
     """Fused Triton LoRA/QLoRA kernels: auto (on a CUDA GPU for supported architectures), on, off."""
 

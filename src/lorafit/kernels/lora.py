@@ -8,13 +8,17 @@ backward dequantizes again (about 25 us for 3072 x 8192 on an H100, far cheaper 
 bf16 copy of every weight) and gives dx with one product per term, dA and dB per head.
 
 Dropout (PEFT applies it to the LoRA input only) draws one mask per head, as PEFT's separate
-nn.Dropout modules do; with p = 0 no mask exists and the A's stay concatenated.
+nn.Dropout modules do, from a counter hash of (seed, head, element) (kernels/dropout.py): no mask is
+saved, backward draws it again, and so does a checkpoint's recomputation, with no generator state.
+With p = 0 no mask exists and the A's stay concatenated.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from lorafit.kernels import reference
 
 
 @dataclass
@@ -27,6 +31,7 @@ class Head:
     lora_B: torch.Tensor | None = None    # (out, r), PEFT's lora_B.weight
     scaling: float = 1.0
     dropout: float = 0.0
+    salt: int = 0                         # tells this module's dropout masks from every other module's
 
 
 @dataclass
@@ -56,6 +61,9 @@ class Group:
         self.offsets = [sum(h.out_features for h in heads[:i]) for i in range(len(heads))]
         scales = {h.scaling for h in self.lora}
         self.scaling = scales.pop() if len(scales) == 1 else None     # one scaling for all heads (the usual case)
+        # (salt of the head's dropout mask, p) per LoRA head; a group's heads share an input, not a mask
+        self.drops = [(h.salt * 16 + i, h.dropout) for i, h in enumerate(self.lora)]
+        self.lora_offsets = [o for o, h in zip(self.offsets, heads, strict=True) if h.lora_A is not None]
         self.w_views = None
         self.packed = False
         self.a = self.b = self.bias = None
@@ -147,7 +155,7 @@ def _base_weight(group: Group, in_features: int, dtype, device, pool: WeightBuff
 
 class _LoRAGroup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, group, pool, training, grad_only, value, lowrank, keep_weight, *params):
+    def forward(ctx, x, residual, group, pool, training, grad_only, value, lowrank, keep_weight, dropout, *params):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         n, d_in = x2.shape
@@ -159,29 +167,26 @@ class _LoRAGroup(torch.autograd.Function):
         if bias is not None:
             c = bias if c is None else c + bias
         lora = group.lora
-        masks, h_act = [], None
+        h_act = None
+        seed, drop = dropout
+        use_drop = bool(lora) and training and any(p > 0 for _, p in group.drops)
         if lora:
-            use_drop = training and any(h.dropout > 0 for h in lora)
             if lowrank[0] is not None:
-                # x @ A^T as an earlier forward over the same x computed it (parked by a checkpoint)
-                assert not use_drop, "a low-rank activation cannot be reused under dropout (new masks)"
+                # x @ A^T as an earlier forward over the same x computed it (parked by a checkpoint; its
+                # dropout masks are the ones this call would draw: the same seed)
                 h_act = lowrank[0].reshape(n, -1)
             elif use_drop:
                 hs, r0 = [], 0
-                for h in lora:
-                    m = None
-                    if h.dropout > 0:
-                        m = torch.empty_like(x2).bernoulli_(1 - h.dropout).div_(1 - h.dropout)
-                    masks.append(m)
+                for h, (salt, p) in zip(lora, group.drops, strict=True):
                     r = h.lora_A.shape[0]
-                    hs.append((x2 if m is None else x2 * m) @ a_cat[r0:r0 + r].t())
+                    hs.append((drop(x2, seed, salt, p) if p > 0 else x2) @ a_cat[r0:r0 + r].t())
                     r0 += r
                 h_act = torch.cat(hs, dim=1)
             else:
                 h_act = x2 @ a_cat.t()                                   # (n, sum r)
         if grad_only:
             # a recomputation whose output value nobody reads (the last product of a checkpointed layer):
-            # keep what backward needs (x, h, masks), skip the product, hand back uninitialised memory,
+            # keep what backward needs (x, h), skip the product, hand back uninitialised memory,
             # or the output's value parked by an earlier forward when a later op reads it
             y = torch.empty(n, group.out_features, dtype=dtype, device=x.device) if value[0] is None \
                 else value[0].reshape(n, group.out_features)
@@ -195,15 +200,15 @@ class _LoRAGroup(torch.autograd.Function):
         ctx.has_residual = residual is not None
         ctx.group, ctx.pool, ctx.shape = group, pool, shape
         ctx.w = w if keep_weight else None
-        ctx.save_for_backward(x2, h_act, *[m if m is not None else x2[:0] for m in masks])
-        ctx.has_mask = [m is not None for m in masks]
+        ctx.dropout = (seed, drop) if use_drop else None
+        ctx.save_for_backward(x2, h_act)
         h_out = h_act if h_act is not None and lowrank[0] is None else x2.new_empty(0)   # (a given one: not again)
         ctx.mark_non_differentiable(h_out)
         return y.view(*shape[:-1], y.shape[-1]), h_out
 
     @staticmethod
     def backward(ctx, dy, _dh_out):
-        x2, h_act, *masks = ctx.saved_tensors
+        x2, h_act = ctx.saved_tensors
         group = ctx.group
         n, d_in = x2.shape
         dtype = x2.dtype
@@ -218,7 +223,7 @@ class _LoRAGroup(torch.autograd.Function):
         else:
             a_cat, b_bd, _ = group.prepared(dtype, x2.device)
             dh = dy @ b_bd                                                # (n, sum r), scaling folded in
-            if not ctx.has_mask:
+            if ctx.dropout is None:
                 dx = dh @ a_cat                                           # low-rank first, then beta = 1
                 dx.addmm_(dy, w)
                 grad_a_all = (dh.t() @ x2).float()                        # (sum r, in): every dA in one product
@@ -227,27 +232,26 @@ class _LoRAGroup(torch.autograd.Function):
             # every dB in one product too: dy^T h is (sum out, sum r) and head i's dB is its diagonal block
             # (the off-diagonal blocks are a few skinny FLOPs; one launch instead of ~7 per head)
             grad_b_all = (dy.t() @ h_act).float().mul_(group.scaling) if group.scaling is not None else None
-            r0 = i = 0
-            for o, h in zip(group.offsets, group.heads, strict=True):
-                if h.lora_A is None:
-                    continue
+            r0 = 0
+            for o, h, (salt, p) in zip(group.lora_offsets, group.lora, group.drops, strict=True):
                 r = h.lora_A.shape[0]
                 if grad_b_all is not None:
                     grad_b = grad_b_all[o:o + h.out_features, r0:r0 + r]
                 else:
                     grad_b = (dy[:, o:o + h.out_features].t() @ h_act[:, r0:r0 + r]).float().mul_(h.scaling)
-                if not ctx.has_mask:
+                if ctx.dropout is None:
                     grad_a = grad_a_all[r0:r0 + r]                            # dx's low-rank term is in already
                 else:
+                    # the mask again, from the seed: dA = dh^T (x * mask), dx += (dh A) * mask
+                    seed, drop = ctx.dropout
                     dhs = dh[:, r0:r0 + r]
-                    xm = x2 if masks[i].numel() == 0 else x2 * masks[i]
-                    grad_a = (dhs.t() @ xm).float()
-                    dx.add_(dhs @ a_cat[r0:r0 + r] if masks[i].numel() == 0 else (dhs @ a_cat[r0:r0 + r]) * masks[i])
+                    grad_a = (dhs.t() @ (drop(x2, seed, salt, p) if p > 0 else x2)).float()
+                    dxs = dhs @ a_cat[r0:r0 + r]
+                    dx.add_(drop(dxs, seed, salt, p) if p > 0 else dxs)
                 grads += [grad_a.to(h.lora_A.dtype), grad_b.to(h.lora_B.dtype)]
                 r0 += r
-                i += 1
         dres = dy.view(*ctx.shape[:-1], dy.shape[-1]) if ctx.has_residual else None
-        return (dx.view(ctx.shape), dres, None, None, None, None, None, None, None, *grads)
+        return (dx.view(ctx.shape), dres, None, None, None, None, None, None, None, None, *grads)
 
 
 def _block_diag_b(heads: list[Head], dtype) -> torch.Tensor:
@@ -270,7 +274,8 @@ def _block_diag_b(heads: list[Head], dtype) -> torch.Tensor:
 def lora_group(x: torch.Tensor, heads: list[Head] | Group, pool: WeightBuffer | None = None,
                training: bool = True, residual: torch.Tensor | None = None,
                grad_only: bool = False, value: torch.Tensor | None = None, lowrank: torch.Tensor | None = None,
-               keep_weight: bool = False, with_lowrank: bool = False):
+               keep_weight: bool = False, with_lowrank: bool = False, seed: torch.Tensor | None = None,
+               drop=None):
     """x (..., in) -> (..., sum_out): concatenated outputs of the heads (see module docstring).
 
     `residual` (..., sum_out), if given, is added to the output inside the same product (beta = 1).
@@ -281,14 +286,19 @@ def lora_group(x: torch.Tensor, heads: list[Head] | Group, pool: WeightBuffer | 
     A checkpoint's recomputation can also skip the low-rank product x @ A^T: `with_lowrank` returns
     (y, h) where h (..., sum r) is that product (empty without LoRA; no gradient flows into it), and
     `lowrank` = such an h from an earlier forward over the same x is used instead of computing it
-    (not under dropout: new masks would change it). `keep_weight`: the dequantized base weight gets
+    (its dropout masks are the ones this call draws from the same seed). `keep_weight`: the dequantized base weight gets
     its own memory and backward reuses it (one dequantization fewer, the weight held until then).
+    Dropout (training, p > 0): head i's mask is drop(x, seed, salt_i, p) (reference.hashed_dropout unless the
+    caller passes the Triton twin), `seed` an int64 device tensor of one value (drawn here if None); the same seed
+    gives the same masks.
     Twin: reference.lora_group (+ residual). Gradients flow to x, residual and every lora_A / lora_B."""
     group = heads if isinstance(heads, Group) else Group(heads)
     params = []
     for h in group.heads:
         if h.lora_A is not None:
             params += [h.lora_A, h.lora_B]
+    if training and seed is None and any(p > 0 for _, p in group.drops):
+        seed = torch.randint(0, 1 << 31, (1,), device=x.device)
     y, h = _LoRAGroup.apply(x, residual, group, pool, training, grad_only, (value,), (lowrank,),
-                            keep_weight, *params)
+                            keep_weight, (seed, drop or reference.hashed_dropout), *params)
     return (y, h.view(*x.shape[:-1], -1) if h.numel() else None) if with_lowrank else y

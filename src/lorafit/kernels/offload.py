@@ -129,10 +129,9 @@ class ActivationStore:
 
 class _Checkpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, fn, store, idx, rng, recompute):
+    def forward(ctx, x, fn, store, idx, recompute):
         ctx.fn = recompute or fn
         ctx.store, ctx.idx, ctx.device = store, idx, x.device
-        ctx.rng = (torch.cuda.get_rng_state(x.device) if x.is_cuda else torch.get_rng_state()) if rng else None
         with torch.no_grad():
             out = fn(x)
         extras = ()
@@ -146,25 +145,16 @@ class _Checkpoint(torch.autograd.Function):
         x, *extras = ctx.store.load(ctx.idx, ctx.device)
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            if ctx.rng is None:
-                out = ctx.fn(x, *extras)
-            else:
-                devices = [ctx.device] if ctx.device.type == "cuda" else []
-                with torch.random.fork_rng(devices=devices, device_type=ctx.device.type):
-                    if devices:
-                        torch.cuda.set_rng_state(ctx.rng, ctx.device)
-                    else:
-                        torch.set_rng_state(ctx.rng)
-                    out = ctx.fn(x, *extras)
+            out = ctx.fn(x, *extras)
         torch.autograd.backward(out, dout)
-        return x.grad, None, None, None, None, None
+        return x.grad, None, None, None, None
 
 
-def checkpoint(fn, x: torch.Tensor, store: ActivationStore, idx: int, preserve_rng: bool,
-               recompute=None) -> torch.Tensor:
+def checkpoint(fn, x: torch.Tensor, store: ActivationStore, idx: int, recompute=None) -> torch.Tensor:
     """fn(x) with x kept in `store` and fn recomputed in backward; x must require grad.
     `recompute` (default fn) is what backward reruns: the same graph, but it may skip work whose
     output value backward never reads (only the output's gradient flows back into it).
     fn may return (out, extras): the tuple `extras` is parked with x and backward calls
-    recompute(x, *extras), which must give the same graph using those values."""
-    return _Checkpoint.apply(x, fn, store, idx, preserve_rng, recompute)
+    recompute(x, *extras), which must give the same graph using those values. No generator state is saved:
+    fn must draw any randomness it uses again the same way (the fast path's dropout masks hash a seed)."""
+    return _Checkpoint.apply(x, fn, store, idx, recompute)

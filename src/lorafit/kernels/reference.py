@@ -155,3 +155,43 @@ def dequant_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
         n *= s
     vals = qs.code.float()[idx[:n]] * absmax.repeat_interleave(qs.blocksize)[:n]
     return vals.to(qs.dtype).view(tuple(qs.shape))
+
+
+# ---------------------------------------------------------------- dropout masks from a counter hash
+# A mask is a pure function of (seed, salt, element index): the recomputation of a checkpointed layer, the
+# backward and a CUDA graph's replay all get the forward's mask back without saving it or touching a
+# generator's state (which lives on the host and cannot be read or set inside a graph).
+
+_M32 = 0xFFFFFFFF
+
+
+def mix32(x):
+    """A bijective 32-bit integer hash (the "lowbias32" xorshift-multiply finalizer), on a Python int or an int64
+    tensor of values in [0, 2^32); products are split in 16-bit halves so int64 never overflows."""
+    def mul(v, c):
+        return (v * (c & 0xFFFF) + (((v * (c >> 16)) & 0xFFFF) << 16)) & _M32
+    x = x ^ (x >> 16)
+    x = mul(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = mul(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def salt_key(salt: int) -> int:
+    """The per-mask constant mixed with the seed (< 2^31: a Triton argument stays a 32-bit int)."""
+    return mix32(salt & _M32) & 0x7FFFFFFF
+
+
+def dropout_threshold(p: float) -> int:
+    """An element is kept when the top 24 bits of its hash are >= this."""
+    return round(p * (1 << 24))
+
+
+def hashed_dropout(t: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
+    """t * keep / (1 - p), keep = (mix32(mix32(i ^ k) + k) >> 8) >= p * 2^24 for element i of t (row-major) and
+    k = mix32(seed ^ salt_key(salt)); seed: an int64 tensor of one value in [0, 2^31), on any device."""
+    k = mix32((seed.reshape(()).to(torch.int64) & _M32) ^ salt_key(salt))
+    i = torch.arange(t.numel(), dtype=torch.int64, device=t.device)
+    bits = mix32((mix32(i ^ k) + k) & _M32)
+    keep = ((bits >> 8) >= dropout_threshold(p)).view(t.shape)
+    return torch.where(keep, t.float() * (1.0 / (1.0 - p)), 0.0).to(t.dtype)

@@ -7,11 +7,13 @@ qkv_proj) over the dequantized NF4 base, Triton RoPE, flash attention (varlen fo
 one fused LoRA product for o, gate/up and down each, Triton SwiGLU; each layer but the last
 checkpointed with its input, attention output, mid-layer residual and low-rank activations
 parked in pinned CPU memory (the recomputation then skips the attention forward, the o and down
-products and the x @ A^T products); a chunked linear + cross-entropy over the labelled tokens
-only: summed (SFT), or per token and summed per sequence (DPO, ORPO, KTO: a pair's chosen and
-rejected are documents of one padding-free row). The preference objectives' reference is the same
-stack with the LoRA products left out (the same base weights, no copy), which PEFT's
-disable_adapter() cannot switch off here: these products read lora_A / lora_B themselves.
+products and the x @ A^T products); LoRA dropout masks hashed from a per-pass seed (kernels/dropout.py),
+so the recomputation and the backward draw them again without generator state; a chunked linear +
+cross-entropy over the labelled tokens only: summed (SFT), or per token and summed per sequence (DPO,
+ORPO, KTO: a pair's chosen and rejected are documents of one padding-free row). The preference
+objectives' reference is the same stack with the LoRA products left out (the same base weights, no
+copy), which PEFT's disable_adapter() cannot switch off here: these products read lora_A / lora_B
+themselves.
 On CPU (the test suite) the same code runs the plain-PyTorch twins.
 
 Supported: llama, mistral, qwen2, phi3 with plain LoRA (no DoRA, one adapter). Anything else
@@ -117,7 +119,7 @@ class _Dequant:
         return out.copy_(full)
 
 
-def _head(mod, adapter: str, dtype) -> Head:
+def _head(mod, adapter: str, dtype, salt: int = 0) -> Head:
     lora_cls = _lora_layer_cls()
     if isinstance(mod, lora_cls):
         base = mod.get_base_layer()
@@ -125,7 +127,7 @@ def _head(mod, adapter: str, dtype) -> Head:
         return Head(out_features=base.out_features, dequant=_Dequant(base, dtype), bias=base.bias,
                     lora_A=mod.lora_A[adapter].weight, lora_B=mod.lora_B[adapter].weight,
                     scaling=float(mod.scaling[adapter]),
-                    dropout=float(drop.p) if isinstance(drop, torch.nn.Dropout) else 0.0)
+                    dropout=float(drop.p) if isinstance(drop, torch.nn.Dropout) else 0.0, salt=salt)
     if not isinstance(mod, torch.nn.Linear) and not has_4bit_weight(mod):
         raise TypeError(f"{type(mod).__name__} is not a linear layer")
     return Head(out_features=mod.out_features, dequant=_Dequant(mod, dtype), bias=mod.bias)
@@ -148,16 +150,16 @@ class _Layer:
 
 def _build_layers(base, adapter: str, dtype) -> list[_Layer]:
     layers = []
-    for blk in base.model.layers:
+    for i, blk in enumerate(base.model.layers):
         att, mlp = blk.self_attn, blk.mlp
         qkv = [att.qkv_proj] if hasattr(att, "qkv_proj") else [att.q_proj, att.k_proj, att.v_proj]
         gu = [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
         eps = getattr(blk.input_layernorm, "variance_epsilon", None) or blk.input_layernorm.eps
         layers.append(_Layer(ln1=blk.input_layernorm.weight, ln2=blk.post_attention_layernorm.weight, eps=float(eps),
-                             qkv=Group([_head(m, adapter, dtype) for m in qkv]),
-                             o=Group([_head(att.o_proj, adapter, dtype)]),
-                             gate_up=Group([_head(m, adapter, dtype) for m in gu]),
-                             down=Group([_head(mlp.down_proj, adapter, dtype)])))
+                             qkv=Group([_head(m, adapter, dtype, 4 * i) for m in qkv]),
+                             o=Group([_head(att.o_proj, adapter, dtype, 4 * i + 1)]),
+                             gate_up=Group([_head(m, adapter, dtype, 4 * i + 2) for m in gu]),
+                             down=Group([_head(mlp.down_proj, adapter, dtype, 4 * i + 3)])))
     return layers
 
 
@@ -184,14 +186,17 @@ def _ops(device: torch.device):
     fused forward/backward through them that way on machines without a GPU."""
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         from lorafit.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_sum
+        from lorafit.kernels.dropout import hashed_dropout
         from lorafit.kernels.rmsnorm import add_rmsnorm, rmsnorm, rmsnorm_fork
         from lorafit.kernels.rope import qkv_rope
         from lorafit.kernels.swiglu import swiglu
         return SimpleNamespace(rmsnorm=rmsnorm, rmsnorm_fork=rmsnorm_fork, add_rmsnorm=add_rmsnorm, qkv_rope=qkv_rope,
-                               swiglu=swiglu, ce=linear_cross_entropy_sum, ce_rows=linear_cross_entropy)
+                               swiglu=swiglu, ce=linear_cross_entropy_sum, ce_rows=linear_cross_entropy,
+                               drop=hashed_dropout)
     return SimpleNamespace(rmsnorm=reference.rmsnorm, rmsnorm_fork=reference.rmsnorm_fork,
                            add_rmsnorm=reference.add_rmsnorm, qkv_rope=reference.qkv_rope, swiglu=reference.swiglu,
-                           ce=reference.cross_entropy_sum, ce_rows=reference.cross_entropy)
+                           ce=reference.cross_entropy_sum, ce_rows=reference.cross_entropy,
+                           drop=reference.hashed_dropout)
 
 
 # ---------------------------------------------------------------- the loss
@@ -232,11 +237,19 @@ class FastLoss:
         for everything queued before it (the previous pass's backward, the optimizer step)."""
         tgt = _shifted(batch["labels"])
         out: dict[str, Any] = {**batch, "label_index": (tgt != IGNORE_INDEX).nonzero().squeeze(1)}
+        if self.dropout and self.model.training:
+            out["dropout_seed"] = self.dropout_seed()
         if "seq_index" in batch:
             out["label_seq"] = _label_seq(batch, out["label_index"])
         if "doc_ids" in batch:
             out["cu_seqlens"], out["max_seqlen"] = packed_plan(batch["doc_ids"])
         return out
+
+    def dropout_seed(self) -> torch.Tensor:
+        """A pass's dropout seed, (1,) int64 on the CPU: drawn from torch's CPU generator (so a run's seed and a
+        resumed checkpoint's generator state give the same masks), mixed with the process's rank."""
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return (torch.randint(0, 1 << 31, (1,)) + rank * 0x9E3779B1) % (1 << 31)
 
     def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         tgt, sel = _targets(batch)
@@ -311,13 +324,17 @@ class FastLoss:
         cos, sin = self.base.model.rotary_emb(x, pos)
         cos, sin = cos.reshape(b * t, -1).contiguous(), sin.reshape(b * t, -1).contiguous()
         x = x.reshape(b * t, -1)                                               # (N, C)
-        # the low-rank activations x @ A^T are parked with a layer and reused by its recomputation,
-        # except under dropout (the recomputation draws the masks again and needs them for backward)
+        # the pass's dropout seed: every mask of the pass is a hash of it (the forward, the recomputation and the
+        # backward agree without saving a mask); a direct call without one draws it here
+        seed = None
+        if self.dropout and training and layers is self.layers:
+            seed = batch.get("dropout_seed")
+            seed = (seed if seed is not None else self.dropout_seed()).to(device, non_blocking=True)
         # a sliding window no segment reaches changes nothing (Mistral-7B-v0.1's 4,096 against records of 512):
         # the packed rows then keep the varlen kernel instead of the masked fallback
         window = None if self.window is not None and plan is not None and plan[1] <= self.window else self.window
         ctx = SimpleNamespace(ops=ops, cos=cos, sin=sin, batch=b, plan=plan, doc_ids=doc_ids, training=training,
-                              park_lowrank=not (self.dropout and training), window=window)
+                              window=window, seed=seed)
         if self.gradient_checkpointing and torch.is_grad_enabled():
             x = x.detach().requires_grad_(True)
             self.store.clear()
@@ -325,7 +342,6 @@ class FastLoss:
             *body, last = layers
             for i, layer in enumerate(body):
                 x = checkpoint(lambda h, layer=layer: self._layer(layer, ctx, h, park=park), x, self.store, i,
-                               preserve_rng=self.dropout and training,
                                recompute=lambda h, *kept, layer=layer: self._layer(layer, ctx, h, grad_only=True,
                                                                                     kept=kept or None))
             # the last layer keeps its activations (no parking, no recomputation): its backward comes right
@@ -354,7 +370,7 @@ class FastLoss:
         # parked with the layer: attention output, mid-layer residual, the four low-rank activations, attention state
         low = kept[2:6] if kept is not None else (None,) * 4
         # the recomputation keeps its dequantized q/k/v and gate/up weights for the backward right after it
-        run = {"pool": self.pool, "training": c.training, "with_lowrank": True}
+        run = {"pool": self.pool, "training": c.training, "with_lowrank": True, "seed": c.seed, "drop": c.ops.drop}
         x, h = c.ops.rmsnorm_fork(x, ly.ln1, ly.eps)
         qkv, l_qkv = lora_group(h, ly.qkv, lowrank=low[0], keep_weight=grad_only, **run)
         q, k, v = c.ops.qkv_rope(qkv, c.cos, c.sin, hq, hkv, d)
@@ -375,8 +391,7 @@ class FastLoss:
         out, l_down = lora_group(c.ops.swiglu(gu), ly.down, residual=x, grad_only=grad_only, lowrank=low[3], **run)
         if not (park and state is not None):
             return out
-        lows = (l_qkv, l_o, l_gu, l_down) if c.park_lowrank else (None,) * 4
-        return out, (a, x, *lows, *state)
+        return out, (a, x, l_qkv, l_o, l_gu, l_down, *state)
 
 
 def _targets(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

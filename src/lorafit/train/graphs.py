@@ -18,10 +18,12 @@ and their .grad (accumulated in place: with graphs the loop zeroes gradients ins
 .grad replaced since the capture drops the graphs), the FactorPack and dequantization buffers (a new one drops
 the graphs), and the activation store's pinned host arenas (each graph holds the ones it was captured over).
 
-Not graphed (the fused path runs eagerly, and the log says why): LoRA dropout (the recomputation must redraw the
-forward's masks, which reads and sets the generator state on the host), more than one process, fp16 loss
-scaling, objectives other than SFT, a sliding window shorter than max_seq_length, a RoPE whose frequencies
-transformers re-picks on the host (dynamic, longrope), a torch without varlen attention.
+LoRA dropout replays too: its masks are hashes of a per-pass seed, one more static input (kernels/dropout.py).
+So does fp16 loss scaling: the scaler's scale is a device tensor it updates in place, read by the graph.
+
+Not graphed (the fused path runs eagerly, and the log says why): more than one process, objectives other than
+SFT, a sliding window shorter than max_seq_length, a RoPE whose frequencies transformers re-picks on the host
+(dynamic, longrope), a torch without varlen attention.
 """
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ def pad_pass(batch: dict[str, torch.Tensor], tokens: int, segments: int, max_len
     return out
 
 
-def graph_choice(cfg, fast, objective, d, scaler) -> tuple[bool, str]:
+def graph_choice(cfg, fast, objective, d) -> tuple[bool, str]:
     """(whether the run's passes are graphed, why) for a run whose loss path is `fast` (a FastLoss or None)."""
     if not cfg.model.cuda_graphs:
         return False, "off (--cuda_graphs false)"
@@ -81,10 +83,6 @@ def graph_choice(cfg, fast, objective, d, scaler) -> tuple[bool, str]:
         return False, "off (more than one process: the gradient all-reduce runs outside a graph)"
     if objective.name != "sft":
         return False, f"off (objective {objective.name}: SFT passes only)"
-    if fast.dropout:
-        return False, "off (LoRA dropout > 0: the recomputation redraws the masks from host-side generator state)"
-    if scaler is not None:
-        return False, "off (fp16 loss scaling; bf16 has none)"
     if fast.window is not None and fast.window < cfg.data.max_seq_length:
         return False, f"off (sliding window {fast.window} < max_seq_length {cfg.data.max_seq_length})"
     rope = str(getattr(getattr(fast.base.model, "rotary_emb", None), "rope_type", "default"))
@@ -114,8 +112,8 @@ class PassGraphs:
     """Runs a step's padding-free SFT passes through CUDA graphs (see the module docstring)."""
 
     def __init__(self, fast, params: list[torch.Tensor], max_seq_length: int, dtype: torch.dtype,
-                 device: torch.device):
-        self.fast, self.params, self.dtype, self.device = fast, params, dtype, device
+                 device: torch.device, scaler: torch.amp.GradScaler | None = None):
+        self.fast, self.params, self.dtype, self.device, self.scaler = fast, params, dtype, device, scaler
         self.max_len = max_seq_length
         self.stream = torch.cuda.Stream(device)
         self.pool = torch.cuda.graph_pool_handle()
@@ -130,7 +128,10 @@ class PassGraphs:
         docs = int(batch["doc_ids"].max()) if n else 0
         tokens = bucket_tokens(n)
         key = (tokens, bucket_segments(docs + -(-(tokens - n) // self.max_len)))
-        host = {k: v.pin_memory() for k, v in pad_pass(batch, *key, self.max_len).items()}
+        host = pad_pass(batch, *key, self.max_len)
+        if self.fast.dropout:
+            host["dropout_seed"] = self.fast.dropout_seed()
+        host = {k: v.pin_memory() for k, v in host.items()}
         self.stats["tokens"] += n
         self.stats["padded_tokens"] += tokens
         g = self.graphs.get(key)
@@ -156,7 +157,9 @@ class PassGraphs:
         autocast = torch.autocast("cuda", dtype=self.dtype, enabled=self.dtype != torch.float32, cache_enabled=False)
         with autocast:
             loss, _ = self.fast.masked_sum(batch)
-        (loss * self.weight).backward()
+        weighted = loss * self.weight
+        # fp16: scaled by the scaler's device tensor (created by the eager warm-up, updated in place by the loop)
+        (self.scaler.scale(weighted) if self.scaler is not None else weighted).backward()
         return loss.detach()
 
     def _eager(self, batch: dict[str, Any]) -> torch.Tensor:

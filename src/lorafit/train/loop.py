@@ -101,10 +101,10 @@ def _train(cfg: Config, d: dist.Dist) -> Path:
     r.scheduler = build_scheduler(r.optimizer, t, r.plan.total_steps)
     if t.fp16 and d.device.type == "cuda":
         r.scaler = torch.amp.GradScaler("cuda")  # fp16's 5-bit exponent underflows small gradients unscaled
-    graphed, why = graph_choice(cfg, fast, r.objective, d, r.scaler)
+    graphed, why = graph_choice(cfg, fast, r.objective, d)
     if graphed:
         r.graphs = PassGraphs(fast, [q for q in r.model.parameters() if q.requires_grad], cfg.data.max_seq_length,
-                              r.dtype, d.device)
+                              r.dtype, d.device, r.scaler)
     if fast is not None:
         lines.append(f"cuda graphs: {why}")
     prepare_output_dir(r)

@@ -28,11 +28,12 @@ def bytes_per_token(model_config, element_size: int, checkpointing: bool, fused:
     attention output, residuals, gate/up, SwiGLU); with checkpointing only each layer's input stays, plus one
     layer's worth while it recomputes. The reference path's logits cost vocab x (compute dtype + float32 copy +
     its gradient) for a labelled token (assumed all); the fused path's chunked cross-entropy never holds them.
-    LoRA dropout keeps a dropped copy of each adapted input and its mask (~6 hidden + 1 MLP size, all-linear)."""
+    On the reference path LoRA dropout keeps a dropped copy of each adapted input and its mask (~6 hidden + 1 MLP
+    size, all-linear); the fused path keeps neither (its masks are hashed again from a seed)."""
     h = model_config.hidden_size
     inter = getattr(model_config, "intermediate_size", None) or 4 * h
     layers = model_config.num_hidden_layers
-    per_layer = (8 * h + 4 * inter + (2 * (6 * h + inter) if dropout else 0)) * element_size
+    per_layer = (8 * h + 4 * inter + (2 * (6 * h + inter) if dropout and not fused else 0)) * element_size
     acts = (layers * h * element_size + per_layer) if checkpointing else layers * per_layer
     logits = 0 if fused else model_config.vocab_size * (element_size + 8)
     return float(acts + logits)
