@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from lorafit.kernels.dropout import hashed_dropout  # noqa: E402
+from lorafit.kernels import dropout  # noqa: E402
 from lorafit.kernels.lora import Head, lora_group  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     for d in (3072, 8192):
         x = torch.randn(a.tokens, d, device="cuda", dtype=torch.bfloat16)
         gb = 2 * x.numel() * x.element_size() / 1e9
-        rows = {"copy": lambda x=x: x.clone(), "hashed": lambda x=x: hashed_dropout(x, seed, 3, a.p),
+        rows = {"copy": lambda x=x: x.clone(), "hashed": lambda x=x: dropout.hashed_dropout(x, seed, 3, a.p),
                 "bernoulli": lambda x=x: x * torch.empty_like(x).bernoulli_(1 - a.p)}
         for name, fn in rows.items():
             t = ms(fn)
@@ -67,7 +67,7 @@ def main() -> None:
             dy = torch.randn(a.tokens, sum(outs), device="cuda", dtype=torch.bfloat16)
 
             def fwd_bwd(hs=hs, x=x, dy=dy):
-                y = lora_group(x, hs, training=True, seed=seed, drop=hashed_dropout)
+                y = lora_group(x, hs, training=True, seed=seed, drop=dropout)
                 y.backward(dy)
             print(json.dumps({"group": name, "p": p, "tokens": a.tokens, "fwd_bwd_ms": round(ms(fwd_bwd), 4)}))
 

@@ -21,7 +21,8 @@
 #          and Unsloth)
 #        long (~6 min: 1x32768 memory of lorafit and Unsloth, the 50-step loss check; carry .bench-data)
 #        recipes (~8 min: the shipped recipes as shipped, hub names swapped for local random models of their dims)
-#        m2:KIND (a random model of ../shared/bench/make_models2.py's KIND in /tmp/KIND), rcp:RECIPE[:FLAGS] (one recipe)
+#        m2:KIND (a random model of ../shared/bench/make_models2.py's KIND in /tmp/KIND), rcp:RECIPE (one recipe as
+#          shipped), rcp:RECIPE:eager (the same with --cuda_graphs false), rcp:RECIPE:all (the recipe shape)
 #        grpo (s per GRPO step, 8 prompts x 8 completions x 256 tokens, QLoRA: lorafit vs TRL's GRPOTrainer; makes the
 #        model if missing; about 5 minutes with the model: `bash bench/run.sh grpo`), grpo-adapter (after grpo: lorafit
 #        sampling through the adapter model, --rollout_weights adapter, as a third row; ~3 min)
@@ -63,7 +64,10 @@ for s in $STEPS; do
          python3 bench/table.py "$OUT/ddp.jsonl" | tee "$OUT/ddp_table.md" ;;
     m2:*) k=${s#m2:}; [ -d /tmp/$k ] || timeout 400 python3 bench/make_models2.py $k /tmp/$k 32768 2>&1 | tail -1 | tee -a "$OUT/log" ;;
     rcp:*) r=${s#rcp:}; name=${r%%:*}; model=${RMODEL[$name]}; extra=""
-           if [ "$r" != "$name" ]; then model=/tmp/phi3-llama; extra="--name recipe --target_modules all-linear --lora_dropout 0"; fi
+           case ${r#$name} in
+             :eager) extra="--name $name-eager --cuda_graphs false" ;;   # as shipped, CUDA graphs off
+             ?*) model=/tmp/phi3-llama; extra="--name recipe --target_modules all-linear --lora_dropout 0" ;;
+           esac
            timeout 400 python3 bench/recipe.py configs/$name.yaml $model /tmp/recipe-out --steps 40 $extra 2>&1 \
              | tee -a "$OUT/log" | grep -E '^\{' | tee -a "$OUT/results.jsonl" ;;
     peer:*) p=${s#peer:}; pp=""; [ $p = unsloth ] && pp=/tmp/site-peers:

@@ -12,7 +12,7 @@ import torch
 from triton_interp import CUDA, HAS_TRITON, INTERPRETED, OUTER_ONLY, run_in_interpreter
 
 from lorafit.kernels import reference
-from lorafit.kernels.lora import Head, WeightBuffer, lora_group
+from lorafit.kernels.lora import Group, Head, WeightBuffer, lora_group
 
 DEV = "cuda" if CUDA else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -171,15 +171,19 @@ def test_lora_group_reused_lowrank_and_kept_weight_give_the_same_gradients():
         torch.testing.assert_close(g2, g)
 
 
-def test_lora_group_dropout_uses_one_mask_per_head_and_matches_reference():
+@pytest.mark.parametrize("case", ["batched", "mixed_rank", "mixed_p"])
+def test_lora_group_dropout_uses_one_mask_per_head_and_matches_reference(case):
     """Two identical heads under dropout answer differently (a mask each, as PEFT's separate nn.Dropout
     modules draw), and output and gradients equal the twin given each head's hashed mask: the seed gives the
-    masks, so a second call with it (a recomputation, a graph's replay) draws the same ones."""
+    masks, so a second call with it (a recomputation, a graph's replay) draws the same ones. Heads of one rank
+    and p run batched (one launch for all masks, batched products); other groups head by head."""
     torch.manual_seed(0)
     twin = _heads(32, (16,), 4, torch.float32, dropout=0.5)[0]
     heads = [twin, Head(out_features=16, dequant=twin.dequant, lora_A=twin.lora_A, lora_B=twin.lora_B,
                         scaling=twin.scaling, dropout=twin.dropout)]
-    heads += _heads(32, (8,), 4, torch.float32, dropout=0.5)
+    rank, p = 2 if case == "mixed_rank" else 4, 0.3 if case == "mixed_p" else 0.5
+    heads += _heads(32, (8,), rank, torch.float32, dropout=p)
+    assert Group(heads).drop_batch is (case == "batched")
     x = leaf(11, 32, dtype=torch.float32)
     params = [twin.lora_A, twin.lora_B, heads[2].lora_A, heads[2].lora_B]
     seed = torch.tensor([12345], device=DEV)
@@ -190,9 +194,9 @@ def test_lora_group_dropout_uses_one_mask_per_head_and_matches_reference():
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, [x, *params], dy)
     ones = torch.ones_like(x)
-    masks = [reference.hashed_dropout(ones, seed, salt, p) for salt, p in
-             [(h.salt * 16 + i, h.dropout) for i, h in enumerate(heads)]]
-    assert all(set(m.unique().tolist()) == {0.0, 2.0} for m in masks)
+    masks = [reference.hashed_dropout(ones, seed, h.salt * 16 + i, h.dropout) for i, h in enumerate(heads)]
+    for m, h in zip(masks, heads, strict=True):
+        torch.testing.assert_close(m.unique().cpu(), torch.tensor([0.0, 1 / (1 - h.dropout)]))
     loras = [(h.lora_A, h.lora_B, h.scaling) for h in heads]
     weights = [h.dequant(None) for h in heads]
     yr = reference.lora_group(x, weights, [None] * 3, loras, dropout_masks=masks)
@@ -225,15 +229,26 @@ def test_hashed_dropout_keeps_one_minus_p_and_differs_by_seed_and_salt():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_hashed_dropout_kernel(dtype):
+    """The Triton masks are the twin's bit for bit: one head, three heads in one launch, and the masked sum of three
+    parts into an output (float32 accumulation in head order, one rounding)."""
     mod = kernel("dropout")
     t = leaf(37, 1030, dtype=dtype).detach()
     seed = torch.tensor([987654321], device=DEV)
-    got, want = mod.hashed_dropout(t, seed, 11, 0.1), reference.hashed_dropout(t, seed, 11, 0.1)
-    assert torch.equal(got == 0, want == 0)                         # the same mask, bit for bit
-    if INTERPRETED and dtype == torch.bfloat16:
-        assert rel(got, want) < TOL[dtype]                          # the interpreter truncates float32 -> bf16
-    else:
-        assert torch.equal(got, want)
+    salts = (11, 12, 40)
+    parts = torch.randn(3, 37, 1030, device=DEV).to(dtype)
+    pairs = [(mod.hashed_dropout(t, seed, 11, 0.1), reference.hashed_dropout(t, seed, 11, 0.1)),
+             (mod.hashed_dropout_heads(t, seed, salts, 0.1), reference.hashed_dropout_heads(t, seed, salts, 0.1)),
+             (mod.masked_sum_(t.clone(), parts, seed, salts, 0.1), reference.masked_sum_(t.clone(), parts, seed, salts,
+                                                                                           0.1))]
+    for got, want in pairs[:2]:
+        assert torch.equal(got == 0, want == 0)                     # the same masks
+    for got, want in pairs:
+        if INTERPRETED and dtype == torch.bfloat16:
+            assert rel(got, want) < TOL[dtype]                      # the interpreter truncates float32 -> bf16
+        else:
+            assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="1 to 4 heads"):
+        mod.hashed_dropout_heads(t, seed, (1, 2, 3, 4, 5), 0.1)
 
 
 # ------------------------------------------------------------------ Triton kernels vs twins

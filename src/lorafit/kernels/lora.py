@@ -10,7 +10,10 @@ bf16 copy of every weight) and gives dx with one product per term, dA and dB per
 Dropout (PEFT applies it to the LoRA input only) draws one mask per head, as PEFT's separate
 nn.Dropout modules do, from a counter hash of (seed, head, element) (kernels/dropout.py): no mask is
 saved, backward draws it again, and so does a checkpoint's recomputation, with no generator state.
-With p = 0 no mask exists and the A's stay concatenated.
+Heads of one rank and one p (the usual case) run batched: one launch writes the k dropped copies of x,
+one batched product gives every x_i A_i^T; backward draws the copies again for one batched dA product,
+writes every dh_i A_i into their memory and adds them into dx under their masks in one pass. With p = 0
+no mask exists and the A's stay concatenated.
 """
 from __future__ import annotations
 
@@ -64,6 +67,11 @@ class Group:
         # (salt of the head's dropout mask, p) per LoRA head; a group's heads share an input, not a mask
         self.drops = [(h.salt * 16 + i, h.dropout) for i, h in enumerate(self.lora)]
         self.lora_offsets = [o for o, h in zip(self.offsets, heads, strict=True) if h.lora_A is not None]
+        # dropout batched over the heads: one p > 0 and one rank for all (else a drop and products per head)
+        ps, ranks = {h.dropout for h in self.lora}, {h.lora_A.shape[0] for h in self.lora}
+        self.drop_batch = (len(ps) == 1 and ps.pop() > 0 and len(ranks) == 1
+                           and len(self.lora) <= reference.DROP_HEADS)
+        self.salts = tuple(s for s, _ in self.drops)
         self.w_views = None
         self.packed = False
         self.a = self.b = self.bias = None
@@ -175,11 +183,16 @@ class _LoRAGroup(torch.autograd.Function):
                 # x @ A^T as an earlier forward over the same x computed it (parked by a checkpoint; its
                 # dropout masks are the ones this call would draw: the same seed)
                 h_act = lowrank[0].reshape(n, -1)
+            elif use_drop and group.drop_batch:
+                k, p = len(lora), lora[0].dropout
+                xm = drop.hashed_dropout_heads(x2, seed, group.salts, p)              # (k, n, in)
+                h_act = torch.bmm(xm, a_cat.view(k, -1, d_in).transpose(1, 2)).transpose(0, 1).reshape(n, -1)
+                del xm
             elif use_drop:
                 hs, r0 = [], 0
                 for h, (salt, p) in zip(lora, group.drops, strict=True):
                     r = h.lora_A.shape[0]
-                    hs.append((drop(x2, seed, salt, p) if p > 0 else x2) @ a_cat[r0:r0 + r].t())
+                    hs.append((drop.hashed_dropout(x2, seed, salt, p) if p > 0 else x2) @ a_cat[r0:r0 + r].t())
                     r0 += r
                 h_act = torch.cat(hs, dim=1)
             else:
@@ -223,10 +236,23 @@ class _LoRAGroup(torch.autograd.Function):
         else:
             a_cat, b_bd, _ = group.prepared(dtype, x2.device)
             dh = dy @ b_bd                                                # (n, sum r), scaling folded in
+            grad_a_all = None
             if ctx.dropout is None:
                 dx = dh @ a_cat                                           # low-rank first, then beta = 1
                 dx.addmm_(dy, w)
                 grad_a_all = (dh.t() @ x2).float()                        # (sum r, in): every dA in one product
+            elif group.drop_batch:
+                # the k dropped copies again: dA_i = dh_i^T (x * mask_i) in one batched product, then every
+                # dh_i A_i into their memory, added into dx under its mask in one pass
+                seed, drop = ctx.dropout
+                k, p = len(group.lora), group.lora[0].dropout
+                xm = drop.hashed_dropout_heads(x2, seed, group.salts, p)
+                dh3 = dh.view(n, k, -1).transpose(0, 1)                   # (k, n, r)
+                grad_a_all = torch.bmm(dh3.transpose(1, 2), xm).float().view(-1, d_in)
+                torch.bmm(dh3, a_cat.view(k, -1, d_in), out=xm)
+                dx = dy @ w
+                drop.masked_sum_(dx, xm, seed, group.salts, p)
+                del xm
             else:
                 dx = dy @ w
             # every dB in one product too: dy^T h is (sum out, sum r) and head i's dB is its diagonal block
@@ -239,15 +265,15 @@ class _LoRAGroup(torch.autograd.Function):
                     grad_b = grad_b_all[o:o + h.out_features, r0:r0 + r]
                 else:
                     grad_b = (dy[:, o:o + h.out_features].t() @ h_act[:, r0:r0 + r]).float().mul_(h.scaling)
-                if ctx.dropout is None:
+                if grad_a_all is not None:
                     grad_a = grad_a_all[r0:r0 + r]                            # dx's low-rank term is in already
                 else:
                     # the mask again, from the seed: dA = dh^T (x * mask), dx += (dh A) * mask
                     seed, drop = ctx.dropout
                     dhs = dh[:, r0:r0 + r]
-                    grad_a = (dhs.t() @ (drop(x2, seed, salt, p) if p > 0 else x2)).float()
+                    grad_a = (dhs.t() @ (drop.hashed_dropout(x2, seed, salt, p) if p > 0 else x2)).float()
                     dxs = dhs @ a_cat[r0:r0 + r]
-                    dx.add_(drop(dxs, seed, salt, p) if p > 0 else dxs)
+                    dx.add_(drop.hashed_dropout(dxs, seed, salt, p) if p > 0 else dxs)
                 grads += [grad_a.to(h.lora_A.dtype), grad_b.to(h.lora_B.dtype)]
                 r0 += r
         dres = dy.view(*ctx.shape[:-1], dy.shape[-1]) if ctx.has_residual else None
@@ -288,9 +314,9 @@ def lora_group(x: torch.Tensor, heads: list[Head] | Group, pool: WeightBuffer | 
     `lowrank` = such an h from an earlier forward over the same x is used instead of computing it
     (its dropout masks are the ones this call draws from the same seed). `keep_weight`: the dequantized base weight gets
     its own memory and backward reuses it (one dequantization fewer, the weight held until then).
-    Dropout (training, p > 0): head i's mask is drop(x, seed, salt_i, p) (reference.hashed_dropout unless the
-    caller passes the Triton twin), `seed` an int64 device tensor of one value (drawn here if None); the same seed
-    gives the same masks.
+    Dropout (training, p > 0): head i's mask is drop.hashed_dropout(x, seed, salt_i, p), `drop` the module with the
+    mask functions (reference unless the caller passes kernels.dropout, the Triton twins), `seed` an int64 device
+    tensor of one value (drawn here if None); the same seed gives the same masks.
     Twin: reference.lora_group (+ residual). Gradients flow to x, residual and every lora_A / lora_B."""
     group = heads if isinstance(heads, Group) else Group(heads)
     params = []
@@ -300,5 +326,5 @@ def lora_group(x: torch.Tensor, heads: list[Head] | Group, pool: WeightBuffer | 
     if training and seed is None and any(p > 0 for _, p in group.drops):
         seed = torch.randint(0, 1 << 31, (1,), device=x.device)
     y, h = _LoRAGroup.apply(x, residual, group, pool, training, grad_only, (value,), (lowrank,),
-                            keep_weight, (seed, drop or reference.hashed_dropout), *params)
+                            keep_weight, (seed, drop or reference), *params)
     return (y, h.view(*x.shape[:-1], -1) if h.numel() else None) if with_lowrank else y

@@ -195,3 +195,21 @@ def hashed_dropout(t: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> 
     bits = mix32((mix32(i ^ k) + k) & _M32)
     keep = ((bits >> 8) >= dropout_threshold(p)).view(t.shape)
     return torch.where(keep, t.float() * (1.0 / (1.0 - p)), 0.0).to(t.dtype)
+
+
+DROP_HEADS = 4   # heads a group's dropout kernels take at once (kernels/dropout.py passes their keys as scalars)
+
+
+def hashed_dropout_heads(x: torch.Tensor, seed: torch.Tensor, salts: tuple[int, ...], p: float) -> torch.Tensor:
+    """(k, *x.shape): x under each salt's mask (k heads sharing one input, one product for all of them after)."""
+    return torch.stack([hashed_dropout(x, seed, s, p) for s in salts])
+
+
+def masked_sum_(out: torch.Tensor, parts: torch.Tensor, seed: torch.Tensor, salts: tuple[int, ...],
+                p: float) -> torch.Tensor:
+    """out += sum_i mask_i * parts[i] / (1 - p) in float32, in head order, rounded once; in place (the gradient of
+    k dropped copies of one input, each through its own low-rank product)."""
+    acc = out.float()
+    for i, s in enumerate(salts):
+        acc = acc + hashed_dropout(parts[i].float(), seed, s, p)
+    return out.copy_(acc)

@@ -185,18 +185,18 @@ def _ops(device: torch.device):
     Under TRITON_INTERPRET=1 the Triton kernels run on CPU tensors too: the tests check the whole
     fused forward/backward through them that way on machines without a GPU."""
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        from lorafit.kernels import dropout
         from lorafit.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_sum
-        from lorafit.kernels.dropout import hashed_dropout
         from lorafit.kernels.rmsnorm import add_rmsnorm, rmsnorm, rmsnorm_fork
         from lorafit.kernels.rope import qkv_rope
         from lorafit.kernels.swiglu import swiglu
         return SimpleNamespace(rmsnorm=rmsnorm, rmsnorm_fork=rmsnorm_fork, add_rmsnorm=add_rmsnorm, qkv_rope=qkv_rope,
                                swiglu=swiglu, ce=linear_cross_entropy_sum, ce_rows=linear_cross_entropy,
-                               drop=hashed_dropout)
+                               dropout=dropout)
     return SimpleNamespace(rmsnorm=reference.rmsnorm, rmsnorm_fork=reference.rmsnorm_fork,
                            add_rmsnorm=reference.add_rmsnorm, qkv_rope=reference.qkv_rope, swiglu=reference.swiglu,
                            ce=reference.cross_entropy_sum, ce_rows=reference.cross_entropy,
-                           drop=reference.hashed_dropout)
+                           dropout=reference)
 
 
 # ---------------------------------------------------------------- the loss
@@ -370,7 +370,7 @@ class FastLoss:
         # parked with the layer: attention output, mid-layer residual, the four low-rank activations, attention state
         low = kept[2:6] if kept is not None else (None,) * 4
         # the recomputation keeps its dequantized q/k/v and gate/up weights for the backward right after it
-        run = {"pool": self.pool, "training": c.training, "with_lowrank": True, "seed": c.seed, "drop": c.ops.drop}
+        run = {"pool": self.pool, "training": c.training, "with_lowrank": True, "seed": c.seed, "drop": c.ops.dropout}
         x, h = c.ops.rmsnorm_fork(x, ly.ln1, ly.eps)
         qkv, l_qkv = lora_group(h, ly.qkv, lowrank=low[0], keep_weight=grad_only, **run)
         q, k, v = c.ops.qkv_rope(qkv, c.cos, c.sin, hq, hkv, d)
