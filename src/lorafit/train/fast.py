@@ -185,7 +185,7 @@ def _ops(device: torch.device):
     Under TRITON_INTERPRET=1 the Triton kernels run on CPU tensors too: the tests check the whole
     fused forward/backward through them that way on machines without a GPU."""
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        from lorafit.kernels import dropout
+        import lorafit.kernels.dropout as dropout
         from lorafit.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_sum
         from lorafit.kernels.rmsnorm import add_rmsnorm, rmsnorm, rmsnorm_fork
         from lorafit.kernels.rope import qkv_rope
