@@ -14,7 +14,7 @@ from lorafit.config.schema import Config
 from lorafit.data.batching import concat_row
 from lorafit.kernels.reference import segments
 from lorafit.train.fast import enable_fast_path
-from lorafit.train.graphs import bucket_segments, bucket_tokens, graph_choice, pad_pass
+from lorafit.train.graphs import PassGraphs, bucket_segments, bucket_tokens, graph_choice, pad_pass
 
 
 def _row(lengths, seed=0):
@@ -107,3 +107,40 @@ def test_graphs_stay_off_without_a_fused_path_and_on_otherwise():
     assert graph_choice(cfg, None, objective, d)[0] is False
     assert graph_choice(cfg, fast, objective, d) == (True, "on (one per bucket of pass lengths, captured on "
                                                                    "its second pass)")
+
+
+class _NoGPUGraphs(PassGraphs):
+    """PassGraphs' bookkeeping without a GPU: no stream, no pinning; the eager pass is recorded, and a capture runs
+    out of memory as it can where the graphs' pool holds memory the eager path would reuse."""
+
+    def __init__(self, fast):
+        self.fast, self.params, self.dtype, self.scaler = fast, [], torch.float32, None
+        self.device = torch.device("cpu")
+        self.max_len, self.graphs, self.off, self.eager_batches = 64, {}, None, []
+        self.weight = torch.ones(())
+        self.stats = {"captured": 0, "capture_s": 0.0, "replays": 0, "eager": 0, "tokens": 0, "padded_tokens": 0}
+
+    @staticmethod
+    def _pin(host):
+        return host
+
+    def _eager(self, batch):
+        self.eager_batches.append(batch)
+        return torch.tensor(float(batch["input_ids"].shape[1]))
+
+    def _capture(self, g):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_a_capture_out_of_memory_leaves_the_run_eager_instead_of_stopping_it(caplog):
+    pm = tiny("llama")
+    graphs = _NoGPUGraphs(enable_fast_path(pm, gradient_checkpointing=True))
+    bt = _row([30, 12, 50])
+    assert graphs.run(bt, 0.5).item() == 256             # the bucket's eager warm-up, padded
+    with caplog.at_level("WARNING", logger="lorafit"):
+        assert graphs.run(bt, 0.5).item() == 256         # its capture fails: the pass itself still runs, eagerly
+    assert graphs.off and "ran out of GPU memory" in caplog.text and graphs.graphs == {}
+    assert graphs.run(bt, 0.25).item() == 92             # from now on unpadded, planned on the host
+    last = graphs.eager_batches[-1]
+    assert "label_index" in last and last["cu_seqlens"].tolist() == [0, 30, 42, 92]
+    assert graphs.weight.item() == 0.25 and graphs.summary()["off"] == graphs.off

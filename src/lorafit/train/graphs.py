@@ -21,6 +21,10 @@ the graphs), and the activation store's pinned host arenas (each graph holds the
 LoRA dropout replays too: its masks are hashes of a per-pass seed, one more static input (kernels/dropout.py).
 So does fp16 loss scaling: the scaler's scale is a device tensor it updates in place, read by the graph.
 
+The graphs' pool holds memory the eager path would reuse (a run's reserved memory grows with its buckets): a
+capture that runs out of memory drops every graph and leaves the rest of the run eager, with a warning, instead
+of stopping it.
+
 Not graphed (the fused path runs eagerly, and the log says why): more than one process, objectives other than
 SFT, a sliding window shorter than max_seq_length, a RoPE whose frequencies transformers re-picks on the host
 (dynamic, longrope), a torch without varlen attention.
@@ -120,10 +124,16 @@ class PassGraphs:
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.weight = torch.ones((), dtype=torch.float32, device=device)
         self.stats = {"captured": 0, "capture_s": 0.0, "replays": 0, "eager": 0, "tokens": 0, "padded_tokens": 0}
+        self.off: str | None = None    # why the rest of the run is eager (a capture ran out of memory)
 
     def run(self, batch: dict[str, torch.Tensor], weight: float) -> torch.Tensor:
         """Forward and backward of one pass (a CPU batch from collate_pass) with its loss scaled by `weight`;
         returns the pass's summed cross-entropy (a device scalar), gradients accumulated into .grad."""
+        self.weight.fill_(weight)
+        if self.off:                   # unpadded, planned on the host as the eager loop does
+            planned = self.fast.host_plan(batch)
+            return self._eager({k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                                for k, v in planned.items()})
         n = batch["input_ids"].numel()
         docs = int(batch["doc_ids"].max()) if n else 0
         tokens = bucket_tokens(n)
@@ -131,7 +141,7 @@ class PassGraphs:
         host = pad_pass(batch, *key, self.max_len)
         if self.fast.dropout:
             host["dropout_seed"] = self.fast.dropout_seed()
-        host = {k: v.pin_memory() for k, v in host.items()}
+        host = self._pin(host)
         self.stats["tokens"] += n
         self.stats["padded_tokens"] += tokens
         g = self.graphs.get(key)
@@ -143,15 +153,31 @@ class PassGraphs:
             g.inputs["max_seqlen"] = self.max_len
         for k, v in host.items():
             g.inputs[k].copy_(v, non_blocking=True)
-        self.weight.fill_(weight)
         if g.graph is None and not g.seen:
             g.seen = True              # a bucket's first pass runs eagerly: the warm-up of its capture
             return self._eager(g.inputs)
         if g.graph is None:
-            self._capture(g)           # its second: captured, then replayed like every later one
+            try:
+                self._capture(g)       # its second: captured, then replayed like every later one
+            except torch.OutOfMemoryError:
+                return self._give_up(g, tokens)
         g.graph.replay()
         self.stats["replays"] += 1
         return g.loss.clone()
+
+    @staticmethod
+    def _pin(host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.pin_memory() for k, v in host.items()}
+
+    def _give_up(self, g: _Graph, tokens: int) -> torch.Tensor:
+        """A capture ran out of memory (the graphs' pool holds memory the eager path would reuse): drop every graph,
+        hand their memory back, and run this pass and the rest of the run eagerly rather than stop the run. A
+        failed capture ran no kernel, so this pass's gradient is still to compute."""
+        self.graphs.clear()
+        self.off = f"a capture of a {tokens}-token pass ran out of GPU memory"
+        torch.cuda.empty_cache()
+        log.warning("cuda graphs: %s; the rest of the run is eager (--cuda_graphs false starts that way)", self.off)
+        return self._eager(g.inputs)
 
     def _pass(self, batch: dict[str, Any]) -> torch.Tensor:
         autocast = torch.autocast("cuda", dtype=self.dtype, enabled=self.dtype != torch.float32, cache_enabled=False)
@@ -188,6 +214,8 @@ class PassGraphs:
         try:
             with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                 g.loss = self._pass(g.inputs)
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as e:   # an op that cannot be captured (a host sync, another stream): say the way out
             raise RuntimeError(f"capturing a training pass as a CUDA graph failed: {str(e).splitlines()[0]}; "
                                "--cuda_graphs false runs every pass eagerly") from e
@@ -218,4 +246,6 @@ class PassGraphs:
         s["capture_s"] = round(s["capture_s"], 2)
         s["padding"] = round(s["padded_tokens"] / max(s["tokens"], 1) - 1, 4)
         s["buckets"] = sorted(k[0] for k in self.graphs)
+        if self.off:
+            s["off"] = self.off
         return s
