@@ -56,3 +56,16 @@ def test_dpo_table_says_which_loss_path_ran(tmp_path):
     out = subprocess.run([sys.executable, str(BENCH / "dpo_bench.py"), "table", str(path)], check=True,
                          capture_output=True, text=True).stdout
     assert "| lorafit | fused | 3.00 | 9000 |" in out and "3.00x tokens/s" in out
+
+
+def test_recipe_reports_the_second_half_of_its_steps(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("recipe_bench", BENCH / "recipe.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": 0, "val_loss": 2.0}] + [{"step": i, "tokens": 1000, "step_time": 1.0 if i <= 2 else 0.25}
+                                              for i in range(1, 5)]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert recipe.late_tok_s(metrics, 2) == 4000       # steps 3 and 4: 2,000 tokens in 0.5 s
+    assert recipe.late_tok_s(metrics, 4) is None
