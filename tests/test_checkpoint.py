@@ -148,3 +148,17 @@ def test_resume_with_more_steps_follows_the_new_schedule(four_steps, tiny_model_
     assert sorted(resumed) == list(range(1, 9)) and resumed[5] > 0
     assert [resumed[s] for s in range(5, 9)] == pytest.approx([want[s] for s in range(5, 9)], rel=1e-9)
     assert "planned 4 steps, this one 8" in caplog.text  # said, not silently done
+
+
+def test_resume_is_exact_on_the_fused_path_under_lora_dropout(tiny_model_dir, tmp_path):
+    """The fused path's dropout masks hash a per-pass seed drawn from torch's CPU generator, whose state the
+    checkpoint keeps: a run resumed from step 2 draws the same masks as the straight run, step for step."""
+    straight = tmp_path / "straight"
+    args = train_args(tiny_model_dir("llama"), alpaca_file(), straight, max_steps=4, save_strategy="steps",
+                      save_steps=2, fast_kernels="on", lora_dropout=0.3, gradient_checkpointing="true")
+    run_train(**args)
+    run = _copy(straight, tmp_path / "run")
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    assert cli_main(["train", "--output_dir", str(run), "--resume"]) == 0
+    assert losses(run) == pytest.approx(losses(straight), abs=1e-6)
+    assert_same_adapter(run, straight)
