@@ -66,6 +66,7 @@ class Group:
         self.scaling = scales.pop() if len(scales) == 1 else None     # one scaling for all heads (the usual case)
         # (salt of the head's dropout mask, p) per LoRA head; a group's heads share an input, not a mask
         self.drops = [(h.salt * 16 + i, h.dropout) for i, h in enumerate(self.lora)]
+        self.has_dropout = any(p > 0 for _, p in self.drops)
         self.lora_offsets = [o for o, h in zip(self.offsets, heads, strict=True) if h.lora_A is not None]
         # dropout batched over the heads: one p > 0 and one rank for all (else a drop and products per head)
         ps, ranks = {h.dropout for h in self.lora}, {h.lora_A.shape[0] for h in self.lora}
@@ -177,7 +178,7 @@ class _LoRAGroup(torch.autograd.Function):
         lora = group.lora
         h_act = None
         seed, drop = dropout
-        use_drop = bool(lora) and training and any(p > 0 for _, p in group.drops)
+        use_drop = training and group.has_dropout
         if lora:
             if lowrank[0] is not None:
                 # x @ A^T as an earlier forward over the same x computed it (parked by a checkpoint; its
@@ -223,6 +224,7 @@ class _LoRAGroup(torch.autograd.Function):
     def backward(ctx, dy, _dh_out):
         x2, h_act = ctx.saved_tensors
         group = ctx.group
+        seed, drop = ctx.dropout or (None, None)
         n, d_in = x2.shape
         dtype = x2.dtype
         dy = dy.reshape(n, -1)
@@ -244,7 +246,6 @@ class _LoRAGroup(torch.autograd.Function):
             elif group.drop_batch:
                 # the k dropped copies again: dA_i = dh_i^T (x * mask_i) in one batched product, then every
                 # dh_i A_i into their memory, added into dx under its mask in one pass
-                seed, drop = ctx.dropout
                 k, p = len(group.lora), group.lora[0].dropout
                 xm = drop.hashed_dropout_heads(x2, seed, group.salts, p)
                 dh3 = dh.view(n, k, -1).transpose(0, 1)                   # (k, n, r)
@@ -269,7 +270,6 @@ class _LoRAGroup(torch.autograd.Function):
                     grad_a = grad_a_all[r0:r0 + r]                            # dx's low-rank term is in already
                 else:
                     # the mask again, from the seed: dA = dh^T (x * mask), dx += (dh A) * mask
-                    seed, drop = ctx.dropout
                     dhs = dh[:, r0:r0 + r]
                     grad_a = (dhs.t() @ (drop.hashed_dropout(x2, seed, salt, p) if p > 0 else x2)).float()
                     dxs = dhs @ a_cat[r0:r0 + r]
@@ -323,7 +323,7 @@ def lora_group(x: torch.Tensor, heads: list[Head] | Group, pool: WeightBuffer | 
     for h in group.heads:
         if h.lora_A is not None:
             params += [h.lora_A, h.lora_B]
-    if training and seed is None and any(p > 0 for _, p in group.drops):
+    if training and seed is None and group.has_dropout:
         seed = torch.randint(0, 1 << 31, (1,), device=x.device)
     y, h = _LoRAGroup.apply(x, residual, group, pool, training, grad_only, (value,), (lowrank,),
                             keep_weight, (seed, drop or reference), *params)
