@@ -3,12 +3,13 @@ transformers process-wide, so every stack runs in its own process; bench/run.sh 
 
 usage: python bench/bench.py STACK MODEL_DIR [--shapes 8x512,4x2048] [--real]
 STACK: hf (transformers + PEFT + bitsandbytes, the seeds' stack, as ../shared/bench/peer_bench.py),
-       unsloth[:nockpt], or lorafit[:offload|:gpu|:nockpt|:graphs|:graphs-gpu|:graphs-nockpt] (fast path; activation
-       checkpointing with inputs parked in pinned CPU memory / kept on the GPU / no recomputation at all / parked,
-       and each step one padding-free row of its records replayed as a CUDA graph, as `lorafit train` runs it:
+       unsloth[:nockpt], or lorafit[:offload|:gpu|:nockpt|:graphs|:graphs-gpu|:graphs-nockpt][-fp8|-fp8bwd] (fast path;
+       activation checkpointing with inputs parked in pinned CPU memory / kept on the GPU / no recomputation at all /
+       parked, and each step one padding-free row of its records replayed as a CUDA graph, as `lorafit train` runs it:
        train/graphs.py; graphs-gpu: the same with each layer's input kept on the GPU, --offload_activations false;
-       graphs-nockpt: graphed, no checkpointing, --gradient_checkpointing false). unsloth:nockpt: Unsloth with
-       use_gradient_checkpointing=False, its like for like against lorafit's nockpt stacks.
+       graphs-nockpt: graphed, no checkpointing, --gradient_checkpointing false; a -fp8 suffix on any of them: the
+       base's products on fp8 tensor cores, --fp8_base all; -fp8bwd: its input-gradient products only, backward).
+       unsloth:nockpt: Unsloth with use_gradient_checkpointing=False, its like for like against lorafit's nockpt stacks.
 Shapes: the same random token batch every step, all tokens labelled, median of 8 steps after 4
 warm-up steps. --real: one pass over the alpaca_en_demo record lengths (bench/alpaca_lengths.txt),
 random token ids, prompts masked from the loss; hf/unsloth take batches of 8 records padded to
@@ -61,8 +62,10 @@ def make_step(stack: str, model, max_len: int = 2048):
     if stack.startswith("lorafit"):
         from lorafit.train.fast import enable_fast_path
         mode = stack.partition(":")[2] or "offload"
+        fp8 = "all" if mode.endswith("-fp8") else "backward" if mode.endswith("-fp8bwd") else "off"
+        mode = mode.removesuffix("-fp8").removesuffix("-fp8bwd")
         fl = enable_fast_path(model, gradient_checkpointing=not mode.endswith("nockpt"),
-                              offload_activations=mode in ("offload", "graphs"))
+                              offload_activations=mode in ("offload", "graphs"), fp8_base=fp8)
         if mode.startswith("graphs"):
             return graphed_step(fl, model, opt, max_len)
 

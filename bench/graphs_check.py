@@ -1,6 +1,7 @@
 """Two `lorafit train` runs of the same recipe, CUDA graphs on and off: their losses step by step.
 
-usage: python bench/graphs_check.py RUN_DIR_GRAPHS RUN_DIR_EAGER     (bench/run.sh `graphs` runs both first)
+usage: python bench/graphs_check.py RUN_DIR_GRAPHS RUN_DIR_EAGER [NAME_A NAME_B]   (bench/run.sh `graphs` runs both
+first; `fp8` compares --fp8_base true and false the same way, named fp8 and bf16)
 Prints one JSON line: steps compared, mean and largest relative difference of the step losses, and each run's
 steady tokens/s and CUDA-graph counters from its train_summary.json.
 """
@@ -21,16 +22,17 @@ def losses(run: Path) -> dict[int, float]:
 
 
 def main() -> None:
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 5):
         raise SystemExit(__doc__)
     a, b = Path(sys.argv[1]), Path(sys.argv[2])
+    names = sys.argv[3:5] or ["graphs", "eager"]
     la, lb = losses(a), losses(b)
     steps = sorted(set(la) & set(lb))
     diffs = [abs(la[s] - lb[s]) / abs(lb[s]) for s in steps]
-    rec = {"check": "cuda graphs vs eager, same records", "steps": len(steps),
+    rec = {"check": f"{names[0]} vs {names[1]}, same records", "steps": len(steps),
            "mean_rel_diff": sum(diffs) / max(len(diffs), 1), "max_rel_diff": max(diffs, default=0.0),
            "first_last": [la[steps[0]], la[steps[-1]], lb[steps[0]], lb[steps[-1]]] if steps else []}
-    for name, run in (("graphs", a), ("eager", b)):
+    for name, run in zip(names, (a, b), strict=True):
         s = json.loads((run / "train_summary.json").read_text())
         rec[name] = {"steady_tok_s": s.get("steady_tokens_per_s"), "peak_gib": s.get("peak_memory_gib"),
                      "cuda_graphs": s.get("cuda_graphs")}

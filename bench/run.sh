@@ -19,10 +19,15 @@
 #          vs Unsloth and transformers+PEFT unpacked at 4 x 4 via peer_real.py, each in its own process, then the table)
 #        shapes (~9 min: 8x512 / 4x2048 on Phi-3-mini and Llama-3-8B dims, lorafit (graphs, and rows eager on Phi-3)
 #          and Unsloth)
+#        fp8shapes (8x512 / 4x2048 on Phi-3-mini and Llama-3-8B dims: lorafit graphed with --fp8_base all, backward
+#          and off, and Unsloth, each in its own process; ~8 min)
 #        long (~6 min: 1x32768 memory of lorafit and Unsloth, the 50-step loss check; carry .bench-data)
 #        recipes (~8 min: the shipped recipes as shipped, hub names swapped for local random models of their dims)
+#        fp8 (the recipe shape with --fp8_base FP8 (all) and off, GSTEPS steps (100) each, then their losses step by
+#          step; needs m2:phi3-llama first)
 #        m2:KIND (a random model of ../shared/bench/make_models2.py's KIND in /tmp/KIND), rcp:RECIPE (one recipe as
-#          shipped), rcp:RECIPE:eager (the same with --cuda_graphs false), rcp:RECIPE:all (the recipe shape)
+#          shipped), rcp:RECIPE:eager (the same with --cuda_graphs false), rcp:RECIPE:fp8[:backward] (--fp8_base all or backward),
+#          rcp:RECIPE:all (the recipe shape)
 #        grpo (s per GRPO step, 8 prompts x 8 completions x 256 tokens, QLoRA: lorafit vs TRL's GRPOTrainer; makes the
 #        model if missing; about 5 minutes with the model: `bash bench/run.sh grpo`), grpo-adapter (after grpo: lorafit
 #        sampling through the adapter model, --rollout_weights adapter, as a third row; ~3 min)
@@ -43,6 +48,7 @@ STEPS=${STEPS// recipe / m2:phi3-llama rcp:phi3_alpaca:all peer:unsloth peer:hf 
 STEPS=${STEPS// shapes / model sh:lorafit:graphs sh:lorafit sh:unsloth m2:llama3-8b sh:lorafit:graphs@llama3-8b sh:unsloth@llama3-8b }
 STEPS=${STEPS// nockpt / model sh:lorafit:graphs sh:lorafit:graphs-nockpt sh:unsloth sh:unsloth:nockpt }
 STEPS=${STEPS// long / model mem32k:lorafit mem32k:unsloth loss }
+STEPS=${STEPS// fp8shapes / model sh:lorafit:graphs-fp8 sh:lorafit:graphs-fp8bwd sh:lorafit:graphs sh:unsloth m2:llama3-8b sh:lorafit:graphs-fp8@llama3-8b sh:lorafit:graphs-fp8bwd@llama3-8b sh:lorafit:graphs@llama3-8b sh:unsloth@llama3-8b }
 LENS="bench/alpaca_lengths.txt bench/alpaca_prompt_lengths.txt"
 declare -A RMODEL=([phi3_alpaca]=/tmp/phi3 [phi3_guanaco]=/tmp/phi3 [mistral7b]=/tmp/mistral-7b)
 BENCH_ARGS=${BENCH_ARGS---real}
@@ -66,6 +72,7 @@ for s in $STEPS; do
     rcp:*) r=${s#rcp:}; name=${r%%:*}; model=${RMODEL[$name]}; extra=""
            case ${r#$name} in
              :eager) extra="--name $name-eager --cuda_graphs false" ;;   # as shipped, CUDA graphs off
+             :fp8*) f=${r#$name:fp8}; f=${f#:}; extra="--name $name-fp8${f:+-$f} --fp8_base ${f:-all}" ;;  # fp8 products
              ?*) model=/tmp/phi3-llama; extra="--name recipe --target_modules all-linear --lora_dropout 0" ;;
            esac
            timeout 400 python3 bench/recipe.py configs/$name.yaml $model /tmp/recipe-out --steps 40 $extra 2>&1 \
@@ -94,6 +101,13 @@ for s in $STEPS; do
                 | tee -a "$OUT/log" | grep -E '^\{' | tee -a "$OUT/results.jsonl"
             done
             python3 bench/graphs_check.py /tmp/rg-true/run-phi3_alpaca /tmp/rg-false/run-phi3_alpaca 2>&1 | tee -a "$OUT/log" ;;
+    fp8) for f in ${FP8:-all} off; do    # the recipe shape with the base's products in fp8 and in bf16, same records
+           timeout 420 python3 bench/recipe.py configs/phi3_alpaca.yaml /tmp/phi3-llama /tmp/rf-$f --steps ${GSTEPS:-100} \
+             --name recipe-fp8-$f --target_modules all-linear --lora_dropout ${GDROP:-0} --fp8_base $f 2>&1 \
+             | tee -a "$OUT/log" | grep -E '^\{' | tee -a "$OUT/results.jsonl"
+         done
+         python3 bench/graphs_check.py /tmp/rf-${FP8:-all}/run-phi3_alpaca /tmp/rf-off/run-phi3_alpaca fp8 bf16 2>&1 \
+           | tee -a "$OUT/log" ;;
     cli2) bash bench/cli2.sh 2>&1 | tee -a "$OUT/log" ;;
     grpo) [ -d $MODEL ] || timeout 300 python3 bench/make_model.py $MODEL 2>&1 | tail -1 | tee -a "$OUT/log"
           rm -f "$OUT/grpo.jsonl"

@@ -48,3 +48,8 @@ def test_fast_kernels_on_for_an_unsupported_architecture_says_why():
 def test_gguf_architectures_come_from_the_family_table():
     assert set(ARCHS) == {name for name, f in FAMILIES.items() if f.gguf_arch}
     assert ARCHS["mistral"].gguf_arch == "llama" and ARCHS["llama"].permute_qk and not ARCHS["phi3"].permute_qk
+
+
+def test_fp8_base_with_the_fused_kernels_off_is_a_config_error():
+    with pytest.raises(ConfigError, match="'fp8_base' needs the fused kernels"):
+        build_config(None, {"fp8_base": "all", "fast_kernels": "off"})

@@ -3,8 +3,9 @@
 Passes of two bucket shapes in turn, the LoRA weights changed between passes as an optimizer would: every
 pass's loss and every LoRA gradient equal the eager fused path's (bf16: to a relative 2e-2); each bucket runs
 eagerly on its first pass and is captured on its second; under LoRA dropout a replay draws the masks its seed
-gives, as the eager pass does; under fp16 it reads the scaler's current scale; a .grad replaced behind the
-graphs' back makes them capture again instead of writing to the old tensor."""
+gives, as the eager pass does; under fp16 it reads the scaler's current scale; with fp8_base it replays the fp8
+products; a .grad replaced behind the graphs' back makes them capture again instead of writing to the old tensor.
+And fp8_base on an NF4 base (the Triton decoders to e4m3, torch._scaled_mm) stays close to the bf16 products."""
 
 import pytest
 import torch
@@ -54,13 +55,14 @@ def _row(lengths, seed):
     return concat_row(pieces, max_seq_length=128)
 
 
-@pytest.mark.parametrize("nf4, dropout, fp16", [(False, 0.0, False), (True, 0.0, False), (True, 0.1, False),
-                                                (False, 0.1, True)])
-def test_replays_equal_the_eager_fused_pass(tmp_path, nf4, dropout, fp16):
+@pytest.mark.parametrize("nf4, dropout, fp16, fp8", [(False, 0.0, False, "off"), (True, 0.0, False, "off"),
+                                                     (True, 0.1, False, "off"), (False, 0.1, True, "off"),
+                                                     (True, 0.1, False, "all")])
+def test_replays_equal_the_eager_fused_pass(tmp_path, nf4, dropout, fp16, fp8):
     dtype = torch.float16 if fp16 else torch.bfloat16
     pm = _model(tmp_path, nf4, dropout, dtype)
     pm.train()
-    fl = enable_fast_path(pm, gradient_checkpointing=True, offload_activations=True)
+    fl = enable_fast_path(pm, gradient_checkpointing=True, offload_activations=True, fp8_base=fp8)
     params = [p for p in pm.parameters() if p.requires_grad]
     # fp16: the loss is scaled by the scaler's device tensor, which the loop changes between steps
     scaler = torch.amp.GradScaler("cuda", init_scale=256.0) if fp16 else None
@@ -98,3 +100,22 @@ def test_replays_equal_the_eager_fused_pass(tmp_path, nf4, dropout, fp16):
     graphs.run(rows[0], 1.0)            # the bucket's graphs are gone: eager first, then captured again
     graphs.run(rows[0], 1.0)
     assert graphs.summary()["captured"] == 3
+
+
+def test_fp8_base_on_nf4_stays_close_to_the_bf16_products(tmp_path):
+    pm = _model(tmp_path, nf4=True)
+    pm.train()
+    bt = _row([100, 40, 77, 128], 1)
+    out = []
+    for fp8 in ("off", "all"):
+        fl = enable_fast_path(pm, gradient_checkpointing=True, offload_activations=True, fp8_base=fp8)
+        for p in pm.parameters():
+            p.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, n = fl({k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in fl.host_plan(bt).items()})
+        (loss / n).backward()
+        out.append((loss.item(), [p.grad.float().flatten() for p in pm.parameters() if p.requires_grad]))
+    (l0, g0), (l1, g1) = out
+    assert l0 != l1 and abs(l1 - l0) / l0 < 1e-2, (l0, l1)
+    worst = min(torch.nn.functional.cosine_similarity(a, b, dim=0).item() for a, b in zip(g0, g1, strict=True))
+    assert worst > 0.98, worst

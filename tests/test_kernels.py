@@ -527,3 +527,124 @@ def test_nf4_dequant_kernel_equals_bitsandbytes(nested):
     # bit-exact on the GPU; Triton's CPU interpreter truncates float32 -> bf16 (1 ulp)
     tol = {"rtol": 8e-3, "atol": 0} if INTERPRETED else {"rtol": 0, "atol": 0}
     torch.testing.assert_close(got, ref, **tol)
+
+
+# ------------------------------------------------------------------ fp8 operands of the base's products
+
+def test_reference_fp8_rows_put_each_row_max_on_e4m3s_largest():
+    torch.manual_seed(0)
+    x = (torch.randn(6, 40) * torch.logspace(-3, 3, 6)[:, None]).to(torch.bfloat16)
+    x[2] = 0
+    q, s = reference.fp8_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (6, 1) and torch.isfinite(s).all()
+    back = q.float() * s
+    live = [0, 1, 3, 4, 5]
+    assert (back[2] == 0).all()
+    assert torch.equal(q.float().abs().amax(1)[live], torch.full((5,), reference.FP8_MAX))
+    # e4m3 keeps 3 mantissa bits: within 1/16 of each element (its row's max bounds the subnormals' error)
+    err = (back - x.float()).abs() / torch.maximum(x.float().abs(), x.float().abs().amax(1, keepdim=True) / 64)
+    assert err[live].max() <= 2 ** -4
+    # past e4m3's largest the cast saturates
+    assert reference.fp8_cast(torch.tensor([500.0, -1e4, 3.0])).float().tolist() == [448.0, -448.0, 3.0]
+
+
+def test_reference_fp8_weight_scales_rows_or_columns_and_transposes():
+    torch.manual_seed(0)
+    w = torch.randn(24, 40)
+    rows, cols = reference.FP8_MAX / w.abs().amax(1), reference.FP8_MAX / w.abs().amax(0)
+    q = reference.fp8_weight(w, rows)
+    assert q.shape == (24, 40) and torch.equal(q.float().abs().amax(1), torch.full((24,), reference.FP8_MAX))
+    assert rel(q.float() / rows[:, None], w) < 0.03
+    out = torch.zeros(40, 30, dtype=torch.float8_e4m3fn)
+    qt = reference.fp8_weight(w, cols, transposed=True, out=out[:, 6:])
+    assert qt.shape == (40, 24) and out[:, :6].float().abs().sum() == 0       # written into its columns only
+    assert torch.equal(qt.float(), reference.fp8_weight(w.t(), cols).float())
+    assert rel(qt.float().t() / cols[None, :], w) < 0.03
+
+
+def _fp8_operands(x, w, dim):
+    """(x's e4m3 rows and scales, w's e4m3 (rows over their maxima: dim 1; columns, transposed: dim 0) and scales)."""
+    xq, sx = reference.fp8_rows(x)
+    amax = w.float().abs().amax(dim)
+    wq = reference.fp8_weight(w, reference.FP8_MAX / amax, transposed=dim == 0)
+    return xq.float() * sx, wq.float() * (amax / reference.FP8_MAX)[:, None]
+
+
+@pytest.mark.parametrize("lora, forward", [(False, True), (True, True), (True, False)])
+def test_lora_group_fp8_products_are_the_scaled_e4m3_operands(lora, forward):
+    """y's base term = (x in e4m3 over row scales) (W in e4m3 over row scales)^T, or without `forward` the compute
+    dtype's product; dx's = (dy over row scales) (W^T in e4m3 over column scales, taken across the group's heads);
+    LoRA terms and dA / dB as without fp8."""
+    torch.manual_seed(0)
+    n, d_in, outs = 37, 64, [32, 16, 16]
+    heads = _heads(d_in, outs, 4, torch.bfloat16, lora_mask=None if lora else [False] * 3)
+    w = torch.cat([h.dequant(None) for h in heads])
+    x = leaf(n, d_in, dtype=torch.bfloat16)
+    dy = torch.randn(n, sum(outs), device=DEV, dtype=torch.bfloat16)
+    y = lora_group(x, heads, WeightBuffer(), fp8=(reference.fp8_rows, forward))
+    y.backward(dy)
+    dx, grads = x.grad.clone(), [p.grad.clone() for h in heads if h.lora_A is not None for p in (h.lora_A, h.lora_B)]
+    x.grad = None
+    for h in heads:
+        if h.lora_A is not None:
+            h.lora_A.grad = h.lora_B.grad = None
+    plain = lora_group(x, heads, WeightBuffer())
+    plain.backward(dy)
+    xe, we = _fp8_operands(x.detach(), w, 1)
+    dye, wte = _fp8_operands(dy, w, 0)
+    low = (plain.detach().float() - x.detach().float() @ w.float().t())        # the LoRA term (zero without LoRA)
+    if forward:
+        assert rel(y, xe @ we.t() + low) < 1e-2
+        assert rel(y, plain) > 1e-4                                             # the fp8 product did run
+    else:
+        assert torch.equal(y, plain)
+    low_dx = x.grad.float() - dy.float() @ w.float()
+    assert rel(dx, dye @ wte.t() + low_dx) < 1e-2
+    assert rel(dx, x.grad) > 1e-4
+    for g, h_ in zip(grads, [p.grad for h in heads if h.lora_A is not None for p in (h.lora_A, h.lora_B)],
+                     strict=True):
+        assert rel(g, h_) < 0.05
+
+
+def test_lora_group_fp8_leaves_dimensions_cublas_cannot_take_in_the_compute_dtype():
+    torch.manual_seed(0)
+    heads = _heads(40, [24], 4, torch.bfloat16)                 # 24 outputs: not a multiple of 16
+    x = leaf(9, 40, dtype=torch.bfloat16)
+    assert torch.equal(lora_group(x, heads, fp8=(reference.fp8_rows, True)), lora_group(x, heads))
+
+
+@pytest.mark.gpu
+def test_fp8_rows_kernel_equals_the_twin():
+    mod = kernel("fp8")
+    if INTERPRETED:
+        pytest.skip("the interpreter's float32 -> e4m3 cast is not the GPU's")
+    torch.manual_seed(0)
+    for k in (200, 9000):                                       # one chunk; three
+        x = torch.randn(37, k, device=DEV, dtype=torch.bfloat16) * 3
+        x[3] = 0
+        q, s = mod.rows(x)
+        q2, s2 = reference.fp8_rows(x)
+        assert torch.equal(s, s2)
+        assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nested", [True, False])
+def test_nf4_fp8_kernels_equal_the_twin(nested):
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    mod = kernel("fp8")
+    if INTERPRETED:
+        pytest.skip("the interpreter's float32 -> e4m3 cast is not the GPU's")
+    from lorafit.kernels.nf4 import NF4Weight
+    torch.manual_seed(0)
+    w = torch.randn(96, 320, device=DEV, dtype=torch.bfloat16)
+    q, st = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=nested, blocksize=64)
+    full = reference.dequant_nf4(q, st, torch.float32)
+    rows, cols = reference.FP8_MAX / full.abs().amax(1), reference.FP8_MAX / full.abs().amax(0)
+    got = mod.nf4_rows(NF4Weight(q, st), rows, torch.empty(96, 320, dtype=torch.float8_e4m3fn, device=DEV))
+    assert torch.equal(got.view(torch.uint8), reference.fp8_weight(full, rows).view(torch.uint8))
+    wide = torch.zeros(320, 128, dtype=torch.float8_e4m3fn, device=DEV)   # a head's columns of a group's W^T
+    mod.nf4_cols(NF4Weight(q, st), cols, wide[:, 16:112])
+    want = reference.fp8_weight(full, cols, transposed=True)
+    assert torch.equal(wide[:, 16:112].view(torch.uint8), want.view(torch.uint8))
+    assert wide[:, :16].float().abs().sum() == 0 and wide[:, 112:].float().abs().sum() == 0

@@ -17,6 +17,7 @@ CHOICES = {
     "bnb_4bit_compute_dtype": ("bfloat16", "float16", "float32"),
     "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "fast_kernels": ("auto", "on", "off"),
+    "fp8_base": ("off", "backward", "all"),
     "lora_bias": ("none", "all", "lora_only"),
     "dataset_format": ("auto", "alpaca", "instruction", "guanaco", "messages", "prompt_completion", "text", "oasst"),
     "template": ("auto", "alpaca", "instruction", "guanaco", "chatml", "model", "raw"),
@@ -112,6 +113,10 @@ def validate(cfg: Config) -> None:
     if m.load_in_8bit and m.fast_kernels == "on":
         raise ConfigError("'fast_kernels on' cannot run an 8-bit base: the fused kernels read NF4 (4-bit) or 16-bit "
                           "base weights", fix="use --load_in_4bit for the fused path, or --fast_kernels auto/off")
+    if m.fp8_base != "off" and (m.fast_kernels == "off" or m.load_in_8bit):
+        raise ConfigError("'fp8_base' needs the fused kernels, which this config turns off ("
+                          + ("fast_kernels off" if m.fast_kernels == "off" else "an 8-bit base") + ")",
+                          fix="set --fast_kernels auto and a 4-bit or 16-bit base, or --fp8_base off")
     if d.val_size < 0 or (d.val_size >= 1 and not float(d.val_size).is_integer()):
         raise ConfigError(f"'val_size' must be a fraction in [0, 1) or a whole count, got {d.val_size}")
     if d.max_examples is not None and d.max_examples < 1:

@@ -61,6 +61,12 @@ class ModelArgs:
     processes, DPO/ORPO/KTO/GRPO, a sliding window under max_seq_length); the log says."""
     fast_kernels: str = "auto"
     """Fused Triton LoRA/QLoRA kernels: auto (on a CUDA GPU for supported architectures), on, off."""
+    fp8_base: str = "off"
+    """Fused path, GPUs of compute capability 8.9+ (Ada, Hopper, Blackwell): the frozen base's products on fp8 tensor
+    cores, e4m3 with a scale per row of each operand. off; backward (the input-gradient products only); all (also the
+    forward and the recomputation: fastest, but the forward's values move). The LoRA products, their gradients,
+    attention, norms and the loss keep the compute dtype. Faster where the matrix work dominates (long rows, 7B+
+    models); measured effect on the loss in the README's Speed section."""
 
 
 @dataclass

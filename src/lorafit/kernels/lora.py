@@ -39,14 +39,15 @@ class Head:
 
 @dataclass
 class WeightBuffer:
-    """One flat buffer reused for every dequantized weight (on a single stream, reuse is ordered)."""
+    """One flat buffer reused for every dequantized weight, bf16 or fp8 (on a single stream, reuse is ordered)."""
     buf: torch.Tensor | None = None
 
     def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The flat buffer, at least `numel` long."""
-        if self.buf is None or self.buf.numel() < numel or self.buf.dtype != dtype or self.buf.device != device:
-            self.buf = torch.empty(numel, dtype=dtype, device=device)
-        return self.buf
+        """The flat buffer as `dtype`, at least `numel` long (its bytes grow, never shrink)."""
+        size = numel * torch.empty(0, dtype=dtype).element_size()
+        if self.buf is None or self.buf.numel() < size or self.buf.device != device:
+            self.buf = torch.empty(size, dtype=torch.uint8, device=device)
+        return self.buf.view(dtype)
 
 
 class Group:
@@ -74,6 +75,8 @@ class Group:
                            and len(self.lora) <= reference.DROP_HEADS)
         self.salts = tuple(s for s, _ in self.drops)
         self.w_views = None
+        self.fp8_views: dict = {}
+        self._fp8_scales = None
         self.packed = False
         self.a = self.b = self.bias = None
         self._bias_key = None
@@ -88,6 +91,75 @@ class Group:
                                     torch.zeros(h.out_features, device=device)).to(dtype) for h in self.heads])
             self._bias_key = (dtype, device)
         return self.a, self.b, self.bias
+
+    def fp8_ok(self, in_features: int) -> bool:
+        """Whether fp8 products can take this group's base (cuBLAS's fp8 products want dimensions of 16s)."""
+        return self.out_features % 16 == 0 and in_features % 16 == 0
+
+    def fp8_scales(self):
+        """(row scales (1, sum out), each head's row inverses, column scales (1, in), column inverses (in,)), float32:
+        [W_0; W_1; ...]'s rows over their absolute maxima (the forward's operand), and its columns over theirs,
+        taken over all heads (the input gradient's). The base is frozen: computed once, on the first call (an
+        eager pass, before any graph capture)."""
+        if self._fp8_scales is None:
+            rows, cols = zip(*(_head_amax(h) for h in self.heads), strict=True)
+            rows = [r.float().clamp_min(reference.FP8_TINY) for r in rows]
+            col = torch.stack([c.float() for c in cols]).amax(0).clamp_min(reference.FP8_TINY)
+            self._fp8_scales = (torch.cat(rows)[None] / reference.FP8_MAX, [reference.FP8_MAX / r for r in rows],
+                                col[None] / reference.FP8_MAX, reference.FP8_MAX / col)
+        return self._fp8_scales
+
+
+def _head_amax(h: Head) -> tuple[torch.Tensor, torch.Tensor]:
+    """(absolute max of each row (out,), of each column (in,)) of a head's base weight."""
+    amax = getattr(h.dequant, "amax", None)
+    if amax is not None:
+        return amax()
+    w = h.dequant(None).float().abs()
+    return w.amax(1), w.amax(0)
+
+
+def _fp8_weight(group: Group, in_features: int, device, pool: WeightBuffer | None,
+                transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the group's base weight in e4m3, its scales): [W_0; W_1; ...] (sum out, in) over row scales (1, sum out), or
+    transposed, (in, sum out) over column scales (1, in), in the reused buffer where possible."""
+    rows, row_inv, cols, col_inv = group.fp8_scales()
+    total = group.out_features
+    shape = (in_features, total) if transposed else (total, in_features)
+    if pool is None:
+        w = torch.empty(shape, dtype=torch.float8_e4m3fn, device=device)
+        views = None
+    else:
+        buf = pool.get(total * in_features, torch.float8_e4m3fn, device)
+        key = (buf.data_ptr(), in_features, transposed)
+        views = group.fp8_views.get(transposed)
+        if views is None or views[0] != key:
+            w = buf[:total * in_features].view(shape)
+            parts = [w[:, o:o + h.out_features] if transposed else w[o:o + h.out_features]
+                     for o, h in zip(group.offsets, group.heads, strict=True)]
+            group.fp8_views[transposed] = views = (key, w, parts)
+        w = views[1]
+    parts = views[2] if views is not None else \
+        [w[:, o:o + h.out_features] if transposed else w[o:o + h.out_features]
+         for o, h in zip(group.offsets, group.heads, strict=True)]
+    for h, part, inv in zip(group.heads, parts, row_inv, strict=True):
+        fp8 = getattr(h.dequant, "fp8", None)
+        if fp8 is not None:
+            fp8(part, col_inv if transposed else inv, transposed)
+        else:
+            reference.fp8_weight(h.dequant(None), col_inv if transposed else inv, transposed, part)
+    return w, (cols if transposed else rows)
+
+
+def _fp8_mm(a: torch.Tensor, scale_a: torch.Tensor, w: torch.Tensor, scale_w: torch.Tensor, dtype) -> torch.Tensor:
+    """(a * scale_a) @ (w * scale_w)^T on fp8 tensor cores, in `dtype`: a (n, k) e4m3 over row scales (n, 1), w (m, k)
+    e4m3 over row scales (1, m). Row-wise scaled products give bf16 (fp16 runs cast it). Without cuBLAS's fast
+    accumulation: Hopper's fp8 tensor cores accumulate in about 14 bits unless the sums are promoted to float32 as
+    they go (up to ~2% relative error at K = 4,096, per the DeepSeek-V3 technical report); promotion costs a little
+    speed."""
+    y = torch._scaled_mm(a, w.t(), scale_a=scale_a, scale_b=scale_w, out_dtype=torch.bfloat16,
+                         use_fast_accum=False)
+    return y if dtype == torch.bfloat16 else y.to(dtype)
 
 
 class FactorPack:
@@ -164,14 +236,18 @@ def _base_weight(group: Group, in_features: int, dtype, device, pool: WeightBuff
 
 class _LoRAGroup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, group, pool, training, grad_only, value, lowrank, keep_weight, dropout, *params):
+    def forward(ctx, x, residual, group, pool, training, grad_only, value, lowrank, keep_weight, dropout, fp8,
+                *params):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         n, d_in = x2.shape
         dtype = x.dtype
         a_cat, b_bd, bias = group.prepared(dtype, x.device)
+        fp8, fp8_forward = fp8 if fp8 is not None and group.fp8_ok(d_in) else (None, False)
+        keep_weight = keep_weight and fp8 is None     # fp8: backward reads the weight in another layout
         # keep_weight: the dequantized weight gets its own memory and backward reuses it (no second dequant)
-        w = None if grad_only else _base_weight(group, d_in, dtype, x.device, None if keep_weight else pool)
+        w = None if grad_only or fp8_forward else \
+            _base_weight(group, d_in, dtype, x.device, None if keep_weight else pool)
         c = None if residual is None else residual.reshape(n, -1)
         if bias is not None:
             c = bias if c is None else c + bias
@@ -204,6 +280,17 @@ class _LoRAGroup(torch.autograd.Function):
             # or the output's value parked by an earlier forward when a later op reads it
             y = torch.empty(n, group.out_features, dtype=dtype, device=x.device) if value[0] is None \
                 else value[0].reshape(n, group.out_features)
+        elif fp8_forward:
+            # the base product on fp8 tensor cores (x and W each over row-wise scales), then the low-rank term and
+            # the residual / bias in the compute dtype onto it
+            xq, sx = fp8(x2)
+            wq, sw = _fp8_weight(group, d_in, x.device, pool, transposed=False)
+            y = _fp8_mm(xq, sx, wq, sw, dtype)
+            del xq, sx
+            if lora:
+                y.addmm_(h_act, b_bd.t())
+            if c is not None:
+                y.add_(c)
         elif lora:
             # low-rank term (and residual / bias) first, then the big product accumulates onto it in
             # cuBLAS's epilogue (beta = 1): one pass over y fewer than adding the LoRA term afterwards
@@ -215,6 +302,7 @@ class _LoRAGroup(torch.autograd.Function):
         ctx.group, ctx.pool, ctx.shape = group, pool, shape
         ctx.w = w if keep_weight else None
         ctx.dropout = (seed, drop) if use_drop else None
+        ctx.fp8 = fp8
         ctx.save_for_backward(x2, h_act)
         h_out = h_act if h_act is not None and lowrank[0] is None else x2.new_empty(0)   # (a given one: not again)
         ctx.mark_non_differentiable(h_out)
@@ -230,18 +318,33 @@ class _LoRAGroup(torch.autograd.Function):
         dy = dy.reshape(n, -1)
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
-        w = ctx.w if ctx.w is not None else _base_weight(group, d_in, dtype, x2.device, ctx.pool)
+        fp8 = ctx.fp8
+        w = None
+        if fp8 is None:
+            w = ctx.w if ctx.w is not None else _base_weight(group, d_in, dtype, x2.device, ctx.pool)
         ctx.w = None
+
+        def dy_w():                                                       # dx's base term (n, in)
+            if fp8 is None:
+                return dy @ w
+            dyq, sdy = fp8(dy)
+            wt, swt = _fp8_weight(group, d_in, x2.device, ctx.pool, transposed=True)
+            return _fp8_mm(dyq, sdy, wt, swt, dtype)
+
         grads = []
         if not group.lora:
-            dx = dy @ w                                                   # (n, in)
+            dx = dy_w()
         else:
             a_cat, b_bd, _ = group.prepared(dtype, x2.device)
             dh = dy @ b_bd                                                # (n, sum r), scaling folded in
             grad_a_all = None
             if ctx.dropout is None:
-                dx = dh @ a_cat                                           # low-rank first, then beta = 1
-                dx.addmm_(dy, w)
+                if fp8 is None:
+                    dx = dh @ a_cat                                       # low-rank first, then beta = 1
+                    dx.addmm_(dy, w)
+                else:
+                    dx = dy_w()
+                    dx.addmm_(dh, a_cat)
                 grad_a_all = (dh.t() @ x2).float()                        # (sum r, in): every dA in one product
             elif group.drop_batch:
                 # the k dropped copies again: dA_i = dh_i^T (x * mask_i) in one batched product, then every
@@ -251,11 +354,11 @@ class _LoRAGroup(torch.autograd.Function):
                 dh3 = dh.view(n, k, -1).transpose(0, 1)                   # (k, n, r)
                 grad_a_all = torch.bmm(dh3.transpose(1, 2), xm).float().view(-1, d_in)
                 torch.bmm(dh3, a_cat.view(k, -1, d_in), out=xm)
-                dx = dy @ w
+                dx = dy_w()
                 drop.masked_sum_(dx, xm, seed, group.salts, p)
                 del xm
             else:
-                dx = dy @ w
+                dx = dy_w()
             # every dB in one product too: dy^T h is (sum out, sum r) and head i's dB is its diagonal block
             # (the off-diagonal blocks are a few skinny FLOPs; one launch instead of ~7 per head)
             grad_b_all = (dy.t() @ h_act).float().mul_(group.scaling) if group.scaling is not None else None
@@ -277,7 +380,7 @@ class _LoRAGroup(torch.autograd.Function):
                 grads += [grad_a.to(h.lora_A.dtype), grad_b.to(h.lora_B.dtype)]
                 r0 += r
         dres = dy.view(*ctx.shape[:-1], dy.shape[-1]) if ctx.has_residual else None
-        return (dx.view(ctx.shape), dres, None, None, None, None, None, None, None, None, *grads)
+        return (dx.view(ctx.shape), dres, None, None, None, None, None, None, None, None, None, *grads)
 
 
 def _block_diag_b(heads: list[Head], dtype) -> torch.Tensor:
@@ -301,7 +404,7 @@ def lora_group(x: torch.Tensor, heads: list[Head] | Group, pool: WeightBuffer | 
                training: bool = True, residual: torch.Tensor | None = None,
                grad_only: bool = False, value: torch.Tensor | None = None, lowrank: torch.Tensor | None = None,
                keep_weight: bool = False, with_lowrank: bool = False, seed: torch.Tensor | None = None,
-               drop=None):
+               drop=None, fp8=None):
     """x (..., in) -> (..., sum_out): concatenated outputs of the heads (see module docstring).
 
     `residual` (..., sum_out), if given, is added to the output inside the same product (beta = 1).
@@ -317,6 +420,10 @@ def lora_group(x: torch.Tensor, heads: list[Head] | Group, pool: WeightBuffer | 
     Dropout (training, p > 0): head i's mask is drop.hashed_dropout(x, seed, salt_i, p), `drop` the module with the
     mask functions (reference unless the caller passes kernels.dropout, the Triton twins), `seed` an int64 device
     tensor of one value (drawn here if None); the same seed gives the same masks.
+    `fp8` = (a row quantizer: kernels.fp8.rows on CUDA, reference.fp8_rows elsewhere; forward too) puts the base's
+    input-gradient product dy W on fp8 tensor cores, and with forward True its x W^T too, each operand over row-wise
+    scales (a group whose dimensions are not multiples of 16 keeps the compute dtype); the LoRA terms and every
+    gradient of A and B stay in the compute dtype.
     Twin: reference.lora_group (+ residual). Gradients flow to x, residual and every lora_A / lora_B."""
     group = heads if isinstance(heads, Group) else Group(heads)
     params = []
@@ -326,5 +433,5 @@ def lora_group(x: torch.Tensor, heads: list[Head] | Group, pool: WeightBuffer | 
     if training and seed is None and group.has_dropout:
         seed = torch.randint(0, 1 << 31, (1,), device=x.device)
     y, h = _LoRAGroup.apply(x, residual, group, pool, training, grad_only, (value,), (lowrank,),
-                            keep_weight, (seed, drop or reference), *params)
+                            keep_weight, (seed, drop or reference), fp8, *params)
     return (y, h.view(*x.shape[:-1], -1) if h.numel() else None) if with_lowrank else y

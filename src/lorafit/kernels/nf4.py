@@ -15,21 +15,27 @@ import triton.language as tl
 
 
 @triton.jit
-def _dequant(Q, ABSMAX, CODE2, ABSMAX2, NF4, OUT, offset, numel, n_bytes,
-             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    i = pid * BLOCK + tl.arange(0, BLOCK)                 # byte index: elements 2i (high nibble), 2i+1 (low)
-    m = i < n_bytes
-    q = tl.load(Q + i, mask=m, other=0).to(tl.int32)
-    blk = i // (BLOCKSIZE // 2)
+def decode_bytes(Q, ABSMAX, CODE2, ABSMAX2, NF4, b, m, offset,
+                 BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):
+    """The float32 values of packed bytes b (any shape): (element 2b, its high nibble; element 2b + 1, its low),
+    each a code times its block's absmax (decoded from its 8-bit code when double-quantized)."""
+    q = tl.load(Q + b, mask=m, other=0).to(tl.int32)
+    blk = b // (BLOCKSIZE // 2)
     if NESTED:
         a8 = tl.load(ABSMAX + blk, mask=m, other=0).to(tl.int32)
         amax = tl.load(CODE2 + a8, mask=m, other=0.0) * tl.load(ABSMAX2 + blk // BLOCKSIZE2, mask=m, other=0.0)
         amax = amax + offset
     else:
         amax = tl.load(ABSMAX + blk, mask=m, other=0.0).to(tl.float32)
-    hi = tl.load(NF4 + (q >> 4)) * amax
-    lo = tl.load(NF4 + (q & 15)) * amax
+    return tl.load(NF4 + (q >> 4)) * amax, tl.load(NF4 + (q & 15)) * amax
+
+
+@triton.jit
+def _dequant(Q, ABSMAX, CODE2, ABSMAX2, NF4, OUT, offset, numel, n_bytes,
+             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    i = pid * BLOCK + tl.arange(0, BLOCK)                 # byte index: elements 2i (high nibble), 2i+1 (low)
+    hi, lo = decode_bytes(Q, ABSMAX, CODE2, ABSMAX2, NF4, i, i < n_bytes, offset, BLOCKSIZE, BLOCKSIZE2, NESTED)
     o = pid * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
     tl.store(OUT + o, tl.interleave(hi, lo).to(OUT.dtype.element_ty), mask=o < numel)
 

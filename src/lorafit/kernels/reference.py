@@ -139,8 +139,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, n_h
     return o.transpose(1, 2).reshape(n, n_heads * head_dim)
 
 
-def dequant_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
-    """A bitsandbytes 4-bit weight (nested absmax or not) -> (out, in) in quant_state.dtype."""
+def dequant_nf4(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight (nested absmax or not) -> (out, in) in `dtype` (default quant_state.dtype)."""
     qs = quant_state
     q = packed.flatten()
     idx = torch.stack(((q >> 4).long(), (q & 15).long()), dim=1).flatten()
@@ -154,7 +154,40 @@ def dequant_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
     for s in qs.shape:
         n *= s
     vals = qs.code.float()[idx[:n]] * absmax.repeat_interleave(qs.blocksize)[:n]
-    return vals.to(qs.dtype).view(tuple(qs.shape))
+    return vals.to(dtype or qs.dtype).view(tuple(qs.shape))
+
+
+# ---------------------------------------------------------------- fp8 (e4m3) operands of the base's products
+# Each operand row (a token of x or dy, an output row or input column of W) is divided by its own absolute max over
+# FP8_MAX, so the row's largest value lands on e4m3's largest; the product multiplies the scales back in
+# (torch._scaled_mm's row-wise scaling).
+
+FP8_MAX = 448.0          # the largest finite float8_e4m3fn
+FP8_TINY = 1e-12         # an all-zero row's absolute max (its scale stays finite, its values 0)
+
+
+def fp8_cast(t: torch.Tensor) -> torch.Tensor:
+    """float32 -> float8_e4m3fn, saturating at +-FP8_MAX (clamped first, as the kernels do, whatever a torch
+    version's cast does past it), rounding to nearest even."""
+    return t.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, k) -> (q (n, k) float8_e4m3fn, scale (n, 1) float32) with q * scale ~ x, each row over its absolute max."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=1, keepdim=True).clamp_min(FP8_TINY)
+    # a reciprocal and products by constants: rounded the same on every device (torch divides by a scalar as a
+    # product by its reciprocal on CUDA, exactly on CPU), and by kernels/fp8.py
+    return fp8_cast(xf * (amax.reciprocal() * FP8_MAX)), amax * (1.0 / FP8_MAX)
+
+
+def fp8_weight(w: torch.Tensor, inv: torch.Tensor, transposed: bool = False,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """A base weight (out, in) in e4m3: each row times inv (out,), or, transposed, each column times inv (in,)
+    written as (in, out), the layout of the input gradient's product. Into `out` if given."""
+    w = w.float()
+    q = fp8_cast(w * inv[None, :]).t() if transposed else fp8_cast(w * inv[:, None])
+    return q.contiguous() if out is None else out.copy_(q)
 
 
 # ---------------------------------------------------------------- dropout masks from a counter hash

@@ -14,6 +14,9 @@ ORPO, KTO: a pair's chosen and rejected are documents of one padding-free row). 
 objectives' reference is the same stack with the LoRA products left out (the same base weights, no
 copy), which PEFT's disable_adapter() cannot switch off here: these products read lora_A / lora_B
 themselves.
+With fp8_base backward, the base's input-gradient products run on fp8 tensor cores over row-wise scales
+(kernels/fp8.py); with all, its forward and recomputation products too; the LoRA terms, attention, norms and the
+loss keep the compute dtype.
 On CPU (the test suite) the same code runs the plain-PyTorch twins.
 
 Supported: llama, mistral, qwen2, phi3 with plain LoRA (no DoRA, one adapter). Anything else
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from lorafit.data.records import IGNORE_INDEX
+from lorafit.errors import UserError
 from lorafit.kernels import reference
 from lorafit.kernels.attention import attention, attention_keeping, attention_replay, packed_plan
 from lorafit.kernels.lora import FactorPack, Group, Head, WeightBuffer, lora_group
@@ -96,17 +100,44 @@ class _Dequant:
 
     def __init__(self, layer, dtype):
         self.layer, self.dtype = layer, dtype
-
         self.nf4 = None
+        self._amax = None
+
+    def _kernel(self):
+        """The Triton NF4 decoder of a CUDA NF4 weight (kernels/nf4.py), else None."""
+        w = self.layer.weight
+        if not (has_4bit_weight(self.layer) and w.is_cuda and w.quant_state.quant_type == "nf4"):
+            return None
+        if self.nf4 is None or self.nf4.packed.data_ptr() != w.data_ptr():
+            from lorafit.kernels.nf4 import NF4Weight
+            self.nf4 = NF4Weight(w.data, w.quant_state)
+        return self.nf4
+
+    def amax(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(absolute max of each row, of each column) of the weight, float32, computed once (the base is frozen):
+        the scales of its fp8 operands."""
+        if self._amax is None:
+            nf4 = self._kernel()
+            w = nf4(torch.empty(nf4.shape, dtype=torch.float32, device=nf4.packed.device)) if nf4 is not None \
+                else self(None).float()
+            w = w.abs()
+            self._amax = (w.amax(1), w.amax(0))
+        return self._amax
+
+    def fp8(self, out, inv, transposed: bool):
+        """The weight in e4m3 into `out`: rows times inv (out,), or transposed (in, out) with columns times inv
+        (in,); NF4 on CUDA decodes straight to e4m3 (kernels/fp8.py)."""
+        nf4 = self._kernel()
+        if nf4 is None:
+            return reference.fp8_weight(self(None), inv, transposed, out)
+        import lorafit.kernels.fp8 as fp8
+        return (fp8.nf4_cols if transposed else fp8.nf4_rows)(nf4, inv, out)
 
     def __call__(self, out):
         w = self.layer.weight
         if has_4bit_weight(self.layer):
             qs = w.quant_state
-            if w.is_cuda and qs.quant_type == "nf4" and qs.dtype == self.dtype:
-                if self.nf4 is None or self.nf4.packed.data_ptr() != w.data_ptr():
-                    from lorafit.kernels.nf4 import NF4Weight
-                    self.nf4 = NF4Weight(w.data, qs)
+            if qs.dtype == self.dtype and self._kernel() is not None:
                 return self.nf4(out)
             import bitsandbytes.functional as bnbf
             if out is not None and w.is_cuda and qs.dtype == out.dtype:
@@ -186,17 +217,20 @@ def _ops(device: torch.device):
     fused forward/backward through them that way on machines without a GPU."""
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         import lorafit.kernels.dropout as dropout
+        import lorafit.kernels.fp8 as fp8
         from lorafit.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_sum
         from lorafit.kernels.rmsnorm import add_rmsnorm, rmsnorm, rmsnorm_fork
         from lorafit.kernels.rope import qkv_rope
         from lorafit.kernels.swiglu import swiglu
         return SimpleNamespace(rmsnorm=rmsnorm, rmsnorm_fork=rmsnorm_fork, add_rmsnorm=add_rmsnorm, qkv_rope=qkv_rope,
                                swiglu=swiglu, ce=linear_cross_entropy_sum, ce_rows=linear_cross_entropy,
-                               dropout=dropout)
+                               dropout=dropout,
+                               # (the interpreter's float32 -> e4m3 cast is not the GPU's: the twin on CPU)
+                               fp8_rows=fp8.rows if device.type == "cuda" else reference.fp8_rows)
     return SimpleNamespace(rmsnorm=reference.rmsnorm, rmsnorm_fork=reference.rmsnorm_fork,
                            add_rmsnorm=reference.add_rmsnorm, qkv_rope=reference.qkv_rope, swiglu=reference.swiglu,
                            ce=reference.cross_entropy_sum, ce_rows=reference.cross_entropy,
-                           dropout=reference)
+                           dropout=reference, fp8_rows=reference.fp8_rows)
 
 
 # ---------------------------------------------------------------- the loss
@@ -205,12 +239,14 @@ class FastLoss:
     """batch -> (sum of CE over labelled tokens (float32), number of labelled tokens (int64)); `sequence_logps`:
     per-sequence summed log-probs of a preference batch, with the adapter or without it (the reference)."""
 
-    def __init__(self, peft_model, *, gradient_checkpointing: bool, offload_activations: bool = True):
+    def __init__(self, peft_model, *, gradient_checkpointing: bool, offload_activations: bool = True,
+                 fp8_base: str = "off"):
         self.model = peft_model
         ok, reason = fast_forward_supported(peft_model)
         if not ok:
             raise ValueError(f"the fused path cannot run this model: {reason}")  # loss_path checks first
         self.gradient_checkpointing = gradient_checkpointing
+        self.fp8_base = fp8_base      # off, backward or all: the base's products on fp8 tensor cores (kernels/fp8.py)
         base = peft_model.get_base_model()
         cfg = base.config
         adapter = (getattr(peft_model, "active_adapters", None) or ["default"])[0]
@@ -334,7 +370,8 @@ class FastLoss:
         # the packed rows then keep the varlen kernel instead of the masked fallback
         window = None if self.window is not None and plan is not None and plan[1] <= self.window else self.window
         ctx = SimpleNamespace(ops=ops, cos=cos, sin=sin, batch=b, plan=plan, doc_ids=doc_ids, training=training,
-                              window=window, seed=seed)
+                              window=window, seed=seed,
+                              fp8=None if self.fp8_base == "off" else (ops.fp8_rows, self.fp8_base == "all"))
         if self.gradient_checkpointing and torch.is_grad_enabled():
             x = x.detach().requires_grad_(True)
             self.store.clear()
@@ -370,7 +407,8 @@ class FastLoss:
         # parked with the layer: attention output, mid-layer residual, the four low-rank activations, attention state
         low = kept[2:6] if kept is not None else (None,) * 4
         # the recomputation keeps its dequantized q/k/v and gate/up weights for the backward right after it
-        run = {"pool": self.pool, "training": c.training, "with_lowrank": True, "seed": c.seed, "drop": c.ops.dropout}
+        run = {"pool": self.pool, "training": c.training, "with_lowrank": True, "seed": c.seed, "drop": c.ops.dropout,
+               "fp8": c.fp8}
         x, h = c.ops.rmsnorm_fork(x, ly.ln1, ly.eps)
         qkv, l_qkv = lora_group(h, ly.qkv, lowrank=low[0], keep_weight=grad_only, **run)
         q, k, v = c.ops.qkv_rope(qkv, c.cos, c.sin, hq, hkv, d)
@@ -414,13 +452,26 @@ def _label_seq(batch: dict[str, Any], sel: torch.Tensor) -> torch.Tensor:
     return F.pad(batch["seq_index"][:, 1:], (0, 1), value=-1).reshape(-1).index_select(0, sel)
 
 
-def enable_fast_path(peft_model, *, gradient_checkpointing: bool, offload_activations: bool = True) -> FastLoss:
+def enable_fast_path(peft_model, *, gradient_checkpointing: bool, offload_activations: bool = True,
+                     fp8_base: str = "off") -> FastLoss:
     """A FastLoss over this PeftModel (see the module docstring); ValueError if fast_forward_supported says no."""
-    return FastLoss(peft_model, gradient_checkpointing=gradient_checkpointing, offload_activations=offload_activations)
+    return FastLoss(peft_model, gradient_checkpointing=gradient_checkpointing, offload_activations=offload_activations,
+                    fp8_base=fp8_base)
+
+
+def check_fp8(fast: FastLoss | None, why: str, device: torch.device) -> None:
+    """fp8_base's preconditions, as one error a user can act on: the fused path runs, on fp8 tensor cores."""
+    if fast is None:
+        raise UserError(f"fp8_base needs the fused kernels, which this run cannot use ({why})",
+                        fix="set --fp8_base off, or --fast_kernels on where the model supports them")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise UserError(f"fp8_base needs fp8 tensor cores (compute capability 8.9 or later: Ada, Hopper); "
+                        f"{torch.cuda.get_device_name(device)} is {cap}", fix="set --fp8_base off")
 
 
 def loss_path(model, fused: bool, why: str, gradient_checkpointing: bool,
-              offload_activations: bool = True) -> tuple[FastLoss | None, str]:
+              offload_activations: bool = True, fp8_base: str = "off") -> tuple[FastLoss | None, str]:
     """(FastLoss or None, why), given model/arch.py's fused_path_choice for this run; the wrapped model has the
     last word (dropout, DoRA, a LoRA on the head... fall back to the reference path, saying why)."""
     if not fused:
@@ -429,4 +480,4 @@ def loss_path(model, fused: bool, why: str, gradient_checkpointing: bool,
     if not ok:
         return None, f"fused kernels do not support this model: {reason}"
     return enable_fast_path(model, gradient_checkpointing=gradient_checkpointing,
-                            offload_activations=offload_activations), why
+                            offload_activations=offload_activations, fp8_base=fp8_base), why

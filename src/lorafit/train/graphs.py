@@ -20,6 +20,7 @@ the graphs), and the activation store's pinned host arenas (each graph holds the
 
 LoRA dropout replays too: its masks are hashes of a per-pass seed, one more static input (kernels/dropout.py).
 So does fp16 loss scaling: the scaler's scale is a device tensor it updates in place, read by the graph.
+fp8 products (--fp8_base) replay as captured: their scales are device tensors computed before any capture.
 
 The graphs' pool holds memory the eager path would reuse (a run's reserved memory grows with its buckets): a
 capture that runs out of memory drops every graph and leaves the rest of the run eager, with a warning, instead

@@ -39,7 +39,7 @@ from lorafit.model.lora import apply_lora, parameter_counts
 from lorafit.train import checkpoint as ckpt
 from lorafit.train import fsdp
 from lorafit.train import parallel as dist
-from lorafit.train.fast import loss_path
+from lorafit.train.fast import check_fp8, loss_path
 from lorafit.train.fsdp import offload_requested, one_process_group
 from lorafit.train.graphs import PassGraphs, graph_choice
 from lorafit.train.log import NullLog, TrainLog, memory_gib, setup_console, truncate_after
@@ -92,7 +92,9 @@ def _train(cfg: Config, d: dist.Dist) -> Path:
 
     # -- setup: batch plan, loss path, wrapping (DDP or FSDP), optimizer, schedule, resume, run files --
     fast, why = loss_path(r.model, r.fused, r.fused_why, cfg.model.gradient_checkpointing,
-                          offload_activations=cfg.model.offload_activations)
+                          offload_activations=cfg.model.offload_activations, fp8_base=cfg.model.fp8_base)
+    if cfg.model.fp8_base != "off":
+        check_fp8(fast, why, d.device)
     budget = find_pass_budget(r, LossModule(r.model, r.objective, fast, r.dtype), pass_budget(r, fast is not None))
     r.plan = plan_steps(cfg, r.data, d, budget)
     r.fast = fast
