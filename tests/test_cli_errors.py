@@ -31,6 +31,8 @@ CONFIG_CASES = [
     ({"optim": "sgd"}, ["'optim' is 'sgd'", "adamw_torch"]),
     ({"early_stopping_patience": "2", "eval_strategy": "no"}, ["'early_stopping_patience' needs validation"]),
     ({"max_steps": "0"}, ["'max_steps' is 0"]),
+    ({"fp8_base": "true"}, ["'fp8_base' is 'true'", "backward"]),
+    ({"fp8_base": "all", "fast_kernels": "off"}, ["'fp8_base' needs the fused kernels", "--fp8_base off"]),
 ]
 
 
@@ -100,3 +102,15 @@ def test_broken_dataset_in_process(tiny_model_dir, tmp_path, capsys, name, conte
     code = cli_main(["train", *to_argv(train_args(tiny_model_dir("llama"), data, out, truncation="drop"))])
     err = capsys.readouterr().err
     _check_user_error(subprocess.CompletedProcess([], code, "", err), expected, out)
+
+
+def test_fp8_base_where_the_fused_path_cannot_run(tiny_model_dir, tmp_path, capsys):
+    """--fp8_base all on a CPU (fast_kernels auto keeps the reference path there): exit 2 once the loss path is
+    chosen (the base loaded), before anything is written."""
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"instruction": f"q {i}", "output": "a"} for i in range(20)]))
+    out = tmp_path / "run"
+    code = cli_main(["train", *to_argv(train_args(tiny_model_dir("llama"), data, out, fp8_base="all"))])
+    err = capsys.readouterr().err
+    _check_user_error(subprocess.CompletedProcess([], code, "", err),
+                      ["fp8_base needs the fused kernels", "no CUDA GPU", "--fp8_base off"], out)

@@ -459,9 +459,10 @@ def enable_fast_path(peft_model, *, gradient_checkpointing: bool, offload_activa
                     fp8_base=fp8_base)
 
 
-def check_fp8(fast: FastLoss | None, why: str, device: torch.device) -> None:
-    """fp8_base's preconditions, as one error a user can act on: the fused path runs, on fp8 tensor cores."""
-    if fast is None:
+def check_fp8(fused: bool, why: str, device: torch.device) -> None:
+    """fp8_base's preconditions, as one error a user can act on: the fused path runs (`fused`; else `why` not), on
+    fp8 tensor cores."""
+    if not fused:
         raise UserError(f"fp8_base needs the fused kernels, which this run cannot use ({why})",
                         fix="set --fp8_base off, or --fast_kernels on where the model supports them")
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):

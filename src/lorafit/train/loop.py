@@ -94,7 +94,7 @@ def _train(cfg: Config, d: dist.Dist) -> Path:
     fast, why = loss_path(r.model, r.fused, r.fused_why, cfg.model.gradient_checkpointing,
                           offload_activations=cfg.model.offload_activations, fp8_base=cfg.model.fp8_base)
     if cfg.model.fp8_base != "off":
-        check_fp8(fast, why, d.device)
+        check_fp8(fast is not None, why, d.device)
     budget = find_pass_budget(r, LossModule(r.model, r.objective, fast, r.dtype), pass_budget(r, fast is not None))
     r.plan = plan_steps(cfg, r.data, d, budget)
     r.fast = fast
