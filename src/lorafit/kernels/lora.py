@@ -126,22 +126,21 @@ def _fp8_weight(group: Group, in_features: int, device, pool: WeightBuffer | Non
     rows, row_inv, cols, col_inv = group.fp8_scales()
     total = group.out_features
     shape = (in_features, total) if transposed else (total, in_features)
+
+    def heads_of(w):                    # each head's rows of W (its columns of W^T)
+        return [w[:, o:o + h.out_features] if transposed else w[o:o + h.out_features]
+                for o, h in zip(group.offsets, group.heads, strict=True)]
     if pool is None:
         w = torch.empty(shape, dtype=torch.float8_e4m3fn, device=device)
-        views = None
+        parts = heads_of(w)
     else:
         buf = pool.get(total * in_features, torch.float8_e4m3fn, device)
-        key = (buf.data_ptr(), in_features, transposed)
+        key = (buf.data_ptr(), in_features)
         views = group.fp8_views.get(transposed)
-        if views is None or views[0] != key:
+        if views is None or views[0] != key:   # the views are made once per buffer (slicing costs host time)
             w = buf[:total * in_features].view(shape)
-            parts = [w[:, o:o + h.out_features] if transposed else w[o:o + h.out_features]
-                     for o, h in zip(group.offsets, group.heads, strict=True)]
-            group.fp8_views[transposed] = views = (key, w, parts)
-        w = views[1]
-    parts = views[2] if views is not None else \
-        [w[:, o:o + h.out_features] if transposed else w[o:o + h.out_features]
-         for o, h in zip(group.offsets, group.heads, strict=True)]
+            group.fp8_views[transposed] = views = (key, w, heads_of(w))
+        _, w, parts = views
     for h, part, inv in zip(group.heads, parts, row_inv, strict=True):
         fp8 = getattr(h.dequant, "fp8", None)
         if fp8 is not None:
