@@ -52,6 +52,16 @@ STEPS=${STEPS// fp8shapes / model sh:lorafit:graphs-fp8 sh:lorafit:graphs-fp8bwd
 LENS="bench/alpaca_lengths.txt bench/alpaca_prompt_lengths.txt"
 declare -A RMODEL=([phi3_alpaca]=/tmp/phi3 [phi3_guanaco]=/tmp/phi3 [mistral7b]=/tmp/mistral-7b)
 BENCH_ARGS=${BENCH_ARGS---real}
+# the recipe shape twice, FLAG=A then FLAG=B, on the same records (GSTEPS steps, LoRA dropout GDROP): their speed,
+# then their losses step by step (graphs_check.py, the runs named NAME_A and NAME_B)
+recipe_pair() { local flag=$1 a=$2 b=$3 v
+  for v in $a $b; do
+    timeout 420 python3 bench/recipe.py configs/phi3_alpaca.yaml /tmp/phi3-llama /tmp/rp-$flag-$v --steps ${GSTEPS:-100} \
+      --name recipe-$flag-$v --target_modules all-linear --lora_dropout ${GDROP:-0} --$flag $v 2>&1 \
+      | tee -a "$OUT/log" | grep -E '^\{' | tee -a "$OUT/results.jsonl"
+  done
+  python3 bench/graphs_check.py /tmp/rp-$flag-$a/run-phi3_alpaca /tmp/rp-$flag-$b/run-phi3_alpaca $4 $5 2>&1 | tee -a "$OUT/log"
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/log"
 for s in $STEPS; do
   echo "=== $s $(date -u +%FT%TZ)" | tee -a "$OUT/log"
@@ -95,19 +105,8 @@ for s in $STEPS; do
          echo "rc=$? (trl)" | tee -a "$OUT/log"; grep -E 'Error|error' "$OUT/dpo_trl.log" | tail -5
          grep -hE '^\{' "$OUT/dpo_lorafit.log" "$OUT/dpo_trl.log" | tee "$OUT/dpo.jsonl"
          python3 bench/dpo_bench.py table "$OUT/dpo.jsonl" | tee "$OUT/dpo_table.md" ;;
-    graphs) for g in true false; do      # the recipe shape with CUDA graphs and without, same records: speed and losses
-              timeout 420 python3 bench/recipe.py configs/phi3_alpaca.yaml /tmp/phi3-llama /tmp/rg-$g --steps ${GSTEPS:-100} \
-                --name recipe-graphs-$g --target_modules all-linear --lora_dropout ${GDROP:-0} --cuda_graphs $g 2>&1 \
-                | tee -a "$OUT/log" | grep -E '^\{' | tee -a "$OUT/results.jsonl"
-            done
-            python3 bench/graphs_check.py /tmp/rg-true/run-phi3_alpaca /tmp/rg-false/run-phi3_alpaca 2>&1 | tee -a "$OUT/log" ;;
-    fp8) for f in ${FP8:-all} off; do    # the recipe shape with the base's products in fp8 and in bf16, same records
-           timeout 420 python3 bench/recipe.py configs/phi3_alpaca.yaml /tmp/phi3-llama /tmp/rf-$f --steps ${GSTEPS:-100} \
-             --name recipe-fp8-$f --target_modules all-linear --lora_dropout ${GDROP:-0} --fp8_base $f 2>&1 \
-             | tee -a "$OUT/log" | grep -E '^\{' | tee -a "$OUT/results.jsonl"
-         done
-         python3 bench/graphs_check.py /tmp/rf-${FP8:-all}/run-phi3_alpaca /tmp/rf-off/run-phi3_alpaca fp8 bf16 2>&1 \
-           | tee -a "$OUT/log" ;;
+    graphs) recipe_pair cuda_graphs true false graphs eager ;;   # the recipe shape with CUDA graphs and without
+    fp8) recipe_pair fp8_base ${FP8:-all} off fp8 bf16 ;;          # the base's products in fp8 and in bf16
     cli2) bash bench/cli2.sh 2>&1 | tee -a "$OUT/log" ;;
     grpo) [ -d $MODEL ] || timeout 300 python3 bench/make_model.py $MODEL 2>&1 | tail -1 | tee -a "$OUT/log"
           rm -f "$OUT/grpo.jsonl"

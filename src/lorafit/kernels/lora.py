@@ -18,6 +18,7 @@ no mask exists and the A's stay concatenated.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -44,7 +45,7 @@ class WeightBuffer:
 
     def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The flat buffer as `dtype`, at least `numel` long (its bytes grow, never shrink)."""
-        size = numel * torch.empty(0, dtype=dtype).element_size()
+        size = numel * dtype.itemsize
         if self.buf is None or self.buf.numel() < size or self.buf.device != device:
             self.buf = torch.empty(size, dtype=torch.uint8, device=device)
         return self.buf.view(dtype)
@@ -96,18 +97,26 @@ class Group:
         """Whether fp8 products can take this group's base (cuBLAS's fp8 products want dimensions of 16s)."""
         return self.out_features % 16 == 0 and in_features % 16 == 0
 
-    def fp8_scales(self):
-        """(row scales (1, sum out), each head's row inverses, column scales (1, in), column inverses (in,)), float32:
-        [W_0; W_1; ...]'s rows over their absolute maxima (the forward's operand), and its columns over theirs,
+    def fp8_scales(self) -> Fp8Scales:
+        """[W_0; W_1; ...]'s rows over their absolute maxima (the forward's operand), and its columns over theirs,
         taken over all heads (the input gradient's). The base is frozen: computed once, on the first call (an
         eager pass, before any graph capture)."""
         if self._fp8_scales is None:
             rows, cols = zip(*(_head_amax(h) for h in self.heads), strict=True)
             rows = [r.float().clamp_min(reference.FP8_TINY) for r in rows]
             col = torch.stack([c.float() for c in cols]).amax(0).clamp_min(reference.FP8_TINY)
-            self._fp8_scales = (torch.cat(rows)[None] / reference.FP8_MAX, [reference.FP8_MAX / r for r in rows],
-                                col[None] / reference.FP8_MAX, reference.FP8_MAX / col)
+            self._fp8_scales = Fp8Scales(rows=torch.cat(rows)[None] / reference.FP8_MAX,
+                                         row_inv=[reference.FP8_MAX / r for r in rows],
+                                         cols=col[None] / reference.FP8_MAX, col_inv=reference.FP8_MAX / col)
         return self._fp8_scales
+
+
+class Fp8Scales(NamedTuple):
+    """A group's fp8 weight scales, float32."""
+    rows: torch.Tensor            # (1, sum out): the dequantization scale of each row of [W_0; W_1; ...]
+    row_inv: list[torch.Tensor]   # per head (out,): what its rows are multiplied by before the cast
+    cols: torch.Tensor            # (1, in): of each column, over all heads
+    col_inv: torch.Tensor         # (in,)
 
 
 def _head_amax(h: Head) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +132,7 @@ def _fp8_weight(group: Group, in_features: int, device, pool: WeightBuffer | Non
                 transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(the group's base weight in e4m3, its scales): [W_0; W_1; ...] (sum out, in) over row scales (1, sum out), or
     transposed, (in, sum out) over column scales (1, in), in the reused buffer where possible."""
-    rows, row_inv, cols, col_inv = group.fp8_scales()
+    sc = group.fp8_scales()
     total = group.out_features
     shape = (in_features, total) if transposed else (total, in_features)
 
@@ -141,13 +150,14 @@ def _fp8_weight(group: Group, in_features: int, device, pool: WeightBuffer | Non
             w = buf[:total * in_features].view(shape)
             group.fp8_views[transposed] = views = (key, w, heads_of(w))
         _, w, parts = views
-    for h, part, inv in zip(group.heads, parts, row_inv, strict=True):
+    for h, part, row_inv in zip(group.heads, parts, sc.row_inv, strict=True):
+        inv = sc.col_inv if transposed else row_inv
         fp8 = getattr(h.dequant, "fp8", None)
         if fp8 is not None:
-            fp8(part, col_inv if transposed else inv, transposed)
+            fp8(part, inv, transposed)
         else:
-            reference.fp8_weight(h.dequant(None), col_inv if transposed else inv, transposed, part)
-    return w, (cols if transposed else rows)
+            reference.fp8_weight(h.dequant(None), inv, transposed, part)
+    return w, (sc.cols if transposed else sc.rows)
 
 
 def _fp8_mm(a: torch.Tensor, scale_a: torch.Tensor, w: torch.Tensor, scale_w: torch.Tensor, dtype) -> torch.Tensor:
