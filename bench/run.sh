@@ -3,7 +3,7 @@
 # own process, then the table. Wheels (the GPU image lacks bitsandbytes and Unsloth) come from
 # `bash ../shared/bench/fetch_peer_wheels.sh`, carried as .whl-bnb and .whl-peers.
 # usage: [BENCH_ARGS=...] bash bench/run.sh [STEPS...]   STEPS from: tests model lorafit lorafit:gpu lorafit:nockpt
-#        hf unsloth loss prof:BSxSEQ mem:BSxSEQ; BENCH_ARGS (default --real) go to every bench.py stack
+#        hf unsloth loss prof:BSxSEQ[:STACK] mem:BSxSEQ; BENCH_ARGS (default --real) go to every bench.py stack
 #        ddp (lorafit's DDP step on 1 GPU, then on 2: ddp_bench.py under torchrun; needs `model` first)
 #        cli2 (a short `torchrun --nproc_per_node 2 -m lorafit train`, 4-bit, fast path, on a tiny random model)
 #        dpo (lorafit --method dpo vs TRL's DPOTrainer, QLoRA, pairs of Alpaca lengths: bench/dpo_bench.py; ~5 min)
@@ -69,7 +69,9 @@ for s in $STEPS; do
     tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -rA tests/test_kernels.py tests/test_graphs_gpu.py > "$OUT/tests.log" 2>&1
            grep -E "^(FAILED|PASSED|ERROR|E  )|passed|failed|backend" "$OUT/tests.log" | tail -40 | tee -a "$OUT/log" ;;
     mem:*) timeout 300 python3 bench/bench.py lorafit $MODEL --shapes "" --memory ${s#mem:} 2>&1 | grep -E "^memory|MiB|Error" | tee -a "$OUT/log" ;;
-    prof*) timeout 300 python3 bench/bench.py lorafit $MODEL --shapes "" --profile ${s#prof:} 2>&1 | grep -E "^\{|profile|ms |Error" | tee -a "$OUT/log" ;;
+    prof:*) ps=${s#prof:}; pstack=lorafit; [ "${ps#*:}" != "$ps" ] && pstack=${ps#*:}   # prof:BSxSEQ[:STACK]
+            timeout 300 python3 bench/bench.py $pstack $MODEL --shapes "" --profile ${ps%%:*} 2>&1 \
+              | grep -E "^\{|profile|ms |by kind|stream|Error" | tee -a "$OUT/log" ;;
     model) [ -d $MODEL ] || timeout 300 python3 bench/make_model.py $MODEL 2>&1 | tail -2 | tee -a "$OUT/log" ;;
     ddp) nvidia-smi topo -m 2>&1 | head -4 | tee -a "$OUT/log"
          for n in 1 2; do

@@ -6,8 +6,9 @@ Per decoder layer: fused residual-add + RMSNorm, one fused LoRA product for q/k/
 qkv_proj) over the dequantized NF4 base, Triton RoPE, flash attention (varlen for packed rows),
 one fused LoRA product for o, gate/up and down each, Triton SwiGLU; each layer but the last
 checkpointed with its input, attention output, mid-layer residual and low-rank activations
-parked in pinned CPU memory (the recomputation then skips the attention forward, the o and down
-products and the x @ A^T products); LoRA dropout masks hashed from a per-pass seed (kernels/dropout.py),
+parked in pinned CPU memory, the last checkpointed layer's on the GPU (its backward comes first); the
+recomputation then skips the attention forward, the o and down products and the x @ A^T products;
+LoRA dropout masks hashed from a per-pass seed (kernels/dropout.py),
 so the recomputation and the backward draw them again without generator state; a chunked linear +
 cross-entropy over the labelled tokens only: summed (SFT), or per token and summed per sequence (DPO,
 ORPO, KTO: a pair's chosen and rejected are documents of one padding-free row). The preference
@@ -377,15 +378,16 @@ class FastLoss:
             self.store.clear()
             park = self.store.offload     # park more than the input only where it goes to host memory
             *body, last = layers
+            self.store.on_device = {len(body) - 1}
             for i, layer in enumerate(body):
                 x = checkpoint(lambda h, layer=layer: self._layer(layer, ctx, h, park=park), x, self.store, i,
                                recompute=lambda h, *kept, layer=layer: self._layer(layer, ctx, h, grad_only=True,
                                                                                     kept=kept or None))
             # the last layer keeps its activations (no parking, no recomputation): its backward comes right
             # after the loss, when they would just have been rebuilt. It holds about what a recomputed layer
-            # holds in its backward, so the step's peak does not grow. The layer before it starts coming
-            # back from host memory now, ready for the backward.
-            self.store.prefetch(len(body) - 1, device)
+            # holds in its backward, so the step's peak does not grow. The layer before it parked on the GPU
+            # (store.on_device): a copy to the host and back would start only after the forward and make the
+            # first recomputation wait; it holds what its reload used to, brought back before this layer ran.
             x = self._layer(last, ctx, x)
         else:
             for layer in layers:
