@@ -113,15 +113,13 @@ class ActivationStore:
         if not self.offload or torch.device(device).type != "cuda":
             return items               # kept on the device, or a CPU run
         self._release()
-        if idx in self.on_device:
-            self.prefetch(idx - 1, device)
-            return items
-        if idx not in self.ready:
-            self.ready[idx] = self._copy_in(items, device)
-        out, ev = self.ready.pop(idx)
-        torch.cuda.current_stream(device).wait_event(ev)
+        if idx not in self.on_device:
+            if idx not in self.ready:
+                self.ready[idx] = self._copy_in(items, device)
+            items, ev = self.ready.pop(idx)
+            torch.cuda.current_stream(device).wait_event(ev)
         self.prefetch(idx - 1, device)     # overlaps this layer's recompute
-        return out
+        return items
 
     def prefetch(self, idx: int, device) -> None:
         """Start bringing layer idx's parked tensors back (load(idx) then waits only for what is left)."""

@@ -266,6 +266,7 @@ class FastLoss:
         self.dropout = any(h.dropout > 0 for ly in self.layers for g in ly.groups for h in g.heads)
         self.factors = None          # FactorPack, built on the first call (on the batch's device)
         self.store = ActivationStore(offload=offload_activations)
+        self.store.on_device = {len(self.layers) - 2}     # the last checkpointed layer (see _hidden)
         self.pool = WeightBuffer()
 
     def host_plan(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -378,16 +379,15 @@ class FastLoss:
             self.store.clear()
             park = self.store.offload     # park more than the input only where it goes to host memory
             *body, last = layers
-            self.store.on_device = {len(body) - 1}
             for i, layer in enumerate(body):
                 x = checkpoint(lambda h, layer=layer: self._layer(layer, ctx, h, park=park), x, self.store, i,
                                recompute=lambda h, *kept, layer=layer: self._layer(layer, ctx, h, grad_only=True,
                                                                                     kept=kept or None))
             # the last layer keeps its activations (no parking, no recomputation): its backward comes right
             # after the loss, when they would just have been rebuilt. It holds about what a recomputed layer
-            # holds in its backward, so the step's peak does not grow. The layer before it parked on the GPU
-            # (store.on_device): a copy to the host and back would start only after the forward and make the
-            # first recomputation wait; it holds what its reload used to, brought back before this layer ran.
+            # holds in its backward, so the step's peak does not grow. The layer before it parks on the GPU
+            # (store.on_device): its copy to the host and back would make the first recomputation wait. It holds
+            # the memory its early reload used to hold here.
             x = self._layer(last, ctx, x)
         else:
             for layer in layers:
