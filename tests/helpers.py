@@ -355,7 +355,7 @@ TARGETS = {
 }
 
 
-def tiny_peft(model_type: str, targets=None, dropout=0.0):
+def tiny_peft(model_type: str, targets=None, dropout=0.0, kv_heads=2):
     import peft
     import torch
     import transformers
@@ -363,7 +363,8 @@ def tiny_peft(model_type: str, targets=None, dropout=0.0):
     torch.manual_seed(0)
     cfg = transformers.AutoConfig.for_model(
         model_type, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=97, max_position_embeddings=128, pad_token_id=0, tie_word_embeddings=False)
+        num_key_value_heads=kv_heads, vocab_size=97, max_position_embeddings=128, pad_token_id=0,
+        tie_word_embeddings=False)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
     lc = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets or TARGETS[model_type])
     pm = peft.get_peft_model(model, lc)

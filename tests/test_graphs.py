@@ -77,6 +77,40 @@ def test_padded_masked_pass_trains_what_the_pass_trains(model_type):
         torch.testing.assert_close(g, ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "phi3"])
+def test_records_of_one_length_run_dense_attention_with_the_varlen_result(model_type):
+    """A pass whose records all have one length and tile it (no filler) is planned as dense rows (`dense_rows`:
+    plain causal attention over (rows, length), cuDNN's kernel on a GPU); its loss and LoRA gradients equal the
+    same pass attending within each document, and each record's own loss (float32 twins). Grouped-query
+    attention keeps varlen."""
+    from lorafit.kernels.attention import uniform_rows
+
+    assert uniform_rows(torch.tensor([0, 16, 32, 48, 48, 48]), 48) == 3     # empty (padding) segments allowed
+    assert uniform_rows(torch.tensor([0, 16, 32, 48]), 64) == 0             # a filler's tokens are not covered
+    assert uniform_rows(torch.tensor([0, 16, 31, 48]), 48) == 0             # lengths differ
+    assert uniform_rows(torch.tensor([0, 48]), 48) == 1
+    bt = _row([16, 16, 16], seed=2)
+    assert enable_fast_path(tiny(model_type), gradient_checkpointing=True).host_plan(bt)["dense_rows"] == 0  # GQA
+    pm = tiny(model_type, kv_heads=4)
+    fl = enable_fast_path(pm, gradient_checkpointing=True)
+    dense = fl.host_plan(bt)
+    assert dense["dense_rows"] == 3 and fl.host_plan(_row([16, 15, 17]))["dense_rows"] == 0
+    loss, n = fl(dense)
+    loss.backward()
+    got = lora_grads(pm)
+    pm.zero_grad()
+    varlen = {k: v for k, v in dense.items() if k != "dense_rows"}
+    ref, m = fl(varlen)
+    ref.backward()
+    assert int(n) == int(m)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for name, g in lora_grads(pm).items():
+        torch.testing.assert_close(g, got[name], rtol=1e-4, atol=1e-6, msg=name)
+    ids, labels = bt["input_ids"].view(3, 16), bt["labels"].view(3, 16)
+    alone = sum(fl({"input_ids": ids[i:i + 1], "labels": labels[i:i + 1]})[0] for i in range(3))
+    torch.testing.assert_close(loss, alone, rtol=1e-5, atol=1e-5)
+
+
 def _run(**over):
     cfg = Config()
     cfg.model.cuda_graphs = over.pop("cuda_graphs", True)

@@ -8,9 +8,11 @@ Shapes: a graph replays fixed shapes at fixed addresses, so a pass is padded to 
 (`bucket_tokens`: multiples of 256 up to 4,096, then of 1/8 of the power of two below, ~3% padding on average)
 with filler documents (token 0, no labels, attending within themselves), and its cu_seqlens to a multiple of 8
 segments with empty ones. The cross-entropy runs at every position and masks (FastLoss.masked_sum), so no shape
-depends on the labels. One graph per (tokens, segments) bucket: the first pass of a bucket runs eagerly (the
-warm-up: Triton compiles, host arenas grow; its gradient counts as usual), the second is captured and replayed,
-and so is every later one. All graphs share one memory pool: they never run at once, and their one output
+depends on the labels. A pass whose segments all have one length and fill the bucket (records of one length, the
+benchmark shapes) runs dense attention over (rows, length) instead of varlen (FastLoss.dense_rows): the row
+count is part of its bucket. One graph per (tokens, segments, rows) bucket: the first pass of a bucket runs
+eagerly (the warm-up: Triton compiles, host arenas grow; its gradient counts as usual), the second is captured
+and replayed, and so is every later one. All graphs share one memory pool: they never run at once, and their one output
 (the pass's loss) is read right after each replay.
 
 What a replay reads and writes at fixed addresses: its static inputs (copied in before it), the LoRA parameters
@@ -138,8 +140,10 @@ class PassGraphs:
         n = batch["input_ids"].numel()
         docs = int(batch["doc_ids"].max()) if n else 0
         tokens = bucket_tokens(n)
-        key = (tokens, bucket_segments(docs + -(-(tokens - n) // self.max_len)))
-        host = pad_pass(batch, *key, self.max_len)
+        segments = bucket_segments(docs + -(-(tokens - n) // self.max_len))
+        host = pad_pass(batch, tokens, segments, self.max_len)
+        rows = self.fast.dense_rows(host["cu_seqlens"], tokens)   # one length throughout: dense attention
+        key = (tokens, segments, rows)
         if self.fast.dropout:
             host["dropout_seed"] = self.fast.dropout_seed()
         host = self._pin(host)
@@ -151,7 +155,7 @@ class PassGraphs:
             g = None
         if g is None:
             g = self.graphs[key] = _Graph(inputs={k: torch.empty_like(v, device=self.device) for k, v in host.items()})
-            g.inputs["max_seqlen"] = self.max_len
+            g.inputs["max_seqlen"], g.inputs["dense_rows"] = self.max_len, rows
         for k, v in host.items():
             g.inputs[k].copy_(v, non_blocking=True)
         if g.graph is None and not g.seen:
