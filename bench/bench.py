@@ -8,7 +8,9 @@ STACK: hf (transformers + PEFT + bitsandbytes, the seeds' stack, as ../shared/be
        parked, and each step one padding-free row of its records replayed as a CUDA graph, as `lorafit train` runs it:
        train/graphs.py; graphs-gpu: the same with each layer's input kept on the GPU, --offload_activations false;
        graphs-nockpt: graphed, no checkpointing, --gradient_checkpointing false; a -fp8 suffix on any of them: the
-       base's products on fp8 tensor cores, --fp8_base all; -fp8bwd: its input-gradient products only, backward).
+       base's products on fp8 tensor cores, --fp8_base all; -fp8bwd: its input-gradient products only, backward;
+       then +varlen / +dense, for A/Bs of the attention of passes whose records have one length: always flash varlen,
+       or dense (cuDNN's) whatever the head layout, where FastLoss.dense_rows keeps grouped-query attention on varlen).
        unsloth:nockpt: Unsloth with use_gradient_checkpointing=False, its like for like against lorafit's nockpt stacks.
 Shapes: the same random token batch every step, all tokens labelled, median of 8 steps after 4
 warm-up steps. --real: one pass over the alpaca_en_demo record lengths (bench/alpaca_lengths.txt),
@@ -61,11 +63,14 @@ def make_step(stack: str, model, max_len: int = 2048):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     if stack.startswith("lorafit"):
         from lorafit.train.fast import enable_fast_path
-        mode = stack.partition(":")[2] or "offload"
+        mode, _, attn = (stack.partition(":")[2] or "offload").partition("+")
         fp8 = "all" if mode.endswith("-fp8") else "backward" if mode.endswith("-fp8bwd") else "off"
         mode = mode.removesuffix("-fp8").removesuffix("-fp8bwd")
         fl = enable_fast_path(model, gradient_checkpointing=not mode.endswith("nockpt"),
                               offload_activations=mode in ("offload", "graphs"), fp8_base=fp8)
+        if attn:          # this instance's plan for one-length passes, overridden for the A/B (bench only)
+            from lorafit.kernels.attention import uniform_rows
+            fl.dense_rows = {"varlen": lambda cu, tokens: 0, "dense": uniform_rows}[attn]
         if mode.startswith("graphs"):
             return graphed_step(fl, model, opt, max_len)
 
