@@ -10,7 +10,9 @@ STACK: hf (transformers + PEFT + bitsandbytes, the seeds' stack, as ../shared/be
        graphs-nockpt: graphed, no checkpointing, --gradient_checkpointing false; a -fp8 suffix on any of them: the
        base's products on fp8 tensor cores, --fp8_base all; -fp8bwd: its input-gradient products only, backward;
        then +varlen / +dense, for A/Bs of the attention of passes whose records have one length: always flash varlen,
-       or dense (cuDNN's) whatever the head layout, where FastLoss.dense_rows keeps grouped-query attention on varlen).
+       or dense (cuDNN's) whatever the head layout, where FastLoss.dense_rows keeps grouped-query attention on varlen;
+       +cublasadd: the LoRA term added onto the fp8 products' outputs by cuBLAS's addmm_ (and the residual by a
+       second pass), not by kernels/fp8.py's lowrank_add_: its A/B).
        unsloth:nockpt: Unsloth with use_gradient_checkpointing=False, its like for like against lorafit's nockpt stacks.
 Shapes: the same random token batch every step, all tokens labelled, median of 8 steps after 4
 warm-up steps. --real: one pass over the alpaca_en_demo record lengths (bench/alpaca_lengths.txt),
@@ -57,6 +59,12 @@ def load(stack: str, path: str, max_seq: int = 2048):
                                             bias="none", task_type="CAUSAL_LM"))
 
 
+def _cublas_lowrank_add(y, h, b, c=None):
+    """What the fp8 forward did before kernels/fp8.py's lowrank_add_: cuBLAS's addmm_, then the residual's own pass."""
+    y.addmm_(h, b.t())
+    return y if c is None else y.add_(c)
+
+
 def make_step(stack: str, model, max_len: int = 2048):
     """batch -> (loss value tensor, labelled tokens) after one optimizer step."""
     import torch
@@ -68,7 +76,10 @@ def make_step(stack: str, model, max_len: int = 2048):
         mode = mode.removesuffix("-fp8").removesuffix("-fp8bwd")
         fl = enable_fast_path(model, gradient_checkpointing=not mode.endswith("nockpt"),
                               offload_activations=mode in ("offload", "graphs"), fp8_base=fp8)
-        if attn:          # this instance's plan for one-length passes, overridden for the A/B (bench only)
+        if attn == "cublasadd":     # this process's low-rank add swapped for the A/B (bench only)
+            import lorafit.kernels.fp8 as fp8_kernels
+            fp8_kernels.lowrank_add_ = _cublas_lowrank_add
+        elif attn:          # this instance's plan for one-length passes, overridden for the A/B (bench only)
             from lorafit.kernels.attention import uniform_rows
             fl.dense_rows = {"varlen": lambda cu, tokens: 0, "dense": uniform_rows}[attn]
         if mode.startswith("graphs"):

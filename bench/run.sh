@@ -25,6 +25,7 @@
 #        recipes (~8 min: the shipped recipes as shipped, hub names swapped for local random models of their dims)
 #        fp8 (the recipe shape with --fp8_base FP8 (all) and off, GSTEPS steps (100) each, then their losses step by
 #          step; needs m2:phi3-llama first)
+#        lradd (bench/lowrank_add_speed.py: the LoRA term onto fp8 products' outputs, cuBLAS vs kernels/fp8.py; ~1 min)
 #        m2:KIND (a random model of ../shared/bench/make_models2.py's KIND in /tmp/KIND), rcp:RECIPE (one recipe as
 #          shipped), rcp:RECIPE:eager (the same with --cuda_graphs false), rcp:RECIPE:fp8[:backward] (--fp8_base all or backward),
 #          rcp:RECIPE:all (the recipe shape)
@@ -68,6 +69,7 @@ for s in $STEPS; do
   case $s in
     tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -rA tests/test_kernels.py tests/test_graphs_gpu.py > "$OUT/tests.log" 2>&1
            grep -E "^(FAILED|PASSED|ERROR|E  )|passed|failed|backend" "$OUT/tests.log" | tail -40 | tee -a "$OUT/log" ;;
+    lradd) timeout 200 python3 bench/lowrank_add_speed.py 2>&1 | grep -E '^\{|Error' | tee -a "$OUT/lowrank_add.jsonl" ;;
     mem:*) timeout 300 python3 bench/bench.py lorafit $MODEL --shapes "" --memory ${s#mem:} 2>&1 | grep -E "^memory|MiB|Error" | tee -a "$OUT/log" ;;
     prof:*) ps=${s#prof:}; pstack=lorafit; [ "${ps#*:}" != "$ps" ] && pstack=${ps#*:}   # prof:BSxSEQ[:STACK]
             timeout 300 python3 bench/bench.py $pstack $MODEL --shapes "" --profile ${ps%%:*} 2>&1 \

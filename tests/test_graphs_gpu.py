@@ -56,7 +56,7 @@ def _row(lengths, seed):
     return concat_row(pieces, max_seq_length=128)
 
 
-def _replay_equals_eager(fl, graphs, params, bt, i, dtype, scaler=None, plan=None, tol=2e-2):
+def _replay_equals_eager(fl, graphs, params, bt, i, dtype, scaler=None, plan=None):
     """Pass i of `bt` eagerly (planned by `plan`, default fl.host_plan) and through `graphs`: equal loss and LoRA
     gradients; then an optimizer-like step (the replay must read the new factors, and the scaler's new scale)."""
     w = 1.0 / (i + 1)
@@ -75,9 +75,9 @@ def _replay_equals_eager(fl, graphs, params, bt, i, dtype, scaler=None, plan=Non
         p.grad = None        # the graphs rebind the .grad they were captured with
     torch.manual_seed(i)
     got = graphs.run(bt, w)
-    assert rel(got, loss) < tol, i
+    assert rel(got, loss) < 2e-2, i
     worst = max(rel(p.grad, r) for p, r in zip(params, ref, strict=True))
-    assert worst < tol, (i, worst)
+    assert worst < 2e-2, (i, worst)
     with torch.no_grad():
         for p in params:
             p.add_(torch.randn_like(p) * 0.02)
@@ -113,7 +113,9 @@ def test_replays_equal_the_eager_fused_pass(tmp_path, nf4, dropout, fp16, fp8):
 @pytest.mark.parametrize("nf4, fp8", [(False, "off"), (True, "all")])
 def test_records_of_one_length_replay_dense_attention_equal_to_varlen(tmp_path, nf4, fp8):
     """Records of one length that tile their bucket replay dense attention (cuDNN's kernel, a graph of its own);
-    each pass equals the eager fused pass through flash attention over cu_seqlens (dense_rows dropped)."""
+    each pass equals the eager fused pass through flash attention over cu_seqlens (dense_rows dropped). With fp8
+    products, against the eager dense pass: the two kernels' slightly different outputs land on different e4m3
+    steps (measured: 2.8% and 6.1% apart on one pass), so only the bf16 case compares the kernels."""
     pm = _model(tmp_path, nf4, kv_heads=4)       # grouped-query attention keeps varlen (FastLoss.dense_rows)
     pm.train()
     fl = enable_fast_path(pm, gradient_checkpointing=True, offload_activations=True, fp8_base=fp8)
@@ -124,10 +126,14 @@ def test_records_of_one_length_replay_dense_attention_equal_to_varlen(tmp_path, 
         planned = fl.host_plan(bt)
         assert planned.pop("dense_rows") == 2
         return planned
-    # fp8: the two kernels' slightly different outputs land on different e4m3 steps (measured: 2.8% on one pass)
-    tol = 5e-2 if fp8 == "all" else 2e-2
+
+    def dense(bt):
+        planned = fl.host_plan(bt)
+        assert planned["dense_rows"] == 2
+        return planned
     for i in range(4):
-        _replay_equals_eager(fl, graphs, params, _row([128, 128], 10 + i), i, torch.bfloat16, plan=varlen, tol=tol)
+        _replay_equals_eager(fl, graphs, params, _row([128, 128], 10 + i), i, torch.bfloat16,
+                             plan=dense if fp8 == "all" else varlen)
     assert list(graphs.graphs) == [(256, 8, 2)] and graphs.summary()["replays"] == 3
 
 

@@ -8,7 +8,11 @@ recomputation products x W^T too. This module makes the operands:
 - `nf4_rows` / `nf4_cols`: an NF4 weight decoded straight to e4m3, each output row (forward) or each input column
   (input gradient, written transposed, the layout cuBLAS takes) over its absolute max, which is computed once (the
   base is frozen). Decoding to bf16 first and casting would move the weight through memory twice more.
-Twins: reference.fp8_rows and reference.fp8_weight over reference.dequant_nf4(..., torch.float32).
+- `lowrank_add_(y, h, b, c)`: y += h b^T (+ c) in one pass. An fp8 product's output cannot take the LoRA term in
+  cuBLAS's epilogue (torch._scaled_mm has no beta), so the term is added afterwards. As cuBLAS's addmm_ with a
+  rank-16 to 48 inner dimension, that pass runs well below this GPU's memory bandwidth (bench/lowrank_add_speed.py);
+  this kernel is one read and one write of y, with the residual (when there is one) added in the same pass.
+Twins: reference.fp8_rows, reference.fp8_weight over reference.dequant_nf4(..., torch.float32), reference.lowrank_add_.
 """
 from __future__ import annotations
 
@@ -113,3 +117,39 @@ def nf4_cols(w: NF4Weight, inv: torch.Tensor, out: torch.Tensor) -> torch.Tensor
         *_state(w), inv, out, w.offset, n_out, d_in // 2, out.stride(0),
         BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.blocksize2, NESTED=w.nested, BO=bo, BJ=bj, num_warps=4)
     return out
+
+
+@triton.jit
+def _lowrank_add(Y, H, B, C, M, N, R, s_y, s_h, s_bn, s_br, s_c,
+                 HAS_C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    n = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+    r = tl.arange(0, BR)
+    mm, mn, mr = m < M, n < N, r < R
+    h = tl.load(H + m[:, None] * s_h + r[None, :], mask=mm[:, None] & mr[None, :], other=0.0)        # (BM, BR)
+    b = tl.load(B + r[:, None] * s_br + n[None, :] * s_bn, mask=mr[:, None] & mn[None, :], other=0.0)  # (BR, BN)
+    t = mm[:, None] & mn[None, :]
+    y = tl.load(Y + m[:, None] * s_y + n[None, :], mask=t, other=0.0).to(tl.float32) + tl.dot(h, b)
+    if HAS_C:
+        y += tl.load(C + m[:, None] * s_c + n[None, :], mask=t, other=0.0).to(tl.float32)
+    tl.store(Y + m[:, None] * s_y + n[None, :], y.to(Y.dtype.element_ty), mask=t)
+
+
+def lowrank_add_(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+    """y (m, n) += h (m, r) @ b (n, r)^T (+ c (m, n)), in place, summed in float32 and rounded once; b may be any
+    strided view (a transposed (r, n) factor is fine); twin: reference.lowrank_add_."""
+    m, n = y.shape
+    r = h.shape[1]
+    if y.stride(-1) != 1:
+        raise ValueError("lowrank_add_ writes rows of unit stride")
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    if c is not None:
+        c = c.expand(m, n) if c.dim() == 1 else c          # a bias: every row the same (stride 0)
+        c = c if c.stride(-1) == 1 else c.contiguous()
+    bm, bn = 64, 128
+    if m and n:
+        _lowrank_add[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            y, h, b, y if c is None else c, m, n, r, y.stride(0), h.stride(0), b.stride(0), b.stride(1),
+            0 if c is None else c.stride(0), HAS_C=c is not None, BM=bm, BN=bn,
+            BR=max(16, triton.next_power_of_2(r)), num_warps=4)
+    return y

@@ -111,6 +111,13 @@ class Group:
         return self._fp8_scales
 
 
+class Fp8(NamedTuple):
+    """How a group's base products run on fp8 tensor cores (lora_group's `fp8`)."""
+    rows: object                             # the row quantizer: kernels.fp8.rows on CUDA, reference.fp8_rows elsewhere
+    forward: bool                            # the forward (and recomputation) products x W^T too, not only dy W
+    lowrank_add: object = reference.lowrank_add_   # y += h b^T (+ c) onto a product's output: kernels.fp8's on CUDA
+
+
 class Fp8Scales(NamedTuple):
     """A group's fp8 weight scales, float32."""
     rows: torch.Tensor            # (1, sum out): the dequantization scale of each row of [W_0; W_1; ...]
@@ -252,7 +259,8 @@ class _LoRAGroup(torch.autograd.Function):
         n, d_in = x2.shape
         dtype = x.dtype
         a_cat, b_bd, bias = group.prepared(dtype, x.device)
-        fp8, fp8_forward = fp8 if fp8 is not None and group.fp8_ok(d_in) else (None, False)
+        fp8 = Fp8(*fp8) if fp8 is not None and group.fp8_ok(d_in) else None
+        fp8_forward = fp8 is not None and fp8.forward
         keep_weight = keep_weight and fp8 is None     # fp8: backward reads the weight in another layout
         # keep_weight: the dequantized weight gets its own memory and backward reuses it (no second dequant)
         w = None if grad_only or fp8_forward else \
@@ -291,14 +299,14 @@ class _LoRAGroup(torch.autograd.Function):
                 else value[0].reshape(n, group.out_features)
         elif fp8_forward:
             # the base product on fp8 tensor cores (x and W each over row-wise scales), then the low-rank term and
-            # the residual / bias in the compute dtype onto it
-            xq, sx = fp8(x2)
+            # the residual / bias in the compute dtype onto it, in one pass (the fp8 product takes no beta)
+            xq, sx = fp8.rows(x2)
             wq, sw = _fp8_weight(group, d_in, x.device, pool, transposed=False)
             y = _fp8_mm(xq, sx, wq, sw, dtype)
             del xq, sx
             if lora:
-                y.addmm_(h_act, b_bd.t())
-            if c is not None:
+                fp8.lowrank_add(y, h_act, b_bd, c)
+            elif c is not None:
                 y.add_(c)
         elif lora:
             # low-rank term (and residual / bias) first, then the big product accumulates onto it in
@@ -336,7 +344,7 @@ class _LoRAGroup(torch.autograd.Function):
         def dy_w():                                                       # dx's base term (n, in)
             if fp8 is None:
                 return dy @ w
-            dyq, sdy = fp8(dy)
+            dyq, sdy = fp8.rows(dy)
             wt, swt = _fp8_weight(group, d_in, x2.device, ctx.pool, transposed=True)
             return _fp8_mm(dyq, sdy, wt, swt, dtype)
 
@@ -352,6 +360,8 @@ class _LoRAGroup(torch.autograd.Function):
                     dx = dh @ a_cat                                       # low-rank first, then beta = 1
                     dx.addmm_(dy, w)
                 else:
+                    # cuBLAS's addmm_ here, not fp8.lowrank_add: at these shapes (dx is in_features wide) it runs at
+                    # about the same bandwidth or better (bench/lowrank_add_speed.py)
                     dx = dy_w()
                     dx.addmm_(dh, a_cat)
                 grad_a_all = (dh.t() @ x2).float()                        # (sum r, in): every dA in one product
@@ -429,10 +439,10 @@ def lora_group(x: torch.Tensor, heads: list[Head] | Group, pool: WeightBuffer | 
     Dropout (training, p > 0): head i's mask is drop.hashed_dropout(x, seed, salt_i, p), `drop` the module with the
     mask functions (reference unless the caller passes kernels.dropout, the Triton twins), `seed` an int64 device
     tensor of one value (drawn here if None); the same seed gives the same masks.
-    `fp8` = (a row quantizer: kernels.fp8.rows on CUDA, reference.fp8_rows elsewhere; forward too) puts the base's
-    input-gradient product dy W on fp8 tensor cores, and with forward True its x W^T too, each operand over row-wise
-    scales (a group whose dimensions are not multiples of 16 keeps the compute dtype); the LoRA terms and every
-    gradient of A and B stay in the compute dtype.
+    `fp8` = Fp8(a row quantizer: kernels.fp8.rows on CUDA, reference.fp8_rows elsewhere; forward too; the low-rank
+    add, optional) puts the base's input-gradient product dy W on fp8 tensor cores, and with forward True its x W^T
+    too, each operand over row-wise scales (a group whose dimensions are not multiples of 16 keeps the compute dtype);
+    the LoRA terms and every gradient of A and B stay in the compute dtype.
     Twin: reference.lora_group (+ residual). Gradients flow to x, residual and every lora_A / lora_B."""
     group = heads if isinstance(heads, Group) else Group(heads)
     params = []

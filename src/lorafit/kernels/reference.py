@@ -190,6 +190,13 @@ def fp8_weight(w: torch.Tensor, inv: torch.Tensor, transposed: bool = False,
     return q.contiguous() if out is None else out.copy_(q)
 
 
+def lowrank_add_(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+    """y (m, n) += h (m, r) @ b (n, r)^T (+ c), in place: the LoRA term (and residual) onto an fp8 product's output,
+    summed in float32 and rounded to y's dtype once."""
+    acc = y.float() if c is None else y.float() + c.float()
+    return y.copy_(acc.addmm_(h.float(), b.float().t()))
+
+
 # ---------------------------------------------------------------- dropout masks from a counter hash
 # A mask is a pure function of (seed, salt, element index): the recomputation of a checkpointed layer, the
 # backward and a CUDA graph's replay all get the forward's mask back without saving it or touching a

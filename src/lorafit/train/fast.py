@@ -37,7 +37,7 @@ from lorafit.data.records import IGNORE_INDEX
 from lorafit.errors import UserError
 from lorafit.kernels import reference
 from lorafit.kernels.attention import attention, attention_keeping, attention_replay, packed_plan, uniform_rows
-from lorafit.kernels.lora import FactorPack, Group, Head, WeightBuffer, lora_group
+from lorafit.kernels.lora import FactorPack, Fp8, Group, Head, WeightBuffer, lora_group
 from lorafit.kernels.offload import ActivationStore, checkpoint
 from lorafit.model.arch import family, fused_families
 from lorafit.model.load import has_4bit_weight
@@ -226,12 +226,14 @@ def _ops(device: torch.device):
         return SimpleNamespace(rmsnorm=rmsnorm, rmsnorm_fork=rmsnorm_fork, add_rmsnorm=add_rmsnorm, qkv_rope=qkv_rope,
                                swiglu=swiglu, ce=linear_cross_entropy_sum, ce_rows=linear_cross_entropy,
                                dropout=dropout,
-                               # (the interpreter's float32 -> e4m3 cast is not the GPU's: the twin on CPU)
-                               fp8_rows=fp8.rows if device.type == "cuda" else reference.fp8_rows)
+                               # (the interpreter's float32 -> e4m3 cast and bf16 tl.dot are not the GPU's: the
+                               # twins on CPU)
+                               fp8_rows=fp8.rows if device.type == "cuda" else reference.fp8_rows,
+                               lowrank_add=fp8.lowrank_add_ if device.type == "cuda" else reference.lowrank_add_)
     return SimpleNamespace(rmsnorm=reference.rmsnorm, rmsnorm_fork=reference.rmsnorm_fork,
                            add_rmsnorm=reference.add_rmsnorm, qkv_rope=reference.qkv_rope, swiglu=reference.swiglu,
                            ce=reference.cross_entropy_sum, ce_rows=reference.cross_entropy,
-                           dropout=reference, fp8_rows=reference.fp8_rows)
+                           dropout=reference, fp8_rows=reference.fp8_rows, lowrank_add=reference.lowrank_add_)
 
 
 # ---------------------------------------------------------------- the loss
@@ -382,9 +384,9 @@ class FastLoss:
         # a sliding window no segment reaches changes nothing (Mistral-7B-v0.1's 4,096 against records of 512):
         # the packed rows then keep the varlen kernel instead of the masked fallback
         window = None if self.window is not None and plan is not None and plan[1] <= self.window else self.window
+        fp8 = None if self.fp8_base == "off" else Fp8(ops.fp8_rows, self.fp8_base == "all", ops.lowrank_add)
         ctx = SimpleNamespace(ops=ops, cos=cos, sin=sin, batch=rows or b, plan=plan, doc_ids=doc_ids, training=training,
-                              window=window, seed=seed,
-                              fp8=None if self.fp8_base == "off" else (ops.fp8_rows, self.fp8_base == "all"))
+                              window=window, seed=seed, fp8=fp8)
         if self.gradient_checkpointing and torch.is_grad_enabled():
             x = x.detach().requires_grad_(True)
             self.store.clear()
