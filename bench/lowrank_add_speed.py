@@ -11,6 +11,7 @@ import json
 
 import torch
 import triton
+from dropout_speed import ms  # bench/ is this script's directory, first on sys.path
 
 from lorafit.kernels import fp8, reference
 
@@ -29,19 +30,9 @@ PRODUCTS = [("phi3", "qkv", 9216, 3072, 48), ("phi3", "gate_up", 16384, 3072, 32
 CONFIGS = [(64, 128, 4), (128, 128, 8), (64, 256, 8), (128, 256, 8), (32, 256, 4)]
 
 
-def timed(fn, reps: int = 30) -> float:
-    """Median microseconds of fn() over reps runs, each between CUDA events (after warm-up)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return sorted(times)[len(times) // 2]
+def timed(fn) -> float:
+    """Median microseconds of fn() between CUDA events, 30 runs after 3 warm-ups."""
+    return ms(fn, reps=30, warm=3) * 1e3
 
 
 def tiled(bm: int, bn: int, warps: int):
