@@ -9,9 +9,10 @@ recomputation products x W^T too. This module makes the operands:
   (input gradient, written transposed, the layout cuBLAS takes) over its absolute max, which is computed once (the
   base is frozen). Decoding to bf16 first and casting would move the weight through memory twice more.
 - `lowrank_add_(y, h, b, c)`: y += h b^T (+ c) in one pass. An fp8 product's output cannot take the LoRA term in
-  cuBLAS's epilogue (torch._scaled_mm has no beta), so the term is added afterwards. As cuBLAS's addmm_ with a
-  rank-16 to 48 inner dimension, that pass runs well below this GPU's memory bandwidth (bench/lowrank_add_speed.py);
-  this kernel is one read and one write of y, with the residual (when there is one) added in the same pass.
+  cuBLAS's epilogue (torch._scaled_mm has no beta), so the term is added afterwards. As cuBLAS's addmm_ (an inner
+  dimension of 16 to 48), plus one more pass for a residual, that took 1.1-1.5x this kernel's time at the forward's
+  shapes on an H200 (bench/lowrank_add_speed.py): here it is one read and one write of y, the residual in the same
+  pass.
 Twins: reference.fp8_rows, reference.fp8_weight over reference.dequant_nf4(..., torch.float32), reference.lowrank_add_.
 """
 from __future__ import annotations
